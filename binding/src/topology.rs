@@ -1,0 +1,197 @@
+//! Broker topology (`docs/binding.md` section 1): the names every service derives from a
+//! namespace and a partition count, and their idempotent declaration on RabbitMQ.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+/// Queue type of partition and dead-letter queues.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum QueueType {
+    /// Replicated Raft queues: the highly available default.
+    #[default]
+    Quorum,
+    /// Classic durable queues.
+    Classic,
+}
+
+impl std::str::FromStr for QueueType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "quorum" => Ok(Self::Quorum),
+            "classic" => Ok(Self::Classic),
+            other => Err(format!("unknown queue type {other:?}: expected quorum or classic")),
+        }
+    }
+}
+
+impl QueueType {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Quorum => "quorum",
+            Self::Classic => "classic",
+        }
+    }
+}
+
+/// The names and shape of a Sluice deployment on the broker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Topology {
+    /// Prefix of every name (`sluice` by default); lets several deployments or test runs
+    /// share one broker.
+    pub namespace: String,
+    /// Partitions per consumer group.
+    pub partitions: u32,
+    /// Type of the queues.
+    pub queue_type: QueueType,
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Self {
+            namespace: "sluice".to_owned(),
+            partitions: 4,
+            queue_type: QueueType::Quorum,
+        }
+    }
+}
+
+impl Topology {
+    /// A topology with the default queue type.
+    pub fn new(namespace: impl Into<String>, partitions: u32) -> Self {
+        Self {
+            namespace: namespace.into(),
+            partitions,
+            ..Self::default()
+        }
+    }
+
+    /// The exchange producers publish batches to.
+    pub fn telemetry_exchange(&self) -> String {
+        format!("{}.telemetry", self.namespace)
+    }
+
+    /// The queue of partition `p` in consumer group `group`.
+    pub fn partition_queue(&self, group: &str, p: u32) -> String {
+        format!("{}.{group}.{p}", self.namespace)
+    }
+
+    /// The dead-letter exchange.
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dead-letter", self.namespace)
+    }
+
+    /// The dead-letter queue.
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dead-letter", self.namespace)
+    }
+
+    /// The fanout exchange of commit receipts.
+    pub fn commits_exchange(&self) -> String {
+        format!("{}.commits", self.namespace)
+    }
+
+    /// The routing key of partition `p`.
+    pub fn routing_key(p: u32) -> String {
+        p.to_string()
+    }
+
+    /// Declares the exchanges, the dead-letter queue and the partition queues of `groups`.
+    /// Idempotent: every service calls it at start with the same arguments.
+    pub async fn declare(&self, channel: &Channel, groups: &[&str]) -> Result<(), lapin::Error> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        channel
+            .exchange_declare(
+                self.telemetry_exchange().into(),
+                ExchangeKind::Direct,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                self.dead_letter_exchange().into(),
+                ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                self.commits_exchange().into(),
+                ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        let queue_opts = QueueDeclareOptions::durable();
+        let mut dlq_args = FieldTable::default();
+        dlq_args.insert(
+            ShortString::from("x-queue-type"),
+            AMQPValue::LongString(self.queue_type.as_str().into()),
+        );
+        channel
+            .queue_declare(self.dead_letter_queue().into(), queue_opts, dlq_args)
+            .await?;
+        channel
+            .queue_bind(
+                self.dead_letter_queue().into(),
+                self.dead_letter_exchange().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        for group in groups {
+            for p in 0..self.partitions {
+                let queue = self.partition_queue(group, p);
+                channel
+                    .queue_declare(queue.clone().into(), queue_opts, self.partition_args())
+                    .await?;
+                channel
+                    .queue_bind(
+                        queue.into(),
+                        self.telemetry_exchange().into(),
+                        Self::routing_key(p).into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn partition_args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert(
+            ShortString::from("x-queue-type"),
+            AMQPValue::LongString(self.queue_type.as_str().into()),
+        );
+        args.insert(
+            ShortString::from("x-dead-letter-exchange"),
+            AMQPValue::LongString(self.dead_letter_exchange().into()),
+        );
+        args
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_spec() {
+        let t = Topology::new("sluice", 4);
+        assert_eq!(t.telemetry_exchange(), "sluice.telemetry");
+        assert_eq!(t.partition_queue("storage", 3), "sluice.storage.3");
+        assert_eq!(t.dead_letter_exchange(), "sluice.dead-letter");
+        assert_eq!(t.dead_letter_queue(), "sluice.dead-letter");
+        assert_eq!(t.commits_exchange(), "sluice.commits");
+        assert_eq!(Topology::routing_key(2), "2");
+    }
+}

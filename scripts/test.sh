@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The test command: format, lints and the whole test suite, broker and Redis tests included.
+#
+#   bash scripts/test.sh
+#
+# It first makes sure RabbitMQ, Redis and the Python example's venv are there
+# (scripts/services.sh: reuses running services, installs/starts what is missing), then runs
+#
+#   cargo fmt --all -- --check
+#   cargo clippy --workspace --all-targets --features broker-tests -- -D warnings
+#   cargo test   --workspace --features broker-tests
+#
+# with AMQP_ADDR, REDIS_URL and SLUICE_PYTHON exported (values already set in the
+# environment win, so you can point the tests at other services). With CI=true, cargo also
+# gets --locked. CI runs this script through .ci/run.
+set -euo pipefail
+
+# The cargo feature that turns on the tests needing a real broker and Redis. Every crate
+# with such tests defines it; cargo enables it on each selected crate that has it.
+FEATURES="broker-tests"
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+locked=()
+if [[ ${CI:-} == true ]]; then
+    locked=(--locked)
+fi
+
+step "services (scripts/services.sh)"
+services_env="$(bash scripts/services.sh)"
+# services.sh prints only KEY=value lines (shell-quoted) on stdout.
+while IFS= read -r line; do
+    case $line in
+    AMQP_ADDR=* | REDIS_URL=* | SLUICE_PYTHON=*)
+        key=${line%%=*}
+        if [[ -z ${!key:-} ]]; then
+            eval "export $line"
+        else
+            export "${key?}"
+        fi
+        ;;
+    esac
+done <<<"$services_env"
+for key in AMQP_ADDR REDIS_URL SLUICE_PYTHON; do
+    [[ -n ${!key:-} ]] || {
+        echo "test.sh: services.sh did not report $key" >&2
+        exit 1
+    }
+    printf '%s=%s\n' "$key" "${!key}" >&2
+done
+
+step "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+if command -v docker-compose >/dev/null 2>&1; then
+    step "docker-compose config -q (compose.yaml)"
+    docker-compose -f compose.yaml config -q
+elif docker compose version >/dev/null 2>&1; then
+    step "docker compose config -q (compose.yaml)"
+    docker compose -f compose.yaml config -q
+else
+    step "compose.yaml not checked: neither docker-compose nor docker compose is installed"
+fi
+
+step "python example compiles"
+"$SLUICE_PYTHON" -m py_compile examples/python/publish.py
+
+step "cargo clippy --workspace --all-targets --features $FEATURES -- -D warnings"
+cargo clippy "${locked[@]}" --workspace --all-targets --features "$FEATURES" -- -D warnings
+
+step "cargo test --workspace --features $FEATURES"
+cargo test "${locked[@]}" --workspace --features "$FEATURES"
+
+step "all tests passed"
