@@ -55,8 +55,8 @@ pub fn decode(body: &[u8]) -> Result<BatchView<'_>, DecodeError> {
     }
     // Read the version first, so a future format with other keys is reported as such
     // rather than as a missing field.
-    let probe: VersionProbe = rmp_serde::from_slice(body)
-        .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let probe: VersionProbe =
+        rmp_serde::from_slice(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
     if probe.v != FORMAT_VERSION {
         return Err(DecodeError::UnsupportedVersion(probe.v));
     }
@@ -105,10 +105,16 @@ mod tests {
         let keys: Vec<_> = value.0.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
             keys,
-            ["v", "id", "producer", "seq", "created", "tenant", "devices", "metrics", "d", "m", "t", "x"]
+            [
+                "v", "id", "producer", "seq", "created", "tenant", "devices", "metrics", "d", "m",
+                "t", "x"
+            ]
         );
         // bin8 marker, length 16
-        let id_pos = body.windows(3).position(|w| w == [0xa2, b'i', b'd']).unwrap();
+        let id_pos = body
+            .windows(3)
+            .position(|w| w == [0xa2, b'i', b'd'])
+            .unwrap();
         assert_eq!(&body[id_pos + 3..id_pos + 5], &[0xc4, 16]);
     }
 
@@ -162,7 +168,9 @@ mod tests {
         assert_eq!(err.kind(), "decode");
         // A map missing required keys.
         let body = rmp_serde::to_vec_named(&VersionOnly { v: 1 }).unwrap();
-        assert!(matches!(decode(&body), Err(DecodeError::Malformed(m)) if m.contains("missing field")));
+        assert!(
+            matches!(decode(&body), Err(DecodeError::Malformed(m)) if m.contains("missing field"))
+        );
     }
 
     #[derive(serde::Serialize)]
@@ -171,7 +179,10 @@ mod tests {
     }
 
     mod serde_bytes_16 {
-        pub(super) fn serialize<S: serde::Serializer>(b: &[u8; 16], s: S) -> Result<S::Ok, S::Error> {
+        pub(super) fn serialize<S: serde::Serializer>(
+            b: &[u8; 16],
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
             s.serialize_bytes(b)
         }
     }

@@ -276,7 +276,17 @@ mod tests {
         for ok in ["a", "acme", "acme-2_x", "0", &"a".repeat(63)] {
             assert!(TenantId::new(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "Acme", "-a", "_a", "a/b", "a.b", "..", &"a".repeat(64), "é"] {
+        for bad in [
+            "",
+            "Acme",
+            "-a",
+            "_a",
+            "a/b",
+            "a.b",
+            "..",
+            &"a".repeat(64),
+            "é",
+        ] {
             assert!(TenantId::new(bad).is_err(), "{bad}");
         }
     }

@@ -162,7 +162,10 @@ pub fn validate(batch: &BatchView<'_>, now_ns: i64, limits: &Limits) -> Result<(
         return Err(invalid(
             Problem::Shape,
             None,
-            format!("batch holds {n} readings; allowed 1 to {}", limits.max_readings),
+            format!(
+                "batch holds {n} readings; allowed 1 to {}",
+                limits.max_readings
+            ),
         ));
     }
     for (what, dict) in [("device", &batch.devices), ("metric", &batch.metrics)] {
@@ -176,14 +179,20 @@ pub fn validate(batch: &BatchView<'_>, now_ns: i64, limits: &Limits) -> Result<(
             return Err(invalid(
                 Problem::Index,
                 Some(i),
-                format!("device index {} outside the {nd}-entry dictionary", batch.d[i]),
+                format!(
+                    "device index {} outside the {nd}-entry dictionary",
+                    batch.d[i]
+                ),
             ));
         }
         if batch.m[i] >= nm {
             return Err(invalid(
                 Problem::Index,
                 Some(i),
-                format!("metric index {} outside the {nm}-entry dictionary", batch.m[i]),
+                format!(
+                    "metric index {} outside the {nm}-entry dictionary",
+                    batch.m[i]
+                ),
             ));
         }
         check_timestamp(batch.t[i], now_ns, limits)

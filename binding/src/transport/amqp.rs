@@ -24,7 +24,9 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event};
 use tokio::sync::mpsc;
 
-use super::{Consumer, ConsumerInner, DeadLetter, Delivery, Outgoing, PublishError, TransportError};
+use super::{
+    Consumer, ConsumerInner, DeadLetter, Delivery, Outgoing, PublishError, TransportError,
+};
 use crate::codec::CONTENT_TYPE;
 use crate::receipt::Receipt;
 use crate::topology::Topology;
@@ -346,11 +348,11 @@ impl AmqpTransport {
                     .await?;
                 out.push(Consumer {
                     queue: Arc::from(queue.as_str()),
-                    inner: ConsumerInner::Amqp(AmqpConsumer {
+                    inner: ConsumerInner::Amqp(Box::new(AmqpConsumer {
                         channel,
                         consumer,
                         cancelled: false,
-                    }),
+                    })),
                 });
             }
         }

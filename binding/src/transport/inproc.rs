@@ -15,7 +15,9 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 
-use super::{Consumer, ConsumerInner, DeadLetter, Delivery, Outgoing, PublishError, TransportError};
+use super::{
+    Consumer, ConsumerInner, DeadLetter, Delivery, Outgoing, PublishError, TransportError,
+};
 use crate::receipt::Receipt;
 use crate::topology::Topology;
 
@@ -124,7 +126,12 @@ impl InProcessTransport {
     }
 
     pub(super) fn dead_letter(&self, dl: DeadLetter<'_>) {
-        tracing::warn!(group = dl.group, error = dl.error, reason = dl.reason, "dead-lettered");
+        tracing::warn!(
+            group = dl.group,
+            error = dl.error,
+            reason = dl.reason,
+            "dead-lettered"
+        );
         let mut dead = self.inner.dead.lock().unwrap_or_else(|p| p.into_inner());
         if dead.len() == DEAD_LETTER_RING {
             dead.pop_front();
@@ -181,12 +188,11 @@ impl InProcessTransport {
             .ok_or_else(|| TransportError::UnknownGroup(group.to_owned()))?;
         let mut out = Vec::with_capacity(queues.len());
         for q in queues.iter() {
-            let rx = q
-                .rx
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take()
-                .ok_or_else(|| TransportError::AlreadyConsumed(q.name.to_string()))?;
+            let rx =
+                q.rx.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take()
+                    .ok_or_else(|| TransportError::AlreadyConsumed(q.name.to_string()))?;
             out.push(Consumer {
                 queue: q.name.clone(),
                 inner: ConsumerInner::InProcess(InProcessConsumer {
@@ -331,9 +337,15 @@ mod tests {
     #[tokio::test]
     async fn unroutable_without_groups_or_bad_partition() {
         let t = transport(8);
-        assert!(matches!(t.publish(out(0, b"x")).await, Err(PublishError::Unroutable(0))));
+        assert!(matches!(
+            t.publish(out(0, b"x")).await,
+            Err(PublishError::Unroutable(0))
+        ));
         t.declare(&["a"]).await.unwrap();
-        assert!(matches!(t.publish(out(5, b"x")).await, Err(PublishError::Unroutable(5))));
+        assert!(matches!(
+            t.publish(out(5, b"x")).await,
+            Err(PublishError::Unroutable(5))
+        ));
     }
 
     #[tokio::test]
@@ -341,7 +353,8 @@ mod tests {
         let t = transport(1);
         t.declare(&["a"]).await.unwrap();
         t.publish(out(0, b"1")).await.unwrap();
-        let blocked = tokio::time::timeout(Duration::from_millis(50), t.publish(out(0, b"2"))).await;
+        let blocked =
+            tokio::time::timeout(Duration::from_millis(50), t.publish(out(0, b"2"))).await;
         assert!(blocked.is_err(), "second publish must wait for room");
         assert_eq!(t.backlog("a").await.unwrap()[0], ("t.a.0".to_owned(), 1));
     }
@@ -405,7 +418,9 @@ mod tests {
         })
         .await
         .unwrap();
-        let Transport::InProcess(ip) = &t else { unreachable!() };
+        let Transport::InProcess(ip) = &t else {
+            unreachable!()
+        };
         let dl = ip.dead_letters();
         assert_eq!(dl.len(), 1);
         assert_eq!(dl[0].reason, "bad");

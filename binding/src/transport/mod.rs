@@ -215,7 +215,8 @@ pub struct Consumer {
 
 #[derive(Debug)]
 enum ConsumerInner {
-    Amqp(amqp::AmqpConsumer),
+    // Boxed: lapin's consumer is far larger than the in-process one.
+    Amqp(Box<amqp::AmqpConsumer>),
     InProcess(inproc::InProcessConsumer),
 }
 

@@ -1,0 +1,398 @@
+//! The HTTP front end (axum): `POST /v1/telemetry`, `GET /healthz`, `GET /readyz`.
+//!
+//! A telemetry request goes through, in order:
+//! 1. authentication: `Authorization: Bearer <key>` or `X-Api-Key: <key>` names the tenant
+//!    (401 otherwise); the body never does;
+//! 2. the cheap checks: `Content-Type` (415), query string (400);
+//! 3. admission: 503 at once when the broker blocked publishing, or when
+//!    `max_inflight_requests` requests are already in flight (no queue of waiting requests);
+//! 4. the body, at most `max_body_bytes` (413), parsed and validated ([`body`]): any bad
+//!    reading refuses the whole request, nothing of it is published;
+//! 5. the batcher ([`crate::batcher`]); the answer is 202 `{"accepted": n}` only once every
+//!    batch holding the request's readings was confirmed by the broker, else 503 with
+//!    `Retry-After`.
+//!
+//! Every refusal is a JSON [`ApiError`] (see [`ErrorCode`] for the codes), including those
+//! of the routing layer (404, 405) and a panic (500).
+
+pub mod body;
+pub mod error;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, FailedToBufferBody};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+use sluice_binding::TenantId;
+use sluice_binding::model::now_ns;
+use sluice_binding::transport::PublishError;
+use tokio::sync::Semaphore;
+use tower_http::catch_panic::CatchPanicLayer;
+
+use crate::batcher::{BatchError, Batcher, BatcherConfig, Chunk};
+use crate::config::IngestConfig;
+use crate::internal_events::{ReadingsAccepted, RequestCompleted, RequestRejected};
+use crate::producer::{Producer, SendError};
+use crate::tenants::Tenants;
+pub use body::{Format, Precision};
+pub use error::{ApiError, Detail, ErrorCode};
+
+/// Bodies larger than this are parsed on the blocking pool rather than on an async worker,
+/// so a multi-megabyte parse does not delay other requests' confirms.
+const PARSE_INLINE_MAX_BYTES: usize = 256 * 1024;
+
+/// Everything the handlers share; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    cfg: IngestConfig,
+    tenants: Tenants,
+    producer: Arc<Producer>,
+    batcher: Batcher,
+    inflight: Arc<Semaphore>,
+}
+
+impl AppState {
+    /// Builds the state and starts the batcher task (call inside a tokio runtime). Values of
+    /// `cfg` out of range are clamped (see [`IngestConfig::check`]); `producer` is normally
+    /// `Producer::new(transport, cfg.producer.clone())`.
+    pub fn new(cfg: IngestConfig, tenants: Tenants, producer: Producer) -> Self {
+        let cfg = cfg.clamped();
+        let producer = Arc::new(producer);
+        let batcher = Batcher::spawn(
+            producer.clone(),
+            BatcherConfig {
+                max_readings: cfg.batch_max_readings,
+                linger: cfg.batch_linger,
+                max_inflight_batches: cfg.max_inflight_batches,
+                // One entry per request: the in-flight semaphore already bounds them.
+                queue: cfg.max_inflight_requests,
+            },
+        );
+        Self {
+            inner: Arc::new(Inner {
+                inflight: Arc::new(Semaphore::new(cfg.max_inflight_requests)),
+                cfg,
+                tenants,
+                producer,
+                batcher,
+            }),
+        }
+    }
+
+    /// The configuration in use (after clamping).
+    pub fn config(&self) -> &IngestConfig {
+        &self.inner.cfg
+    }
+
+    /// The producer.
+    pub fn producer(&self) -> &Arc<Producer> {
+        &self.inner.producer
+    }
+
+    /// Stops the batcher: open batches are sent at once, and this returns when every batch
+    /// settled. Requests arriving later get 503. [`serve`] calls it after the last request;
+    /// call it yourself when serving [`app`] some other way. The transport stays open.
+    pub async fn shutdown(&self) {
+        self.inner.batcher.shutdown().await;
+    }
+}
+
+/// The router, for [`serve`] or for tests (`tower::ServiceExt::oneshot`).
+pub fn app(state: AppState) -> Router {
+    let max_body = state.inner.cfg.max_body_bytes;
+    Router::new()
+        .route("/v1/telemetry", post(post_telemetry))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .with_state(state)
+}
+
+/// Serves [`app`] on `listener` until `shutdown` resolves; then stops accepting, sends
+/// open batches without waiting for their linger, lets the requests in flight finish (each
+/// waits for its confirms), stops the batcher and waits for its last confirms. The transport stays open: the caller closes it.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "ingest listening");
+    }
+    // Once the server stops accepting, in-flight requests must not wait for a linger.
+    let batcher = state.inner.batcher.clone();
+    let shutdown = async move {
+        shutdown.await;
+        tracing::info!("ingest shutting down: finishing the requests in flight");
+        batcher.stop_lingering();
+    };
+    let served = axum::serve(listener, app(state.clone()))
+        .with_graceful_shutdown(shutdown)
+        .await;
+    tracing::info!("ingest stopped accepting; flushing the batcher");
+    state.shutdown().await;
+    served
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if let Some(reason) = state.inner.producer.transport().blocked() {
+        return ApiError::new(ErrorCode::Unavailable, format!("broker blocked: {reason}"))
+            .retry_after(state.inner.cfg.retry_after_secs)
+            .into_response();
+    }
+    if state.inner.batcher.is_closed() {
+        return ApiError::new(ErrorCode::Unavailable, "shutting down")
+            .retry_after(state.inner.cfg.retry_after_secs)
+            .into_response();
+    }
+    Json(json!({"status": "ready"})).into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        ErrorCode::NotFound,
+        "no such endpoint; telemetry goes to POST /v1/telemetry",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        "method not allowed on this endpoint",
+    )
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("request handler panicked");
+    ApiError::new(ErrorCode::Internal, "internal error").into_response()
+}
+
+async fn post_telemetry(State(state): State<AppState>, req: Request) -> Response {
+    let started = Instant::now();
+    let mut tenant = None;
+    let response = match ingest(&state, req, &mut tenant).await {
+        Ok(accepted) => (StatusCode::ACCEPTED, Json(json!({"accepted": accepted}))).into_response(),
+        Err(e) => {
+            RequestRejected {
+                reason: e.code.as_str(),
+                status: e.status().as_u16(),
+                message: &e.message,
+                tenant: tenant.as_ref().map(TenantId::as_str),
+            }
+            .emit();
+            e.into_response()
+        }
+    };
+    RequestCompleted {
+        status: response.status().as_u16(),
+        elapsed: started.elapsed(),
+    }
+    .emit();
+    response
+}
+
+/// Handles one telemetry request; `tenant` is set once the key is known (for telemetry).
+async fn ingest(
+    state: &AppState,
+    req: Request,
+    tenant_out: &mut Option<TenantId>,
+) -> Result<usize, ApiError> {
+    let s = &*state.inner;
+    let tenant = s
+        .tenants
+        .lookup(api_key(req.headers())?)
+        .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "unknown API key"))?
+        .clone();
+    *tenant_out = Some(tenant.clone());
+
+    let format = content_type(req.headers())?;
+    let precision = Precision::from_query(req.uri().query())?;
+
+    let retry_after = s.cfg.retry_after_secs;
+    if let Some(reason) = s.producer.transport().blocked() {
+        return Err(
+            ApiError::new(ErrorCode::Unavailable, format!("broker blocked: {reason}"))
+                .retry_after(retry_after),
+        );
+    }
+    let _permit = s.inflight.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            ErrorCode::Overloaded,
+            format!(
+                "{} requests are already in flight; retry later",
+                s.cfg.max_inflight_requests
+            ),
+        )
+        .retry_after(retry_after)
+    })?;
+
+    let body = read_body(req, s.cfg.max_body_bytes).await?;
+    let opts = body::ParseOptions {
+        format,
+        precision,
+        max_readings: s.cfg.max_readings_per_request,
+        limits: s.cfg.limits(),
+        now_ns: now_ns(),
+    };
+    let chunk = parse(body, opts).await?;
+    let accepted = chunk.len();
+
+    match s.batcher.submit(tenant.clone(), chunk).await {
+        Ok(()) => {
+            ReadingsAccepted {
+                tenant: tenant.as_str(),
+                count: accepted,
+            }
+            .emit();
+            Ok(accepted)
+        }
+        Err(BatchError::ShuttingDown) => {
+            Err(ApiError::new(ErrorCode::Unavailable, "shutting down").retry_after(retry_after))
+        }
+        Err(BatchError::Send(e)) if e.is_permanent() => Err(ApiError::new(
+            ErrorCode::Internal,
+            format!("cannot publish the readings: {e}"),
+        )),
+        Err(BatchError::Send(e)) => Err(ApiError::new(
+            ErrorCode::Unavailable,
+            unavailable_message(&e),
+        )
+        .retry_after(retry_after)),
+    }
+}
+
+/// The `message` of a 503 for a publish failure.
+fn unavailable_message(e: &SendError) -> String {
+    match e {
+        SendError::Publish { source, .. } => match source {
+            PublishError::Blocked(reason) => format!("broker blocked: {reason}"),
+            PublishError::Nacked => "broker nacked".to_owned(),
+            PublishError::Unroutable(p) => {
+                format!("unroutable: no queue is bound to partition {p} (topology not declared?)")
+            }
+            PublishError::Timeout(d) => format!("confirm timeout: no broker confirm within {d:?}"),
+            PublishError::Connection(c) => format!("broker connection failed: {c}"),
+            PublishError::Closed => "transport closed".to_owned(),
+        },
+        other => other.to_string(),
+    }
+}
+
+/// The API key of a request.
+fn api_key(headers: &HeaderMap) -> Result<&str, ApiError> {
+    let unauthorized = |m: &str| ApiError::new(ErrorCode::Unauthorized, m);
+    if let Some(v) = headers.get(header::AUTHORIZATION) {
+        let v = v
+            .to_str()
+            .map_err(|_| unauthorized("the Authorization header is not visible ASCII"))?;
+        let (scheme, key) = v.trim().split_once(' ').unwrap_or((v, ""));
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(unauthorized(
+                "the Authorization header must use the Bearer scheme",
+            ));
+        }
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(unauthorized(
+                "the Authorization header has no key after Bearer",
+            ));
+        }
+        return Ok(key);
+    }
+    if let Some(v) = headers.get("x-api-key") {
+        let key = v
+            .to_str()
+            .map_err(|_| unauthorized("the X-Api-Key header is not visible ASCII"))?
+            .trim();
+        if !key.is_empty() {
+            return Ok(key);
+        }
+    }
+    Err(unauthorized(
+        "missing API key: send Authorization: Bearer <key> or X-Api-Key: <key>",
+    ))
+}
+
+fn content_type(headers: &HeaderMap) -> Result<Format, ApiError> {
+    let value = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or("(not visible ASCII)"));
+    match value {
+        Some(v) => Format::from_content_type(v).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::UnsupportedMediaType,
+                format!(
+                    "unsupported Content-Type {v:?}: send application/json or application/msgpack"
+                ),
+            )
+        }),
+        None => Err(ApiError::new(
+            ErrorCode::UnsupportedMediaType,
+            "missing Content-Type: send application/json or application/msgpack",
+        )),
+    }
+}
+
+async fn read_body(req: Request, max: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            ErrorCode::BodyTooLarge,
+            format!(
+                "the request body is larger than the {max}-byte limit; split the readings over several requests"
+            ),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    // The limit itself comes from the DefaultBodyLimit layer of `app`.
+    Bytes::from_request(req, &()).await.map_err(|e| match e {
+        BytesRejection::FailedToBufferBody(FailedToBufferBody::LengthLimitError(_)) => too_large(),
+        other => ApiError::new(
+            ErrorCode::MalformedBody,
+            format!("cannot read the request body: {other}"),
+        ),
+    })
+}
+
+async fn parse(body: Bytes, opts: body::ParseOptions) -> Result<Chunk, ApiError> {
+    if body.len() <= PARSE_INLINE_MAX_BYTES {
+        return body::parse(&body, &opts);
+    }
+    tokio::task::spawn_blocking(move || body::parse(&body, &opts))
+        .await
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "body parser failed");
+            Err(ApiError::new(
+                ErrorCode::Internal,
+                "internal error while parsing the body",
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,254 @@
+//! Tenants and their API keys, read from a TOML file (`deploy/tenants.example.toml`):
+//!
+//! ```toml
+//! [[tenant]]
+//! id = "demo"
+//! api_keys = ["demo-key-change-me"]
+//! ```
+//!
+//! An HTTP request authenticates with one key; the key names the tenant of every reading
+//! the request carries (`docs/binding.md` section 6).
+//!
+//! Keys are looked up by their SHA-256 digest: the time a lookup takes depends on the
+//! digest of the presented key, which tells a caller nothing about the stored keys. A map
+//! keyed by the keys themselves would end in a byte-by-byte comparison against a stored
+//! key, whose duration leaks the length of the matching prefix. Hashing a key costs well
+//! under a microsecond, so the protection is cheap. The map itself (SipHash with a random
+//! seed) is not attackable for collisions either.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use sluice_binding::TenantId;
+
+/// Why a tenants file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TenantsError {
+    /// The file could not be read.
+    #[error("cannot read tenants file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Not TOML of the expected shape (unknown keys, invalid tenant ids, wrong types);
+    /// the message carries the line and column.
+    #[error("invalid tenants file: {0}")]
+    Parse(#[from] toml::de::Error),
+    /// No `[[tenant]]` entry.
+    #[error("the tenants file defines no tenant")]
+    NoTenants,
+    /// Two entries share a tenant id.
+    #[error("tenant {0} is defined twice")]
+    DuplicateTenant(TenantId),
+    /// A tenant has no key, so nobody could send as it.
+    #[error("tenant {0} has no API key (api_keys is empty)")]
+    NoKeys(TenantId),
+    /// A key is empty or has characters that cannot travel in an HTTP header.
+    #[error(
+        "tenant {tenant}: API key #{index} is empty or has characters other than visible ASCII"
+    )]
+    BadKey {
+        /// The tenant.
+        tenant: TenantId,
+        /// Position of the key in the tenant's `api_keys` (from 1).
+        index: usize,
+    },
+    /// One key is listed under two tenants (or twice under one); the key itself is not
+    /// repeated in the message, which ends up in logs.
+    #[error("an API key of tenant {second} is already a key of tenant {first}")]
+    DuplicateKey {
+        /// The tenant that listed it first.
+        first: TenantId,
+        /// The tenant that listed it again.
+        second: TenantId,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    tenant: Vec<Entry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    id: TenantId,
+    api_keys: Vec<String>,
+}
+
+/// The tenants an ingest process serves, and the key → tenant map.
+#[derive(Clone)]
+pub struct Tenants {
+    by_key_digest: HashMap<[u8; 32], TenantId>,
+    ids: Vec<TenantId>,
+}
+
+impl std::fmt::Debug for Tenants {
+    /// Lists tenant ids only: keys must never reach a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tenants")
+            .field("ids", &self.ids)
+            .field("keys", &self.by_key_digest.len())
+            .finish()
+    }
+}
+
+fn digest(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+impl Tenants {
+    /// Reads and checks a tenants file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, TenantsError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| TenantsError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml_str(&text)
+    }
+
+    /// Parses and checks the text of a tenants file.
+    pub fn from_toml_str(text: &str) -> Result<Self, TenantsError> {
+        let file: File = toml::from_str(text)?;
+        if file.tenant.is_empty() {
+            return Err(TenantsError::NoTenants);
+        }
+        let mut ids = Vec::with_capacity(file.tenant.len());
+        let mut seen = HashSet::new();
+        let mut by_key_digest = HashMap::new();
+        for entry in file.tenant {
+            if !seen.insert(entry.id.clone()) {
+                return Err(TenantsError::DuplicateTenant(entry.id));
+            }
+            if entry.api_keys.is_empty() {
+                return Err(TenantsError::NoKeys(entry.id));
+            }
+            for (i, key) in entry.api_keys.iter().enumerate() {
+                if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(TenantsError::BadKey {
+                        tenant: entry.id,
+                        index: i + 1,
+                    });
+                }
+                if let Some(first) = by_key_digest.insert(digest(key), entry.id.clone()) {
+                    return Err(TenantsError::DuplicateKey {
+                        first,
+                        second: entry.id,
+                    });
+                }
+            }
+            ids.push(entry.id);
+        }
+        Ok(Self { by_key_digest, ids })
+    }
+
+    /// A single tenant with the given keys (tests, embedded mode).
+    pub fn single(id: TenantId, api_keys: &[&str]) -> Self {
+        Self {
+            by_key_digest: api_keys.iter().map(|k| (digest(k), id.clone())).collect(),
+            ids: vec![id],
+        }
+    }
+
+    /// The tenant a key belongs to.
+    pub fn lookup(&self, key: &str) -> Option<&TenantId> {
+        self.by_key_digest.get(&digest(key))
+    }
+
+    /// Every tenant id, in file order.
+    pub fn ids(&self) -> &[TenantId] {
+        &self.ids
+    }
+
+    /// Number of tenants.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether there is no tenant (only possible through [`Tenants::single`] misuse: files
+    /// must define one).
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Tenants::from_toml_str(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn parses_the_deployed_example() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/tenants.example.toml"
+        );
+        let t = Tenants::load(path).unwrap();
+        let ids: Vec<&str> = t.ids().iter().map(TenantId::as_str).collect();
+        assert_eq!(ids, ["demo", "acme"]);
+        assert_eq!(t.lookup("demo-key-change-me").unwrap().as_str(), "demo");
+        assert_eq!(t.lookup("acme-key-change-me").unwrap().as_str(), "acme");
+        assert_eq!(
+            t.lookup("acme-key-rotated-change-me").unwrap().as_str(),
+            "acme"
+        );
+        assert_eq!(t.lookup("demo-key-change-m"), None);
+        assert_eq!(t.lookup(""), None);
+    }
+
+    #[test]
+    fn debug_never_shows_keys() {
+        let t =
+            Tenants::from_toml_str("[[tenant]]\nid = \"a\"\napi_keys = [\"s3cret\"]\n").unwrap();
+        let dbg = format!("{t:?}");
+        assert!(!dbg.contains("s3cret"), "{dbg}");
+        assert!(dbg.contains("\"a\""), "{dbg}");
+    }
+
+    #[test]
+    fn refuses_bad_files() {
+        assert!(err("").contains("missing field `tenant`"));
+        assert!(err("tenant = []").contains("no tenant"));
+        let unknown = err("[[tenant]]\nid = \"a\"\napi_keys = [\"k\"]\nkeys = []\n");
+        assert!(unknown.contains("unknown field `keys`"), "{unknown}");
+        let bad_id = err("[[tenant]]\nid = \"Acme\"\napi_keys = [\"k\"]\n");
+        assert!(bad_id.contains("invalid tenant id \"Acme\""), "{bad_id}");
+        assert!(bad_id.contains("line 2"), "{bad_id}");
+        assert_eq!(
+            err("[[tenant]]\nid = \"a\"\napi_keys = []\n"),
+            "tenant a has no API key (api_keys is empty)"
+        );
+        assert!(err("[[tenant]]\nid = \"a\"\napi_keys = [\"\"]\n").contains("key #1 is empty"));
+        assert!(
+            err("[[tenant]]\nid = \"a\"\napi_keys = [\"k\", \"two words\"]\n").contains("key #2")
+        );
+        assert_eq!(
+            err(
+                "[[tenant]]\nid = \"a\"\napi_keys = [\"k\"]\n[[tenant]]\nid = \"a\"\napi_keys = [\"j\"]\n"
+            ),
+            "tenant a is defined twice"
+        );
+        let dup = err(
+            "[[tenant]]\nid = \"a\"\napi_keys = [\"shared\"]\n[[tenant]]\nid = \"b\"\napi_keys = [\"shared\"]\n",
+        );
+        assert_eq!(dup, "an API key of tenant b is already a key of tenant a");
+        assert!(!dup.contains("shared"));
+    }
+
+    #[test]
+    fn load_reports_the_path() {
+        let e = Tenants::load("/nonexistent/tenants.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/tenants.toml"), "{e}");
+    }
+}

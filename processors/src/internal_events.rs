@@ -1,0 +1,129 @@
+//! Everything the storage pool logs and counts, each event in one place. Metric names are
+//! consts; labels are bounded (`tenant` from configuration or validated ids, `error` from
+//! a fixed set, `queue` from the topology) — never device ids.
+
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+/// Deliveries received from the transport.
+pub const DELIVERIES: &str = "sluice_storage_deliveries_total";
+/// Rows newly committed, by tenant.
+pub const ROWS_COMMITTED: &str = "sluice_storage_rows_committed_total";
+/// Rows skipped as already stored (redelivery), by tenant.
+pub const ROWS_DUPLICATE: &str = "sluice_storage_rows_duplicate_total";
+/// Deliveries dead-lettered, by error kind.
+pub const DEAD_LETTERED: &str = "sluice_storage_dead_lettered_total";
+/// Commits that failed (deliveries requeued), by sink.
+pub const COMMIT_FAILURES: &str = "sluice_storage_commit_failures_total";
+/// Parquet files written.
+pub const FILES_WRITTEN: &str = "sluice_storage_files_written_total";
+/// Duration of a commit (Parquet + latest values), seconds.
+pub const COMMIT_SECONDS: &str = "sluice_storage_commit_seconds";
+/// Device timestamp → committed, seconds, per row.
+pub const END_TO_END_SECONDS: &str = "sluice_storage_end_to_end_seconds";
+/// Decode + validate + Arrow build per delivery, seconds.
+pub const STAGE_SECONDS: &str = "sluice_storage_stage_seconds";
+/// Worker threads running.
+pub const WORKERS: &str = "sluice_storage_workers";
+/// Ready messages in each partition queue.
+pub const QUEUE_BACKLOG: &str = "sluice_storage_queue_backlog";
+
+/// One commit finished.
+#[derive(Debug)]
+pub(crate) struct Committed<'a> {
+    pub(crate) tenant: &'a str,
+    pub(crate) rows_written: u64,
+    pub(crate) rows_skipped: u64,
+    pub(crate) files: u64,
+    pub(crate) end_to_end: &'a Histogram<u64>,
+}
+
+impl Committed<'_> {
+    pub(crate) fn emit(self) {
+        tracing::debug!(
+            tenant = self.tenant,
+            rows = self.rows_written,
+            duplicates = self.rows_skipped,
+            files = self.files,
+            "committed"
+        );
+        let tenant = self.tenant.to_owned();
+        metrics::counter!(ROWS_COMMITTED, "tenant" => tenant.clone()).increment(self.rows_written);
+        if self.rows_skipped > 0 {
+            tracing::info!(
+                tenant = self.tenant,
+                rows = self.rows_skipped,
+                "skipped rows already stored (redelivery)"
+            );
+            metrics::counter!(ROWS_DUPLICATE, "tenant" => tenant).increment(self.rows_skipped);
+        }
+        metrics::counter!(FILES_WRITTEN).increment(self.files);
+        // One record per distinct HDR bucket, not per row.
+        let h = metrics::histogram!(END_TO_END_SECONDS);
+        for v in self.end_to_end.iter_recorded() {
+            h.record_many(
+                v.value_iterated_to() as f64 / 1e9,
+                v.count_at_value() as usize,
+            );
+        }
+    }
+}
+
+/// A commit took this long.
+#[derive(Debug)]
+pub(crate) struct CommitDuration(pub(crate) Duration);
+
+impl CommitDuration {
+    pub(crate) fn emit(self) {
+        metrics::histogram!(COMMIT_SECONDS).record(self.0.as_secs_f64());
+    }
+}
+
+/// A commit failed; its deliveries were requeued.
+#[derive(Debug)]
+pub(crate) struct CommitFailed<'a> {
+    pub(crate) sink: &'static str,
+    pub(crate) error: &'a (dyn std::error::Error + Send + Sync),
+    pub(crate) deliveries: usize,
+}
+
+impl CommitFailed<'_> {
+    pub(crate) fn emit(self) {
+        tracing::error!(sink = self.sink, error = %self.error, deliveries = self.deliveries, "commit failed; requeueing deliveries");
+        metrics::counter!(COMMIT_FAILURES, "sink" => self.sink).increment(1);
+    }
+}
+
+/// A delivery was dead-lettered.
+#[derive(Debug)]
+pub(crate) struct DeadLettered<'a> {
+    pub(crate) queue: &'a str,
+    pub(crate) error: &'static str,
+    pub(crate) reason: &'a str,
+}
+
+impl DeadLettered<'_> {
+    pub(crate) fn emit(self) {
+        tracing::warn!(
+            queue = self.queue,
+            error = self.error,
+            reason = self.reason,
+            "dead-lettered a delivery"
+        );
+        metrics::counter!(DEAD_LETTERED, "error" => self.error).increment(1);
+    }
+}
+
+/// Settling a delivery with the broker failed (it will be redelivered; storage dedupes).
+#[derive(Debug)]
+pub(crate) struct AckFailed<'a> {
+    pub(crate) error: &'a dyn std::error::Error,
+}
+
+impl AckFailed<'_> {
+    pub(crate) fn emit(self) {
+        tracing::warn!(error = %self.error, "cannot settle a delivery; it will be redelivered");
+        metrics::counter!(COMMIT_FAILURES, "sink" => "ack").increment(1);
+    }
+}

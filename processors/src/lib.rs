@@ -1,0 +1,22 @@
+//! Sluice worker pools. Today: the storage pool, which turns partition deliveries into
+//! committed Parquet rows and Redis latest values.
+//!
+//! ```text
+//! consumer task per partition queue ──► crossbeam (bounded) ──► N worker threads
+//!   (transport prefetch window)                                  decode · validate · Arrow
+//!                                                                        │ tokio mpsc (bounded)
+//!                                                                        ▼
+//!                        ack ◄── receipts ◄── latest values ◄── Parquet commit ◄── committer
+//! ```
+//!
+//! - [`pool`]: the pipeline above, its configuration and its shutdown order;
+//! - [`stage`]: the CPU work of one delivery (decode, validate, build the Arrow batch);
+//! - [`latency`]: HDR histograms of stage and end-to-end latency;
+//! - [`internal_events`]: metrics and logs, each emitted in one place.
+
+pub mod internal_events;
+pub mod latency;
+pub mod pool;
+pub mod stage;
+
+pub use pool::{PoolConfig, PoolError, PoolReport, Sinks, run};

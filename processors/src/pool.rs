@@ -1,0 +1,518 @@
+//! The storage pool: consume every partition queue of a consumer group, turn deliveries
+//! into committed rows, and ack only after the commit.
+//!
+//! Channels and what happens when they are full:
+//! - transport → consumer task: the transport's prefetch window (`prefetch` unsettled
+//!   deliveries per queue) is the back pressure; the broker stops sending.
+//! - consumer tasks → workers: a crossbeam channel sized to the whole prefetch window, so a
+//!   send never blocks the async runtime (every message in it is an unsettled delivery, and
+//!   there are never more of those than the window).
+//! - workers → committer: a tokio channel of the same size; workers block on it, which is
+//!   fine on their own threads.
+//!
+//! Shutdown order (on the token): consumers cancel (the broker stops sending), workers drain
+//! what was received, the committer commits and acks it, then the pool returns. Deliveries
+//! not received by then stay unacked and are redelivered to another consumer.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow::array::AsArray;
+use arrow::datatypes::TimestampNanosecondType;
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use sluice_binding::model::now_ns;
+use sluice_binding::receipt::Receipt;
+use sluice_binding::shutdown::{CancellationToken, TaskTracker};
+use sluice_binding::transport::{Acker, DeadLetter, Transport, TransportError};
+use sluice_binding::validate::Limits;
+use sluice_sinks::StagedBatch;
+use sluice_sinks::latest::LatestStore;
+use sluice_sinks::parquet::{CommitOutcome, ParquetStore};
+use tokio::sync::mpsc;
+
+use crate::internal_events::{
+    AckFailed, CommitDuration, CommitFailed, Committed, DEAD_LETTERED, DELIVERIES, DeadLettered,
+    QUEUE_BACKLOG, STAGE_SECONDS, WORKERS,
+};
+use crate::latency;
+use crate::stage::{Refusal, stage};
+
+/// Settings of a pool.
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    /// Consumer group: its partition queues are consumed (`<namespace>.<group>.<p>`).
+    pub group: String,
+    /// Worker threads that decode, validate and build Arrow batches.
+    pub workers: usize,
+    /// Unsettled deliveries per partition queue (`basic.qos`). Deliveries are acked only
+    /// after a commit, so the window across all queues must hold more messages than one
+    /// commit takes, or commits wait for `flush_interval`.
+    pub prefetch: u16,
+    /// Commit once this many rows are staged.
+    pub flush_rows: usize,
+    /// Commit at the latest this long after the first staged row.
+    pub flush_interval: Duration,
+    /// Validation bounds.
+    pub limits: Limits,
+    /// How often queue backlogs are sampled for `/metrics`.
+    pub backlog_interval: Duration,
+    /// Pause after a failed commit before taking new work (the failed deliveries were
+    /// requeued), so a sink outage does not spin.
+    pub retry_backoff: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            group: "storage".to_owned(),
+            workers: 2,
+            prefetch: 500,
+            flush_rows: 100_000,
+            flush_interval: Duration::from_secs(1),
+            limits: Limits::default(),
+            backlog_interval: Duration::from_secs(5),
+            retry_backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Where committed rows go.
+#[derive(Clone, Debug)]
+pub struct Sinks {
+    /// Time-series store.
+    pub parquet: ParquetStore,
+    /// Latest value per series.
+    pub latest: LatestStore,
+}
+
+/// The pool could not run, or lost its input.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// Declaring the topology or starting consumers failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// A consumer ended without being asked to (connection lost beyond recovery).
+    #[error("consumer of {0} ended unexpectedly")]
+    ConsumerLost(String),
+    /// A worker thread could not be started.
+    #[error("cannot start worker thread: {0}")]
+    Spawn(#[from] std::io::Error),
+}
+
+/// What a pool did, for the shutdown summary.
+#[derive(Debug)]
+pub struct PoolReport {
+    /// Deliveries received.
+    pub deliveries: u64,
+    /// Rows newly committed.
+    pub rows_committed: u64,
+    /// Rows skipped as already stored.
+    pub rows_duplicate: u64,
+    /// Deliveries dead-lettered.
+    pub dead_lettered: u64,
+    /// Successful commits.
+    pub commits: u64,
+    /// Decode + validate + Arrow per delivery (ns).
+    pub stage: Histogram<u64>,
+    /// Commit duration (ns).
+    pub commit: Histogram<u64>,
+    /// Device timestamp → committed, per row (ns).
+    pub end_to_end: Histogram<u64>,
+}
+
+impl PoolReport {
+    fn new() -> Self {
+        Self {
+            deliveries: 0,
+            rows_committed: 0,
+            rows_duplicate: 0,
+            dead_lettered: 0,
+            commits: 0,
+            stage: latency::new_histogram(),
+            commit: latency::new_histogram(),
+            end_to_end: latency::new_histogram(),
+        }
+    }
+
+    /// Counts and a percentile table of the stage latencies.
+    pub fn summary(&self) -> String {
+        format!(
+            "deliveries {}  rows committed {}  duplicates skipped {}  dead-lettered {}  commits {}\n{}",
+            self.deliveries,
+            self.rows_committed,
+            self.rows_duplicate,
+            self.dead_lettered,
+            self.commits,
+            latency::table(&[
+                ("stage (decode+validate)", &self.stage),
+                ("commit (parquet+latest)", &self.commit),
+                ("end-to-end (device→stored)", &self.end_to_end),
+            ])
+        )
+    }
+}
+
+/// What a worker hands to the committer.
+enum Staged {
+    Store {
+        batch: StagedBatch,
+        acker: Acker,
+        stage_ns: u64,
+    },
+    Refuse {
+        body: Bytes,
+        refusal: Refusal,
+        acker: Acker,
+        queue: Arc<str>,
+    },
+}
+
+/// Runs the pool until `shutdown` is cancelled (then drains and returns) or its input is
+/// lost (then returns an error after committing what it had).
+pub async fn run(
+    transport: Transport,
+    sinks: Sinks,
+    cfg: PoolConfig,
+    shutdown: CancellationToken,
+) -> Result<PoolReport, PoolError> {
+    transport.declare(&[cfg.group.as_str()]).await?;
+    let consumers = transport.consume_group(&cfg.group, cfg.prefetch).await?;
+    let window = (consumers.len() * usize::from(cfg.prefetch.max(1))).max(1);
+    tracing::info!(
+        group = %cfg.group,
+        queues = consumers.len(),
+        workers = cfg.workers,
+        prefetch = cfg.prefetch,
+        "storage pool started"
+    );
+
+    let stop = shutdown.child_token();
+    let lost: Arc<Mutex<Option<String>>> = Arc::default();
+    let tasks = TaskTracker::new();
+    let (work_tx, work_rx) = crossbeam_channel::bounded(window);
+    let (commit_tx, commit_rx) = mpsc::channel(window);
+
+    for mut consumer in consumers {
+        let (tx, stop, lost) = (work_tx.clone(), stop.clone(), lost.clone());
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => {
+                        consumer.cancel().await;
+                        break;
+                    }
+                    d = consumer.next() => match d {
+                        Some(d) => {
+                            metrics::counter!(DELIVERIES).increment(1);
+                            if let Err(crossbeam_channel::TrySendError::Full(d)) = tx.try_send(d) {
+                                // Cannot happen while the channel holds the whole window; if
+                                // it does, wait off the runtime rather than drop.
+                                let tx = tx.clone();
+                                let _ = tokio::task::spawn_blocking(move || tx.send(d)).await;
+                            }
+                        }
+                        None => {
+                            if !stop.is_cancelled() {
+                                tracing::error!(queue = %consumer.queue(), "consumer ended unexpectedly; stopping the pool");
+                                *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(consumer.queue().to_string());
+                                stop.cancel();
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    drop(work_tx);
+
+    let mut workers = Vec::with_capacity(cfg.workers.max(1));
+    for i in 0..cfg.workers.max(1) {
+        let (rx, tx, limits) = (work_rx.clone(), commit_tx.clone(), cfg.limits);
+        workers.push(
+            std::thread::Builder::new()
+                .name(format!("sluice-worker-{i}"))
+                .spawn(move || worker(rx, tx, limits))?,
+        );
+    }
+    drop((work_rx, commit_tx));
+    metrics::gauge!(WORKERS).set(workers.len() as f64);
+
+    {
+        let (transport, group, stop, every) = (
+            transport.clone(),
+            cfg.group.clone(),
+            stop.clone(),
+            cfg.backlog_interval,
+        );
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => match transport.backlog(&group).await {
+                        Ok(depths) => for (queue, depth) in depths {
+                            metrics::gauge!(QUEUE_BACKLOG, "queue" => queue).set(depth as f64);
+                        },
+                        Err(e) => tracing::debug!(error = %e, "cannot sample backlog"),
+                    },
+                }
+            }
+        });
+    }
+
+    let mut committer = Committer {
+        transport: transport.clone(),
+        sinks,
+        group: cfg.group.clone(),
+        flush_rows: cfg.flush_rows.max(1),
+        flush_deliveries: (window / 2).max(1),
+        retry_backoff: cfg.retry_backoff,
+        tasks: tasks.clone(),
+        pending: Vec::new(),
+        pending_rows: 0,
+        report: PoolReport::new(),
+    };
+    committer.run(commit_rx, cfg.flush_interval).await;
+
+    tasks.close();
+    tasks.wait().await;
+    for w in workers {
+        let _ = tokio::task::spawn_blocking(move || w.join()).await;
+    }
+    metrics::gauge!(WORKERS).set(0.0);
+    let report = committer.report;
+    let lost = lost.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match lost {
+        Some(queue) => Err(PoolError::ConsumerLost(queue)),
+        None => Ok(report),
+    }
+}
+
+fn worker(
+    rx: crossbeam_channel::Receiver<sluice_binding::transport::Delivery>,
+    tx: mpsc::Sender<Staged>,
+    limits: Limits,
+) {
+    let stage_hist = metrics::histogram!(STAGE_SECONDS);
+    while let Ok(d) = rx.recv() {
+        let t0 = Instant::now();
+        let out = match stage(&d.body, d.redelivered, now_ns(), &limits) {
+            Ok(batch) => Staged::Store {
+                batch,
+                acker: d.acker,
+                stage_ns: t0.elapsed().as_nanos() as u64,
+            },
+            Err(refusal) => Staged::Refuse {
+                body: d.body,
+                refusal,
+                acker: d.acker,
+                queue: d.queue,
+            },
+        };
+        stage_hist.record(t0.elapsed().as_secs_f64());
+        if tx.blocking_send(out).is_err() {
+            break;
+        }
+    }
+}
+
+struct Committer {
+    transport: Transport,
+    sinks: Sinks,
+    group: String,
+    flush_rows: usize,
+    flush_deliveries: usize,
+    retry_backoff: Duration,
+    tasks: TaskTracker,
+    pending: Vec<(StagedBatch, Acker)>,
+    pending_rows: usize,
+    report: PoolReport,
+}
+
+impl Committer {
+    async fn run(&mut self, mut rx: mpsc::Receiver<Staged>, interval: Duration) {
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let timer = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(Staged::Store { batch, acker, stage_ns }) => {
+                        self.report.deliveries += 1;
+                        let _ = self.report.stage.record(stage_ns.clamp(1_000, latency::MAX_NS));
+                        self.pending_rows += batch.rows.num_rows();
+                        self.pending.push((batch, acker));
+                        deadline.get_or_insert_with(|| tokio::time::Instant::now() + interval);
+                        if self.pending_rows >= self.flush_rows || self.pending.len() >= self.flush_deliveries {
+                            self.flush().await;
+                            deadline = None;
+                        }
+                    }
+                    Some(Staged::Refuse { body, refusal, acker, queue }) => {
+                        self.report.deliveries += 1;
+                        self.report.dead_lettered += 1;
+                        self.dead_letter(body, refusal, acker, queue);
+                    }
+                    None => {
+                        self.flush().await;
+                        return;
+                    }
+                },
+                _ = timer => {
+                    self.flush().await;
+                    deadline = None;
+                }
+            }
+        }
+    }
+
+    /// Publishes to the dead-letter exchange, then acks; off the commit path.
+    fn dead_letter(&self, body: Bytes, refusal: Refusal, acker: Acker, queue: Arc<str>) {
+        let (transport, group) = (self.transport.clone(), self.group.clone());
+        self.tasks.spawn(async move {
+            let dl = DeadLetter {
+                body: &body,
+                reason: &refusal.reason,
+                error: refusal.error,
+                group: &group,
+            };
+            match transport.dead_letter(dl).await {
+                Ok(()) => {
+                    DeadLettered {
+                        queue: &queue,
+                        error: refusal.error,
+                        reason: &refusal.reason,
+                    }
+                    .emit();
+                    if let Err(e) = acker.ack().await {
+                        AckFailed { error: &e }.emit();
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot dead-letter; requeueing");
+                    metrics::counter!(DEAD_LETTERED, "error" => "requeued").increment(1);
+                    let _ = acker.requeue().await;
+                }
+            }
+        });
+    }
+
+    async fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut self.pending);
+        self.pending_rows = 0;
+        let (batches, ackers): (Vec<StagedBatch>, Vec<Acker>) = pending.into_iter().unzip();
+        let t0 = Instant::now();
+        let outcome = match self.sinks.parquet.commit(batches.clone()).await {
+            Ok(o) => o,
+            Err(e) => return self.fail("parquet", &e, ackers).await,
+        };
+        if let Err(e) = self.sinks.latest.update(&batches).await {
+            // Parquet holds the rows; the redelivery will skip them there and retry Redis.
+            return self.fail("latest", &e, ackers).await;
+        }
+        let took = t0.elapsed();
+        CommitDuration(took).emit();
+        let _ = self
+            .report
+            .commit
+            .record((took.as_nanos() as u64).clamp(1_000, latency::MAX_NS));
+        let acks = futures_ack(ackers);
+        self.account(&batches, &outcome).await;
+        acks.await;
+        self.report.commits += 1;
+    }
+
+    async fn fail(
+        &mut self,
+        sink: &'static str,
+        e: &(dyn std::error::Error + Send + Sync),
+        ackers: Vec<Acker>,
+    ) {
+        CommitFailed {
+            sink,
+            error: e,
+            deliveries: ackers.len(),
+        }
+        .emit();
+        for a in ackers {
+            let _ = a.requeue().await;
+        }
+        tokio::time::sleep(self.retry_backoff).await;
+    }
+
+    /// Metrics, end-to-end latency and receipts of a commit, per tenant.
+    async fn account(&mut self, batches: &[StagedBatch], outcome: &CommitOutcome) {
+        let written: HashMap<uuid::Uuid, u64> = outcome
+            .tenants
+            .values()
+            .flat_map(|t| t.batches.iter().map(|b| (b.batch_id, b.rows_written)))
+            .collect();
+        let committed = outcome.committed_ns;
+        let mut per_tenant: HashMap<&str, Histogram<u64>> = HashMap::new();
+        for b in batches {
+            let n = written.get(&b.batch_id).copied().unwrap_or(0) as usize;
+            if n == 0 {
+                continue;
+            }
+            let h = per_tenant
+                .entry(b.tenant.as_str())
+                .or_insert_with(latency::new_histogram);
+            let ts = b.rows.column(2).as_primitive::<TimestampNanosecondType>();
+            // A batch split over hours may be partly stored by an earlier commit; its
+            // newly stored rows are then a subset, and recording the first n is close enough.
+            for t in ts.values().iter().take(n) {
+                latency::record(h, committed - t);
+            }
+        }
+        for (tenant, t) in &outcome.tenants {
+            self.report.rows_committed += t.rows_written;
+            self.report.rows_duplicate += t.rows_skipped;
+            let empty = latency::new_histogram();
+            let h = per_tenant.get(tenant.as_str()).unwrap_or(&empty);
+            let _ = self.report.end_to_end.add(h);
+            Committed {
+                tenant,
+                rows_written: t.rows_written,
+                rows_skipped: t.rows_skipped,
+                files: t.files_written,
+                end_to_end: h,
+            }
+            .emit();
+            if t.rows_written > 0 {
+                let receipt = Receipt {
+                    tenant: tenant.clone(),
+                    rows: t.rows_written,
+                    committed,
+                    latency: latency::serialize(h),
+                };
+                if let Err(e) = self.transport.publish_receipt(&receipt).await {
+                    tracing::debug!(error = %e, "cannot publish receipt");
+                }
+            }
+        }
+    }
+}
+
+/// Acks every delivery concurrently (each ack is one frame; waiting for them one by one
+/// would serialise on the channel's I/O).
+fn futures_ack(ackers: Vec<Acker>) -> impl std::future::Future<Output = ()> {
+    let futs: Vec<_> = ackers.into_iter().map(|a| a.ack()).collect();
+    async move {
+        for r in futures::future::join_all(futs).await {
+            if let Err(e) = r {
+                AckFailed { error: &e }.emit();
+            }
+        }
+    }
+}

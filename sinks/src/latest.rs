@@ -1,0 +1,598 @@
+//! The latest value per (tenant, device, metric): in Redis, or in memory for the embedded
+//! mode without Redis.
+//!
+//! [`LatestStore::update`] first reduces its batches in memory to the newest reading per
+//! series (by device timestamp), then writes each series once. A reading never replaces a
+//! newer one, whatever the order batches arrive or are redelivered in; on equal timestamps
+//! the reading stored first stays (so a redelivery writes nothing).
+//!
+//! # Redis layout
+//!
+//! | | |
+//! |---|---|
+//! | key | hash `<prefix>:latest:<tenant>:<device>` (prefix default `sluice`) |
+//! | field | `<metric>` |
+//! | value | `"<ts_ns, 20 digits zero padded>|<value>"`, e.g. `"01795255200000000000|12.5"` |
+//!
+//! The zero-padded timestamp lets the compare-and-set Lua script ([`UPDATE_SCRIPT`]) order
+//! readings by comparing strings: Lua numbers are doubles and lose precision above 2^53 ns
+//! (about 104 days after the epoch). One `EVALSHA` per device hash carries all of that
+//! device's metrics; the calls of one update are pipelined. Tenant ids never contain `:`,
+//! so `SCAN MATCH <prefix>:latest:<tenant>:*` finds exactly one tenant's devices.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+use arrow::array::{Array, AsArray, DictionaryArray, StringArray};
+use arrow::datatypes::{Float64Type, Int32Type, TimestampNanosecondType};
+use redis::aio::ConnectionManager;
+use redis::{ErrorKind, RedisError, Script, ServerErrorKind};
+
+use crate::columns::{DEVICE_IDX, METRIC_IDX, TS_IDX, VALUE_IDX};
+use crate::{InvalidTenant, SchemaMismatch, StagedBatch, conform_rows};
+
+/// Default Redis key prefix.
+pub const DEFAULT_PREFIX: &str = "sluice";
+
+/// Compare-and-set of a device hash. `KEYS[1]` is the hash, `ARGV` alternates metric and
+/// value; a field is written only if its stored timestamp (the first 20 characters) is
+/// older. Returns how many fields were written.
+pub const UPDATE_SCRIPT: &str = r"
+local written = 0
+for i = 1, #ARGV, 2 do
+  local current = redis.call('HGET', KEYS[1], ARGV[i])
+  if (not current) or string.sub(current, 1, 20) < string.sub(ARGV[i + 1], 1, 20) then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    written = written + 1
+  end
+end
+return written
+";
+
+/// Devices per pipeline: bounds the size of one request and of its reply.
+const PIPELINE_DEVICES: usize = 1024;
+
+/// Errors of the latest-value store.
+#[derive(Debug, thiserror::Error)]
+pub enum LatestError {
+    /// A batch or a lookup names an invalid tenant id.
+    #[error(transparent)]
+    InvalidTenant(#[from] InvalidTenant),
+    /// A batch's rows do not have the readings schema.
+    #[error(transparent)]
+    Schema(#[from] SchemaMismatch),
+    /// A timestamp before the Unix epoch: the zero-padded encoding cannot order it (the
+    /// binding only admits timestamps from 2000 on).
+    #[error("timestamp {0} ns is before the Unix epoch")]
+    NegativeTimestamp(i64),
+    /// The key prefix is empty.
+    #[error("the Redis key prefix must not be empty")]
+    EmptyPrefix,
+    /// Redis failed.
+    #[error("redis: {0}")]
+    Redis(#[from] RedisError),
+    /// A stored value is not `<ts>|<value>`.
+    #[error("malformed latest value {value:?} in {key} field {field}")]
+    Corrupt {
+        /// The hash.
+        key: String,
+        /// The field (metric).
+        field: String,
+        /// The stored value.
+        value: String,
+    },
+}
+
+/// The latest reading of one metric of a device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Latest {
+    /// Metric name.
+    pub metric: String,
+    /// Device timestamp, ns since the Unix epoch (UTC).
+    pub ts_ns: i64,
+    /// Value.
+    pub value: f64,
+}
+
+/// The latest readings of one device, by metric name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceLatest {
+    /// Device id.
+    pub device: String,
+    /// One entry per metric, sorted by metric name.
+    pub readings: Vec<Latest>,
+}
+
+/// Where latest values live.
+#[derive(Debug, Clone)]
+pub enum LatestStore {
+    /// Redis, shared by every process of the deployment.
+    Redis(RedisLatest),
+    /// This process's memory (embedded mode without Redis).
+    Memory(MemoryLatest),
+}
+
+impl LatestStore {
+    /// An empty in-memory store.
+    pub fn memory() -> Self {
+        Self::Memory(MemoryLatest::default())
+    }
+
+    /// Records the newest reading per series of `batches`, unless a newer one is stored.
+    pub async fn update(&self, batches: &[StagedBatch]) -> Result<(), LatestError> {
+        let newest = reduce(batches)?;
+        match self {
+            Self::Redis(r) => r.write(newest).await,
+            Self::Memory(m) => {
+                m.write(newest);
+                Ok(())
+            }
+        }
+    }
+
+    /// The latest readings of one device, sorted by metric; empty if unknown.
+    pub async fn get(&self, tenant: &str, device: &str) -> Result<Vec<Latest>, LatestError> {
+        crate::validate_tenant(tenant)?;
+        match self {
+            Self::Redis(r) => r.get(tenant, device).await,
+            Self::Memory(m) => Ok(m.get(tenant, device)),
+        }
+    }
+
+    /// The latest readings of every device of a tenant, sorted by device.
+    pub async fn get_all_for_tenant(&self, tenant: &str) -> Result<Vec<DeviceLatest>, LatestError> {
+        crate::validate_tenant(tenant)?;
+        match self {
+            Self::Redis(r) => r.get_all_for_tenant(tenant).await,
+            Self::Memory(m) => Ok(m.get_all_for_tenant(tenant)),
+        }
+    }
+}
+
+/// Newest reading per series: `(tenant, device) -> metric -> (ts, value)`.
+type Newest = BTreeMap<(String, String), HashMap<String, (i64, f64)>>;
+
+/// Reduces batches to the newest reading per series; on equal timestamps the first wins.
+fn reduce(batches: &[StagedBatch]) -> Result<Newest, LatestError> {
+    let mut newest = Newest::new();
+    for batch in batches {
+        crate::validate_tenant(&batch.tenant)?;
+        let rows = conform_rows(batch.batch_id, &batch.rows)?;
+        let schema_error = |reason: &str| SchemaMismatch {
+            batch_id: batch.batch_id,
+            reason: reason.to_owned(),
+        };
+        let dictionary =
+            |index: usize| -> Result<(&DictionaryArray<Int32Type>, &StringArray), SchemaMismatch> {
+                let dict = rows
+                    .column(index)
+                    .as_dictionary_opt::<Int32Type>()
+                    .ok_or_else(|| schema_error("tag column is not Dictionary(Int32, _)"))?;
+                let values = dict
+                    .values()
+                    .as_string_opt::<i32>()
+                    .ok_or_else(|| schema_error("tag dictionary values are not Utf8"))?;
+                Ok((dict, values))
+            };
+        let (devices, device_names) = dictionary(DEVICE_IDX)?;
+        let (metrics, metric_names) = dictionary(METRIC_IDX)?;
+        let ts = rows
+            .column(TS_IDX)
+            .as_primitive_opt::<TimestampNanosecondType>()
+            .ok_or_else(|| schema_error("ts is not Timestamp(ns)"))?
+            .values();
+        let values = rows
+            .column(VALUE_IDX)
+            .as_primitive_opt::<Float64Type>()
+            .ok_or_else(|| schema_error("value is not Float64"))?
+            .values();
+
+        // Reduce on dictionary keys first (integers, no allocation per row), then resolve the
+        // names once per series of this batch.
+        let mut local: HashMap<(i32, i32), (i64, f64)> = HashMap::new();
+        let (device_keys, metric_keys) = (devices.keys().values(), metrics.keys().values());
+        for i in 0..rows.num_rows() {
+            let reading = (ts[i], values[i]);
+            if reading.0 < 0 {
+                return Err(LatestError::NegativeTimestamp(reading.0));
+            }
+            local
+                .entry((device_keys[i], metric_keys[i]))
+                .and_modify(|best| {
+                    if reading.0 > best.0 {
+                        *best = reading;
+                    }
+                })
+                .or_insert(reading);
+        }
+        for ((device, metric), reading) in local {
+            let name = |names: &StringArray, key: i32| {
+                usize::try_from(key)
+                    .ok()
+                    .filter(|&k| k < names.len())
+                    .map(|k| names.value(k).to_owned())
+                    .ok_or_else(|| schema_error("dictionary key out of range"))
+            };
+            let series = newest
+                .entry((batch.tenant.clone(), name(device_names, device)?))
+                .or_default();
+            series
+                .entry(name(metric_names, metric)?)
+                .and_modify(|best| {
+                    if reading.0 > best.0 {
+                        *best = reading;
+                    }
+                })
+                .or_insert(reading);
+        }
+    }
+    Ok(newest)
+}
+
+/// `"<ts_ns 20 digits>|<value>"`. Debug formatting of f64 is the shortest string that
+/// parses back to the same value.
+fn encode(ts_ns: i64, value: f64) -> String {
+    format!("{ts_ns:020}|{value:?}")
+}
+
+fn decode(key: &str, field: String, raw: String) -> Result<Latest, LatestError> {
+    let parsed = raw
+        .split_once('|')
+        .and_then(|(ts, value)| Some((ts.parse().ok()?, value.parse().ok()?)));
+    match parsed {
+        Some((ts_ns, value)) => Ok(Latest {
+            metric: field,
+            ts_ns,
+            value,
+        }),
+        None => Err(LatestError::Corrupt {
+            key: key.to_owned(),
+            field,
+            value: raw,
+        }),
+    }
+}
+
+/// Latest values in Redis. Cheap to clone (the connection manager is shared).
+#[derive(Clone)]
+pub struct RedisLatest {
+    conn: ConnectionManager,
+    prefix: String,
+    script: Arc<Script>,
+}
+
+impl std::fmt::Debug for RedisLatest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisLatest")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisLatest {
+    /// Uses `conn` with key prefix `prefix` (e.g. [`DEFAULT_PREFIX`]) and loads the update
+    /// script.
+    pub async fn new(
+        conn: ConnectionManager,
+        prefix: impl Into<String>,
+    ) -> Result<Self, LatestError> {
+        let prefix = prefix.into();
+        if prefix.is_empty() {
+            return Err(LatestError::EmptyPrefix);
+        }
+        let this = Self {
+            conn,
+            prefix,
+            script: Arc::new(Script::new(UPDATE_SCRIPT)),
+        };
+        this.script.load_async(&mut this.conn.clone()).await?;
+        Ok(this)
+    }
+
+    /// Connects to `url` (e.g. `redis://127.0.0.1:6379`); the connection manager reconnects
+    /// by itself after failures.
+    pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Self, LatestError> {
+        let client = redis::Client::open(url)?;
+        let conn = ConnectionManager::new(client).await?;
+        Self::new(conn, prefix).await
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn key(&self, tenant: &str, device: &str) -> String {
+        format!("{}:latest:{tenant}:{device}", self.prefix)
+    }
+
+    async fn write(&self, newest: Newest) -> Result<(), LatestError> {
+        let mut conn = self.conn.clone();
+        let mut calls = newest.into_iter().peekable();
+        while calls.peek().is_some() {
+            let mut pipe = redis::pipe();
+            for ((tenant, device), metrics) in calls.by_ref().take(PIPELINE_DEVICES) {
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(self.script.get_hash())
+                    .arg(1)
+                    .arg(self.key(&tenant, &device));
+                for (metric, (ts, value)) in metrics {
+                    cmd.arg(metric).arg(encode(ts, value));
+                }
+                pipe.add_command(cmd).ignore();
+            }
+            match pipe.exec_async(&mut conn).await {
+                // Redis lost its script cache (restart, failover, SCRIPT FLUSH). The script
+                // is idempotent, so reloading and resending the whole pipeline is safe.
+                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    self.script.load_async(&mut conn).await?;
+                    pipe.exec_async(&mut conn).await?;
+                }
+                result => result?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn get(&self, tenant: &str, device: &str) -> Result<Vec<Latest>, LatestError> {
+        let key = self.key(tenant, device);
+        let fields: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(&key)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        let mut readings = fields
+            .into_iter()
+            .map(|(field, raw)| decode(&key, field, raw))
+            .collect::<Result<Vec<_>, _>>()?;
+        readings.sort_by(|a, b| a.metric.cmp(&b.metric));
+        Ok(readings)
+    }
+
+    async fn get_all_for_tenant(&self, tenant: &str) -> Result<Vec<DeviceLatest>, LatestError> {
+        let mut conn = self.conn.clone();
+        let key_prefix = self.key(tenant, "");
+        let pattern = format!("{}*", glob_escape(&key_prefix));
+        let mut keys = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            keys.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        // SCAN may return a key more than once.
+        keys.sort();
+        keys.dedup();
+
+        let mut devices = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(PIPELINE_DEVICES) {
+            let mut pipe = redis::pipe();
+            for key in chunk {
+                pipe.cmd("HGETALL").arg(key);
+            }
+            let hashes: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
+            for (key, fields) in chunk.iter().zip(hashes) {
+                let mut readings = fields
+                    .into_iter()
+                    .map(|(field, raw)| decode(key, field, raw))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if readings.is_empty() {
+                    continue; // deleted between SCAN and HGETALL
+                }
+                readings.sort_by(|a, b| a.metric.cmp(&b.metric));
+                devices.push(DeviceLatest {
+                    device: key[key_prefix.len()..].to_owned(),
+                    readings,
+                });
+            }
+        }
+        Ok(devices)
+    }
+}
+
+/// Escapes Redis glob metacharacters, so a prefix matches only itself.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// device -> metric -> (ts, value).
+type TenantValues = HashMap<String, HashMap<String, (i64, f64)>>;
+
+/// Latest values in this process's memory. Cheap to clone; clones share the values.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryLatest {
+    /// tenant -> device -> metric -> (ts, value). A `std` lock: it is never held across an
+    /// `.await` (every method is synchronous inside).
+    values: Arc<RwLock<HashMap<String, TenantValues>>>,
+}
+
+impl MemoryLatest {
+    fn write(&self, newest: Newest) {
+        let mut values = self.values.write().unwrap_or_else(|p| p.into_inner());
+        for ((tenant, device), metrics) in newest {
+            let series = values.entry(tenant).or_default().entry(device).or_default();
+            for (metric, reading) in metrics {
+                series
+                    .entry(metric)
+                    .and_modify(|stored| {
+                        if reading.0 > stored.0 {
+                            *stored = reading;
+                        }
+                    })
+                    .or_insert(reading);
+            }
+        }
+    }
+
+    fn device(metrics: &HashMap<String, (i64, f64)>) -> Vec<Latest> {
+        let mut readings: Vec<Latest> = metrics
+            .iter()
+            .map(|(metric, &(ts_ns, value))| Latest {
+                metric: metric.clone(),
+                ts_ns,
+                value,
+            })
+            .collect();
+        readings.sort_by(|a, b| a.metric.cmp(&b.metric));
+        readings
+    }
+
+    fn get(&self, tenant: &str, device: &str) -> Vec<Latest> {
+        let values = self.values.read().unwrap_or_else(|p| p.into_inner());
+        values
+            .get(tenant)
+            .and_then(|devices| devices.get(device))
+            .map(Self::device)
+            .unwrap_or_default()
+    }
+
+    fn get_all_for_tenant(&self, tenant: &str) -> Vec<DeviceLatest> {
+        let values = self.values.read().unwrap_or_else(|p| p.into_inner());
+        let mut devices: Vec<DeviceLatest> = values
+            .get(tenant)
+            .into_iter()
+            .flatten()
+            .map(|(device, metrics)| DeviceLatest {
+                device: device.clone(),
+                readings: Self::device(metrics),
+            })
+            .collect();
+        devices.sort_by(|a, b| a.device.cmp(&b.device));
+        devices
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{HOUR_10, rows, staged};
+
+    fn latest(metric: &str, ts_ns: i64, value: f64) -> Latest {
+        Latest {
+            metric: metric.to_owned(),
+            ts_ns,
+            value,
+        }
+    }
+
+    #[tokio::test]
+    async fn memory_keeps_the_newest_and_never_regresses() {
+        let store = LatestStore::memory();
+        // Within one update: out of order rows and several batches.
+        store
+            .update(&[
+                staged(
+                    "acme",
+                    rows(&[
+                        ("d1", "kwh", HOUR_10 + 5, 5.0),
+                        ("d1", "kwh", HOUR_10 + 9, 9.0),
+                        ("d1", "kwh", HOUR_10 + 7, 7.0),
+                        ("d1", "volt", HOUR_10, 230.0),
+                        ("d2", "kwh", HOUR_10, 1.0),
+                    ]),
+                ),
+                staged("acme", rows(&[("d1", "kwh", HOUR_10 + 8, 8.0)])),
+                staged("other", rows(&[("d1", "kwh", HOUR_10 + 100, 100.0)])),
+            ])
+            .await
+            .expect("update");
+        assert_eq!(
+            store.get("acme", "d1").await.expect("get"),
+            vec![
+                latest("kwh", HOUR_10 + 9, 9.0),
+                latest("volt", HOUR_10, 230.0)
+            ]
+        );
+
+        // A later update with older readings (redelivery, late data) changes nothing; an
+        // equal timestamp keeps the first value; a newer one wins.
+        store
+            .update(&[staged(
+                "acme",
+                rows(&[
+                    ("d1", "kwh", HOUR_10 + 1, -1.0),
+                    ("d1", "volt", HOUR_10, -2.0),
+                    ("d2", "kwh", HOUR_10 + 1, 2.0),
+                ]),
+            )])
+            .await
+            .expect("update");
+        assert_eq!(
+            store.get("acme", "d1").await.expect("get"),
+            vec![
+                latest("kwh", HOUR_10 + 9, 9.0),
+                latest("volt", HOUR_10, 230.0)
+            ]
+        );
+        assert_eq!(
+            store.get_all_for_tenant("acme").await.expect("all"),
+            vec![
+                DeviceLatest {
+                    device: "d1".into(),
+                    readings: vec![
+                        latest("kwh", HOUR_10 + 9, 9.0),
+                        latest("volt", HOUR_10, 230.0)
+                    ],
+                },
+                DeviceLatest {
+                    device: "d2".into(),
+                    readings: vec![latest("kwh", HOUR_10 + 1, 2.0)],
+                },
+            ]
+        );
+        assert!(store.get("acme", "nope").await.expect("get").is_empty());
+        assert!(
+            store
+                .get_all_for_tenant("nobody")
+                .await
+                .expect("all")
+                .is_empty()
+        );
+        assert!(store.get("../x", "d1").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn negative_timestamps_are_rejected() {
+        let store = LatestStore::memory();
+        let err = store
+            .update(&[staged("acme", rows(&[("d", "m", -1, 0.0)]))])
+            .await
+            .expect_err("negative");
+        assert!(matches!(err, LatestError::NegativeTimestamp(-1)));
+    }
+
+    #[test]
+    fn encoding_orders_as_strings_and_round_trips() {
+        let a = encode(9_999_999_999, 1.0);
+        let b = encode(10_000_000_000, -0.5);
+        assert_eq!(a, "00000000009999999999|1.0");
+        assert!(a[..20] < b[..20]);
+        assert_eq!(encode(i64::MAX, 0.0), "09223372036854775807|0.0");
+        for value in [0.1, -3.75e-300, 1e300, 12.5, f64::MIN_POSITIVE] {
+            let decoded = decode("k", "m".into(), encode(HOUR_10, value)).expect("decode");
+            assert_eq!(decoded, latest("m", HOUR_10, value));
+        }
+        assert!(decode("k", "m".into(), "garbage".into()).is_err());
+    }
+
+    #[test]
+    fn glob_escaping() {
+        assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+    }
+}

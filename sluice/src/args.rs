@@ -1,0 +1,265 @@
+//! Command-line flags. Every flag has an environment variable (`SLUICE_…`), which is how
+//! `compose.yaml` configures the services; `sluice <command> --help` lists them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use sluice_binding::partition::Partitioning;
+use sluice_binding::topology::{QueueType, Topology};
+use sluice_binding::validate::Limits;
+use sluice_ingest::config::IngestConfig;
+use sluice_processors::{PoolConfig, Sinks};
+use sluice_sinks::latest::{LatestStore, RedisLatest};
+use sluice_sinks::parquet::{ParquetStore, ParquetStoreConfig};
+
+fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
+}
+
+/// Where the broker is and how the topology is shaped.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct BrokerArgs {
+    /// AMQP broker URL. Give several (comma-separated) to spread batches round robin over
+    /// brokers and consume from all of them.
+    #[arg(
+        long = "amqp-url",
+        env = "SLUICE_AMQP_URL",
+        value_delimiter = ',',
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub(crate) amqp_url: Vec<String>,
+    /// Prefix of every exchange and queue name.
+    #[arg(long, env = "SLUICE_NAMESPACE", default_value = "sluice")]
+    pub(crate) namespace: String,
+    /// Partition queues per consumer group; producers and consumers must agree.
+    #[arg(long, env = "SLUICE_PARTITIONS", default_value_t = 4)]
+    pub(crate) partitions: u32,
+    /// Queue type of the partition and dead-letter queues: quorum (replicated) or classic.
+    #[arg(long, env = "SLUICE_QUEUE_TYPE", default_value = "quorum")]
+    pub(crate) queue_type: QueueType,
+    /// How long a publish waits for the broker's confirm before it counts as failed.
+    #[arg(long, env = "SLUICE_CONFIRM_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub(crate) confirm_timeout: Duration,
+    /// How long to keep retrying the first connection to a broker (it may start later).
+    #[arg(long, env = "SLUICE_CONNECT_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub(crate) connect_timeout: Duration,
+}
+
+impl BrokerArgs {
+    pub(crate) fn topology(&self) -> Topology {
+        Topology {
+            namespace: self.namespace.clone(),
+            partitions: self.partitions,
+            queue_type: self.queue_type,
+        }
+    }
+}
+
+/// Logs and metrics.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct OpsArgs {
+    /// Address of the Prometheus `/metrics` listener; empty to disable.
+    #[arg(long, env = "SLUICE_METRICS_LISTEN", default_value = "0.0.0.0:9090", value_parser = optional_addr)]
+    pub(crate) metrics_listen: Option<SocketAddr>,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `sluice_processors=debug,info`.
+    #[arg(long, env = "SLUICE_LOG", default_value = "info")]
+    pub(crate) log: String,
+}
+
+fn optional_addr(s: &str) -> Result<Option<SocketAddr>, std::net::AddrParseError> {
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        s.parse().map(Some)
+    }
+}
+
+/// `sluice ingest` flags.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct IngestArgs {
+    /// HTTP listen address.
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "0.0.0.0:8080")]
+    pub(crate) listen: SocketAddr,
+    /// Tenants file (TOML): `[[tenant]] id = "..." api_keys = ["..."]`.
+    #[arg(long, env = "SLUICE_TENANTS")]
+    pub(crate) tenants: PathBuf,
+    #[command(flatten)]
+    pub(crate) batching: BatchingArgs,
+}
+
+/// Batching and limits of the HTTP front end (shared with `sluice embedded`).
+#[derive(Debug, Clone, Args)]
+pub(crate) struct BatchingArgs {
+    /// round-robin (spread batches over partitions) or device-hash (per-device order).
+    #[arg(long, env = "SLUICE_PARTITIONING", default_value = "round-robin")]
+    pub(crate) partitioning: Partitioning,
+    /// Readings per published batch, at most.
+    #[arg(long, env = "SLUICE_BATCH_MAX_READINGS", default_value_t = 1000)]
+    pub(crate) batch_max_readings: usize,
+    /// Longest wait for a batch to fill before it is published anyway.
+    #[arg(long, env = "SLUICE_BATCH_LINGER", default_value = "5ms", value_parser = duration)]
+    pub(crate) batch_linger: Duration,
+    /// Largest request body, in bytes (larger: 413).
+    #[arg(long, env = "SLUICE_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub(crate) max_body_bytes: usize,
+    /// Requests in flight at once; beyond it requests get 503 with Retry-After at once.
+    #[arg(long, env = "SLUICE_MAX_INFLIGHT_REQUESTS", default_value_t = 1024)]
+    pub(crate) max_inflight_requests: usize,
+    /// Batches awaiting broker confirms at once.
+    #[arg(long, env = "SLUICE_MAX_INFLIGHT_BATCHES", default_value_t = 256)]
+    pub(crate) max_inflight_batches: usize,
+}
+
+impl BatchingArgs {
+    pub(crate) fn config(&self) -> IngestConfig {
+        let mut cfg = IngestConfig {
+            batch_max_readings: self.batch_max_readings,
+            batch_linger: self.batch_linger,
+            max_body_bytes: self.max_body_bytes,
+            max_inflight_requests: self.max_inflight_requests,
+            max_inflight_batches: self.max_inflight_batches,
+            ..IngestConfig::default()
+        };
+        cfg.producer.partitioning = self.partitioning;
+        cfg
+    }
+}
+
+/// `sluice process` flags.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct ProcessArgs {
+    /// Consumer group whose partition queues this pool consumes.
+    #[arg(long, env = "SLUICE_GROUP", default_value = "storage")]
+    pub(crate) group: String,
+    #[command(flatten)]
+    pub(crate) pool: PoolArgs,
+    /// Redis URL for latest values (e.g. redis://127.0.0.1:6379); without it they are kept
+    /// in this process's memory.
+    #[arg(long, env = "SLUICE_REDIS_URL")]
+    pub(crate) redis_url: Option<String>,
+    /// Prefix of the Redis keys.
+    #[arg(long, env = "SLUICE_REDIS_PREFIX", default_value = "sluice")]
+    pub(crate) redis_prefix: String,
+}
+
+/// Worker pool and storage flags (shared with `sluice embedded`).
+#[derive(Debug, Clone, Args)]
+pub(crate) struct PoolArgs {
+    /// Worker threads decoding, validating and building Arrow batches.
+    #[arg(long, env = "SLUICE_WORKERS", default_value_t = 2)]
+    pub(crate) workers: usize,
+    /// Unacked deliveries per partition queue. Acks wait for the commit, so the window over
+    /// all partitions should exceed one commit's messages.
+    #[arg(long, env = "SLUICE_PREFETCH", default_value_t = 500)]
+    pub(crate) prefetch: u16,
+    /// Root directory of the Parquet store (shared by every processor of a deployment).
+    #[arg(long, env = "SLUICE_DATA_DIR", default_value = "data")]
+    pub(crate) data_dir: PathBuf,
+    /// Commit once this many rows are staged.
+    #[arg(long, env = "SLUICE_FLUSH_ROWS", default_value_t = 100_000)]
+    pub(crate) flush_rows: usize,
+    /// Commit at the latest this long after the first staged row.
+    #[arg(long, env = "SLUICE_FLUSH_INTERVAL", default_value = "1s", value_parser = duration)]
+    pub(crate) flush_interval: Duration,
+    /// ZSTD level of the Parquet files.
+    #[arg(long, env = "SLUICE_ZSTD_LEVEL", default_value_t = 1)]
+    pub(crate) zstd_level: i32,
+    /// How far ahead of this clock a device timestamp may be.
+    #[arg(long, env = "SLUICE_MAX_FUTURE_SKEW", default_value = "1h", value_parser = duration)]
+    pub(crate) max_future_skew: Duration,
+}
+
+impl PoolArgs {
+    pub(crate) fn pool_config(&self, group: &str) -> PoolConfig {
+        PoolConfig {
+            group: group.to_owned(),
+            workers: self.workers,
+            prefetch: self.prefetch,
+            flush_rows: self.flush_rows,
+            flush_interval: self.flush_interval,
+            limits: Limits {
+                max_future_ns: self.max_future_skew.as_nanos() as i64,
+                ..Limits::default()
+            },
+            ..PoolConfig::default()
+        }
+    }
+
+    pub(crate) fn parquet(&self) -> Result<ParquetStore> {
+        crate::ensure_dir(&self.data_dir)?;
+        let writer_id = std::env::var("HOSTNAME")
+            .ok()
+            .map(|h| {
+                h.chars()
+                    .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+                    .take(32)
+                    .collect::<String>()
+            })
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "sluice".to_owned());
+        let cfg = ParquetStoreConfig {
+            root: self.data_dir.clone(),
+            zstd_level: self.zstd_level,
+            writer_id,
+            ..ParquetStoreConfig::default()
+        };
+        ParquetStore::open(cfg).with_context(|| {
+            format!(
+                "cannot open the Parquet store in {}",
+                self.data_dir.display()
+            )
+        })
+    }
+}
+
+impl ProcessArgs {
+    pub(crate) fn pool_config(&self) -> PoolConfig {
+        self.pool.pool_config(&self.group)
+    }
+
+    pub(crate) async fn sinks(&self) -> Result<Sinks> {
+        let latest = match &self.redis_url {
+            Some(url) => LatestStore::Redis(
+                RedisLatest::connect(url, self.redis_prefix.clone())
+                    .await
+                    .with_context(|| format!("cannot connect to Redis at {url}"))?,
+            ),
+            None => {
+                tracing::warn!("no --redis-url: latest values are kept in memory only");
+                LatestStore::memory()
+            }
+        };
+        Ok(Sinks {
+            parquet: self.pool.parquet()?,
+            latest,
+        })
+    }
+}
+
+/// Output format of `sluice query`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum Format {
+    /// An aligned text table.
+    Table,
+    /// One JSON object per row, one per line.
+    Json,
+}
+
+/// `sluice query` flags.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct QueryArgs {
+    /// Root directory of the Parquet store.
+    #[arg(long, env = "SLUICE_DATA_DIR", default_value = "data")]
+    pub(crate) data_dir: PathBuf,
+    /// The tenant whose data is queried; no other tenant's data is reachable.
+    #[arg(long, env = "SLUICE_TENANT")]
+    pub(crate) tenant: String,
+    /// Output format.
+    #[arg(long, env = "SLUICE_FORMAT", value_enum, default_value_t = Format::Table)]
+    pub(crate) format: Format,
+    /// The SQL query, e.g. "SELECT device, count(*) FROM readings GROUP BY device".
+    pub(crate) sql: String,
+}

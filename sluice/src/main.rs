@@ -1,0 +1,158 @@
+//! `sluice`: the command that runs every Sluice service. Each subcommand maps flags (each
+//! with an environment variable) onto the config struct of a library crate and hands it
+//! its resources and a shutdown signal; nothing else lives here.
+
+mod args;
+mod embedded;
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use sluice_binding::shutdown::{self, CancellationToken};
+use sluice_binding::telemetry;
+use sluice_binding::transport::Transport;
+use sluice_binding::transport::amqp::{AmqpConfig, AmqpTransport};
+
+use crate::args::{BrokerArgs, IngestArgs, OpsArgs, ProcessArgs, QueryArgs};
+
+/// Sluice: a high-throughput ingestion pipeline for IoT telemetry on RabbitMQ, Arrow/Parquet
+/// and Redis (ETSI TR 103 527).
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// HTTP front end: authenticate tenants, validate, batch, publish to the broker with
+    /// publisher confirms (202 only after the broker confirmed).
+    Ingest {
+        #[command(flatten)]
+        ingest: IngestArgs,
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
+    /// Storage worker pool: consume the partitions, decode, validate, commit to Parquet and
+    /// Redis, then ack.
+    Process {
+        #[command(flatten)]
+        process: ProcessArgs,
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
+    /// SQL over one tenant's stored readings (table `readings`: device, metric, ts, value,
+    /// date, hour).
+    Query(QueryArgs),
+    /// The whole pipeline in one process, no broker or Redis needed: in-process transport,
+    /// local Parquet files, in-memory latest values. Pushes loadgen telemetry through the
+    /// HTTP front end for a bounded time and prints the summary (or, with --serve, keeps
+    /// serving until stopped).
+    Embedded(Box<embedded::EmbeddedArgs>),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Ingest {
+                ingest,
+                broker,
+                ops,
+            } => run_ingest(ingest, broker, ops).await,
+            Command::Process {
+                process,
+                broker,
+                ops,
+            } => run_process(process, broker, ops).await,
+            Command::Query(q) => run_query(q).await,
+            Command::Embedded(e) => embedded::run(*e).await,
+        }
+    })
+}
+
+fn start_ops(ops: &OpsArgs) -> Result<CancellationToken> {
+    telemetry::init_tracing(&ops.log);
+    if let Some(addr) = ops.metrics_listen {
+        telemetry::install_metrics(addr)?;
+        tracing::info!(%addr, "serving /metrics");
+    }
+    Ok(shutdown::on_signal())
+}
+
+async fn connect(broker: &BrokerArgs, name: &str) -> Result<Transport> {
+    let mut cfg = AmqpConfig::new(broker.amqp_url.clone(), broker.topology());
+    cfg.confirm_timeout = broker.confirm_timeout;
+    cfg.connect_timeout = broker.connect_timeout;
+    cfg.connection_name = name.to_owned();
+    Ok(Transport::Amqp(AmqpTransport::connect(cfg).await?))
+}
+
+async fn run_ingest(args: IngestArgs, broker: BrokerArgs, ops: OpsArgs) -> Result<()> {
+    let shutdown = start_ops(&ops)?;
+    let tenants = sluice_ingest::tenants::Tenants::load(&args.tenants)
+        .with_context(|| format!("cannot load tenants from {}", args.tenants.display()))?;
+    let cfg = args.batching.config();
+    cfg.check()?;
+    let transport = connect(&broker, "sluice-ingest").await?;
+    // Declare the storage group so batches accepted before any processor starts are kept.
+    transport
+        .declare(&[sluice_processors::PoolConfig::default().group.as_str()])
+        .await?;
+    let producer = sluice_ingest::producer::Producer::new(transport.clone(), cfg.producer.clone());
+    let state = sluice_ingest::http::AppState::new(cfg, tenants, producer);
+    let listener = bind(args.listen).await?;
+    let stop = shutdown.clone();
+    sluice_ingest::http::serve(listener, state, async move { stop.cancelled().await }).await?;
+    transport.close().await;
+    tracing::info!("ingest stopped");
+    Ok(())
+}
+
+async fn run_process(args: ProcessArgs, broker: BrokerArgs, ops: OpsArgs) -> Result<()> {
+    let shutdown = start_ops(&ops)?;
+    let sinks = args.sinks().await?;
+    let transport = connect(&broker, "sluice-process").await?;
+    let report =
+        sluice_processors::run(transport.clone(), sinks, args.pool_config(), shutdown).await;
+    transport.close().await;
+    let report = report?;
+    tracing::info!("storage pool stopped\n{}", report.summary());
+    Ok(())
+}
+
+async fn run_query(args: QueryArgs) -> Result<()> {
+    telemetry::init_tracing("warn");
+    let q = sluice_sinks::query::TenantQuery::new(&args.data_dir, &args.tenant)?;
+    match args.format {
+        args::Format::Table => println!("{}", q.sql_pretty(&args.sql).await?),
+        args::Format::Json => {
+            for row in q.sql_json(&args.sql).await? {
+                println!("{}", serde_json::Value::Object(row));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))
+}
+
+/// Creates a directory (and parents) with a clear error.
+fn ensure_dir(path: &Path) -> Result<()> {
+    std::fs::create_dir_all(path).with_context(|| format!("cannot create {}", path.display()))
+}

@@ -1,0 +1,939 @@
+//! End-to-end tests: the real `sluice` and `loadgen` binaries (and the Python example)
+//! against real RabbitMQ and Redis. Tests needing them are behind the `broker-tests`
+//! feature (the README test command enables it); they read `AMQP_ADDR` and `REDIS_URL`,
+//! and isolate themselves with a fresh namespace, Redis prefix and data directory each.
+//!
+//! Counts are exact: every test proves "nothing lost, nothing duplicated" by counting rows
+//! through DataFusion, not by trusting the services' own reports.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sluice_sinks::query::TenantQuery;
+
+fn sluice_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_sluice"))
+}
+
+/// loadgen is another package's binary; `cargo test --workspace` builds it beside ours.
+fn loadgen_bin() -> PathBuf {
+    let p = sluice_bin().with_file_name(format!("loadgen{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        p.exists(),
+        "{} missing: run the tests with `cargo test --workspace` (scripts/test.sh)",
+        p.display()
+    );
+    p
+}
+
+/// A child process killed (SIGKILL) when dropped, so a failing test leaves nothing behind.
+struct Proc {
+    child: Child,
+    name: &'static str,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, cmd: &mut Command) -> Self {
+        let child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc { child, name }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let ok = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(ok.success());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not stop on SIGTERM",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn count_rows(data: &Path, tenant: &str, sql: &str) -> u64 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let q = TenantQuery::new(data, tenant).unwrap();
+        let rows = q.sql_json(sql).await.unwrap();
+        rows.first()
+            .and_then(|r| r.values().next())
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0)
+    })
+}
+
+fn total_rows(data: &Path, tenant: &str) -> u64 {
+    count_rows(data, tenant, "SELECT count(*) AS n FROM readings")
+}
+
+fn distinct_rows(data: &Path, tenant: &str) -> u64 {
+    count_rows(
+        data,
+        tenant,
+        "SELECT count(*) AS n FROM (SELECT DISTINCT device, metric, ts FROM readings)",
+    )
+}
+
+fn output_ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The loadgen summary JSON (the last JSON document on stdout).
+fn summary(stdout: &str) -> serde_json::Value {
+    let start = stdout.find('{').expect("summary JSON on stdout");
+    serde_json::from_str(&stdout[start..]).expect("summary JSON")
+}
+
+#[test]
+fn embedded_mode_stores_every_reading_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = Command::new(sluice_bin())
+        .args([
+            "embedded",
+            "--count",
+            "100000",
+            "--devices",
+            "50",
+            "--metrics",
+            "2",
+        ])
+        .args(["--rate", "200000", "--duration", "120s", "--json"])
+        .args(["--flush-interval", "200ms", "--metrics-listen", ""])
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--out")
+        .arg(dir.path().join("results"))
+        .env_remove("SLUICE_REDIS_URL")
+        .output()
+        .unwrap();
+    let stdout = output_ok(&out, "sluice embedded");
+    let s = summary(&stdout);
+    assert_eq!(s["sent"], 100_000, "{s}");
+    assert_eq!(s["accepted"], 100_000, "{s}");
+    assert_eq!(s["committed"], 100_000, "{s}");
+    assert_eq!(total_rows(&data, "demo"), 100_000);
+    assert_eq!(distinct_rows(&data, "demo"), 100_000);
+    assert_eq!(
+        count_rows(&data, "demo", "SELECT count(DISTINCT device) FROM readings"),
+        50
+    );
+    // The report files a performance engineer reads.
+    for f in [
+        "summary.json",
+        "latency.svg",
+        "end-to-end-device-committed.hgrm",
+    ] {
+        let p = dir.path().join("results").join(f);
+        assert!(p.exists(), "{} missing", p.display());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("p99.9"),
+        "percentile table on stderr:\n{stderr}"
+    );
+}
+
+/// Every compose service's environment variables are flags of the binary it runs, so
+/// compose.yaml cannot drift from the code.
+#[test]
+fn compose_environment_matches_the_binaries_flags() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(root.join("compose.yaml")).unwrap();
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let services = doc["services"].as_mapping().expect("services");
+    let mut checked = 0;
+    for (name, svc) in services {
+        let Some(cmd) = svc["command"].as_sequence() else {
+            continue;
+        };
+        let argv: Vec<&str> = cmd.iter().filter_map(|v| v.as_str()).collect();
+        let help = match argv.first().copied() {
+            Some("sluice") => Command::new(sluice_bin())
+                .args(&argv[1..])
+                .arg("--help")
+                .output()
+                .unwrap(),
+            Some("loadgen") => Command::new(loadgen_bin()).arg("--help").output().unwrap(),
+            _ => continue,
+        };
+        let help = output_ok(&help, &format!("{name:?} --help"));
+        // Anchors (<<: *amqp-env) are merged by serde_yaml only as a `<<` key; resolve it.
+        let mut keys: Vec<String> = Vec::new();
+        if let Some(env) = svc["environment"].as_mapping() {
+            for (k, v) in env {
+                match k.as_str() {
+                    Some("<<") => {
+                        for (k2, _) in v.as_mapping().into_iter().flatten() {
+                            keys.push(k2.as_str().unwrap().to_owned());
+                        }
+                    }
+                    Some(k) => keys.push(k.to_owned()),
+                    None => {}
+                }
+            }
+        }
+        assert!(!keys.is_empty(), "service {name:?} has no environment");
+        for k in keys {
+            assert!(
+                help.contains(&format!("env: {k}=")),
+                "compose service {name:?} sets {k}, which `{}` does not read",
+                argv.join(" ")
+            );
+        }
+        checked += 1;
+    }
+    assert!(
+        checked >= 3,
+        "expected ingest, processors and loadgen in compose.yaml"
+    );
+}
+
+#[cfg(feature = "broker-tests")]
+mod broker {
+    //! Tests against real RabbitMQ and Redis.
+
+    use super::*;
+    use futures::StreamExt;
+    use lapin::options::{
+        BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
+        QueueDeclareOptions, QueueDeleteOptions,
+    };
+    use lapin::types::{AMQPValue, FieldTable};
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+    use sluice_binding::codec;
+    use sluice_binding::model::{BatchBuilder, now_ns};
+    use sluice_sinks::latest::RedisLatest;
+
+    const PARTITIONS: u32 = 4;
+
+    fn amqp_addr() -> String {
+        std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://127.0.0.1:5672/%2f".to_owned())
+    }
+
+    fn redis_url() -> String {
+        std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+    }
+
+    /// One test's isolated world: namespace on the broker, Redis prefix, data directory.
+    struct World {
+        ns: String,
+        dir: tempfile::TempDir,
+        tenants: PathBuf,
+    }
+
+    impl World {
+        fn new() -> Self {
+            let ns = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+            let dir = tempfile::tempdir().unwrap();
+            let tenants = dir.path().join("tenants.toml");
+            std::fs::write(
+                &tenants,
+                "[[tenant]]\nid = \"acme\"\napi_keys = [\"acme-key\"]\n\n[[tenant]]\nid = \"other\"\napi_keys = [\"other-key\"]\n",
+            )
+            .unwrap();
+            World { ns, dir, tenants }
+        }
+
+        fn data(&self) -> PathBuf {
+            self.dir.path().join("data")
+        }
+
+        fn common(&self, cmd: &mut Command) {
+            cmd.env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .env("SLUICE_AMQP_URL", amqp_addr())
+                .env("SLUICE_NAMESPACE", &self.ns)
+                .env("SLUICE_PARTITIONS", PARTITIONS.to_string())
+                .env("SLUICE_METRICS_LISTEN", "")
+                .env("SLUICE_LOG", "warn");
+        }
+
+        fn processors(&self) -> Proc {
+            let mut cmd = Command::new(sluice_bin());
+            self.common(&mut cmd);
+            cmd.arg("process")
+                .env("SLUICE_DATA_DIR", self.data())
+                .env("SLUICE_REDIS_URL", redis_url())
+                .env("SLUICE_REDIS_PREFIX", &self.ns)
+                .env("SLUICE_FLUSH_INTERVAL", "200ms")
+                .env("SLUICE_PREFETCH", "200");
+            let p = Proc::spawn("processors", &mut cmd);
+            self.wait_for_queues();
+            p
+        }
+
+        fn ingest(&self, extra: &[(&str, &str)]) -> (Proc, String) {
+            let port = free_port();
+            let mut cmd = Command::new(sluice_bin());
+            self.common(&mut cmd);
+            cmd.arg("ingest")
+                .env("SLUICE_LISTEN", format!("127.0.0.1:{port}"))
+                .env("SLUICE_TENANTS", &self.tenants);
+            for (k, v) in extra {
+                cmd.env(k, v);
+            }
+            let p = Proc::spawn("ingest", &mut cmd);
+            let url = format!("http://127.0.0.1:{port}");
+            let http = Http::new();
+            wait_until("ingest /readyz", Duration::from_secs(60), || {
+                http.ready(&format!("{url}/readyz"))
+            });
+            (p, url)
+        }
+
+        fn loadgen(&self, args: &[&str]) -> serde_json::Value {
+            let out = Command::new(loadgen_bin())
+                .args(["--amqp-url", &amqp_addr(), "--namespace", &self.ns])
+                .args(["--partitions", &PARTITIONS.to_string(), "--json", "--quiet"])
+                .arg("--out")
+                .arg(self.dir.path().join("results"))
+                .args(args)
+                .output()
+                .unwrap();
+            summary(&output_ok(&out, "loadgen"))
+        }
+
+        /// Waits until the processors declared the partition queues.
+        fn wait_for_queues(&self) {
+            let queue = format!("{}.storage.{}", self.ns, PARTITIONS - 1);
+            rt().block_on(async {
+                let conn = Connection::connect(&amqp_addr(), ConnectionProperties::default())
+                    .await
+                    .unwrap();
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    let ch = conn.create_channel().await.unwrap();
+                    let passive = QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    };
+                    if ch
+                        .queue_declare(queue.clone().into(), passive, FieldTable::default())
+                        .await
+                        .is_ok()
+                    {
+                        break;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "queues of {} never declared",
+                        self.ns
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+        }
+
+        fn wait_for_rows(&self, tenant: &str, n: u64, timeout: Duration) {
+            let data = self.data();
+            wait_until(&format!("{n} rows of {tenant}"), timeout, || {
+                data.join(format!("tenant={tenant}")).exists() && total_rows(&data, tenant) >= n
+            });
+        }
+
+        fn latest(&self, tenant: &str, device: &str) -> Vec<(String, i64, f64)> {
+            rt().block_on(async {
+                let r = RedisLatest::connect(&redis_url(), self.ns.clone())
+                    .await
+                    .unwrap();
+                let mut v: Vec<_> = sluice_sinks::latest::LatestStore::Redis(r)
+                    .get(tenant, device)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|l| (l.metric, l.ts_ns, l.value))
+                    .collect();
+                v.sort_by(|a, b| a.0.cmp(&b.0));
+                v
+            })
+        }
+    }
+
+    impl Drop for World {
+        fn drop(&mut self) {
+            // Leave the broker as we found it.
+            let ns = self.ns.clone();
+            rt().block_on(async move {
+                let Ok(conn) =
+                    Connection::connect(&amqp_addr(), ConnectionProperties::default()).await
+                else {
+                    return;
+                };
+                let Ok(ch) = conn.create_channel().await else {
+                    return;
+                };
+                let mut queues: Vec<String> = (0..PARTITIONS)
+                    .map(|p| format!("{ns}.storage.{p}"))
+                    .collect();
+                queues.push(format!("{ns}.dead-letter"));
+                for q in queues {
+                    let _ = ch
+                        .queue_delete(q.into(), QueueDeleteOptions::default())
+                        .await;
+                }
+                for x in ["telemetry", "dead-letter", "commits"] {
+                    let _ = ch
+                        .exchange_delete(
+                            format!("{ns}.{x}").into(),
+                            ExchangeDeleteOptions::default(),
+                        )
+                        .await;
+                }
+                let _ = conn.close(200, "done".into()).await;
+            });
+        }
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// Blocking HTTP for these synchronous tests (a private runtime per call site).
+    struct Http {
+        rt: tokio::runtime::Runtime,
+        client: reqwest::Client,
+    }
+
+    impl Http {
+        fn new() -> Self {
+            Http {
+                rt: rt(),
+                client: reqwest::Client::new(),
+            }
+        }
+
+        fn ready(&self, url: &str) -> bool {
+            self.rt
+                .block_on(self.client.get(url).send())
+                .is_ok_and(|r| r.status().is_success())
+        }
+
+        fn post(&self, url: &str, key: Option<&str>, ctype: &str, body: Vec<u8>) -> (u16, String) {
+            self.rt.block_on(async {
+                let mut r = self
+                    .client
+                    .post(url)
+                    .header("content-type", ctype)
+                    .body(body);
+                if let Some(k) = key {
+                    r = r.bearer_auth(k);
+                }
+                let resp = r.send().await.unwrap();
+                let status = resp.status().as_u16();
+                (status, resp.text().await.unwrap())
+            })
+        }
+    }
+
+    fn check_latest_values(
+        w: &World,
+        tenant: &str,
+        devices: u32,
+        metrics: u32,
+        name: impl Fn(u32) -> String,
+        expected: impl Fn(u32, u32) -> f64,
+    ) {
+        for d in 0..devices {
+            let got = w.latest(tenant, &name(d));
+            assert_eq!(got.len(), metrics as usize, "latest values of {}", name(d));
+            for (m, (metric, _ts, value)) in got.iter().enumerate() {
+                assert_eq!(metric, &format!("metric-{m}"));
+                assert_eq!(*value, expected(d, m as u32), "latest {}/{metric}", name(d));
+            }
+        }
+    }
+
+    #[test]
+    fn http_readings_are_all_stored_once_with_latest_values_in_redis() {
+        let w = World::new();
+        let processors = w.processors();
+        let (ingest, url) = w.ingest(&[]);
+        let s = w.loadgen(&[
+            "--target",
+            "http",
+            "--url",
+            &url,
+            "--api-key",
+            "acme-key",
+            "--tenant",
+            "acme",
+            "--devices",
+            "50",
+            "--metrics",
+            "2",
+            "--count",
+            "100000",
+            "--rate",
+            "50000",
+            "--batch-size",
+            "500",
+            "--duration",
+            "120s",
+            "--seed",
+            "7",
+        ]);
+        assert_eq!(s["accepted"], 100_000, "{s}");
+        assert_eq!(s["committed"], 100_000, "{s}");
+        assert_eq!(total_rows(&w.data(), "acme"), 100_000);
+        assert_eq!(distinct_rows(&w.data(), "acme"), 100_000);
+        assert_eq!(
+            count_rows(
+                &w.data(),
+                "acme",
+                "SELECT count(DISTINCT device) FROM readings"
+            ),
+            50
+        );
+        // Tenant isolation in storage: the other tenant sees nothing.
+        assert_eq!(total_rows(&w.data(), "other"), 0);
+        // Redis holds the last reading of every (device, metric).
+        let cfg = sluice_loadgen::run::LoadConfig {
+            devices: 50,
+            metrics: 2,
+            seed: 7,
+            ..Default::default()
+        };
+        check_latest_values(
+            &w,
+            "acme",
+            50,
+            2,
+            |d| format!("dev-{d:05}"),
+            |d, m| sluice_loadgen::run::expected_last_value(&cfg, 100_000, d, m).unwrap(),
+        );
+        // Graceful shutdown: both exit cleanly on SIGTERM.
+        assert!(ingest.terminate().success());
+        assert!(processors.terminate().success());
+    }
+
+    #[test]
+    fn python_publisher_batches_are_all_stored_once() {
+        let Ok(python) = std::env::var("SLUICE_PYTHON") else {
+            panic!("SLUICE_PYTHON is not set: run the tests through scripts/test.sh");
+        };
+        let w = World::new();
+        let _processors = w.processors();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/python/publish.py");
+        let out = Command::new(python)
+            .arg(script)
+            .args(["--amqp-url", &amqp_addr(), "--namespace", &w.ns])
+            .args(["--partitions", &PARTITIONS.to_string(), "--tenant", "acme"])
+            .args(["--devices", "50", "--metrics", "2", "--readings", "100000"])
+            .args(["--batch-size", "500", "--seed", "11"])
+            .output()
+            .unwrap();
+        let stdout = output_ok(&out, "publish.py");
+        assert!(
+            stdout.contains("\"published_readings\": 100000"),
+            "{stdout}"
+        );
+        w.wait_for_rows("acme", 100_000, Duration::from_secs(120));
+        std::thread::sleep(Duration::from_millis(600)); // one more flush interval: nothing extra
+        assert_eq!(total_rows(&w.data(), "acme"), 100_000);
+        assert_eq!(distinct_rows(&w.data(), "acme"), 100_000);
+        // x = seed + i*1000 + j + k, k of the last reading of pair (i, j).
+        check_latest_values(
+            &w,
+            "acme",
+            50,
+            2,
+            |d| format!("dev-{d}"),
+            |d, m| {
+                let pairs = 100u64;
+                let pair = u64::from(d * 2 + m);
+                let k = (100_000 - 1 - pair) / pairs;
+                (11 + u64::from(d) * 1000 + u64::from(m) + k) as f64
+            },
+        );
+    }
+
+    #[test]
+    fn processors_killed_mid_stream_lose_and_duplicate_nothing() {
+        let w = World::new();
+        let mut first = w.processors();
+        let ns = w.ns.clone();
+        let dir = w.dir.path().join("results");
+        let amqp = amqp_addr();
+        // 100 000 readings straight to the broker at 20 000/s: about 5 s of stream.
+        let load = std::thread::spawn(move || {
+            Command::new(loadgen_bin())
+                .args(["--amqp-url", &amqp, "--namespace", &ns, "--partitions", "4"])
+                .args(["--target", "amqp", "--tenant", "acme", "--devices", "50"])
+                .args([
+                    "--count",
+                    "100000",
+                    "--rate",
+                    "20000",
+                    "--batch-size",
+                    "500",
+                ])
+                .args([
+                    "--duration",
+                    "120s",
+                    "--json",
+                    "--quiet",
+                    "--drain-timeout",
+                    "120s",
+                ])
+                .arg("--out")
+                .arg(dir)
+                .output()
+                .unwrap()
+        });
+        // Kill the processors with SIGKILL once some, not all, rows are stored.
+        w.wait_for_rows("acme", 1, Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(700));
+        first.kill();
+        let before = total_rows(&w.data(), "acme");
+        assert!(
+            before > 0 && before < 100_000,
+            "killed after {before} rows: not mid-stream"
+        );
+        let _second = w.processors();
+        let s = summary(&output_ok(&load.join().unwrap(), "loadgen"));
+        assert_eq!(s["accepted"], 100_000, "{s}");
+        w.wait_for_rows("acme", 100_000, Duration::from_secs(120));
+        std::thread::sleep(Duration::from_millis(1000));
+        assert_eq!(
+            total_rows(&w.data(), "acme"),
+            100_000,
+            "exactly N rows after the restart"
+        );
+        assert_eq!(distinct_rows(&w.data(), "acme"), 100_000);
+    }
+
+    #[test]
+    fn bad_input_gets_its_documented_error_and_good_readings_are_stored() {
+        let w = World::new();
+        let _processors = w.processors();
+        let (_ingest, url) = w.ingest(&[("SLUICE_MAX_BODY_BYTES", "65536")]);
+        let http = Http::new();
+        let now = now_ns();
+        let endpoint = format!("{url}/v1/telemetry");
+        let post =
+            |key: Option<&str>, ctype: &str, body: Vec<u8>| http.post(&endpoint, key, ctype, body);
+        let json = |s: String| s.into_bytes();
+        let good = |i: u64| {
+            let readings: Vec<String> = (0..1000)
+                .map(|j| {
+                    format!(
+                        r#"{{"device":"dev-{}","metric":"temp","ts":{},"value":{}}}"#,
+                        j % 20,
+                        now - 1_000_000 * (i * 1000 + j) as i64,
+                        j
+                    )
+                })
+                .collect();
+            format!(r#"{{"readings":[{}]}}"#, readings.join(","))
+        };
+        #[derive(serde::Serialize)]
+        struct R<'a> {
+            device: &'a str,
+            metric: &'a str,
+            ts: i64,
+            value: f64,
+        }
+        #[derive(serde::Serialize)]
+        struct B<'a> {
+            readings: Vec<R<'a>>,
+        }
+        let msgpack_value = |v: f64| {
+            rmp_serde_vec(&B {
+                readings: vec![R {
+                    device: "d",
+                    metric: "m",
+                    ts: now,
+                    value: v,
+                }],
+            })
+        };
+        let cases: Vec<(&str, (u16, String), u16, &str)> = vec![
+            (
+                "malformed body",
+                post(
+                    Some("acme-key"),
+                    "application/json",
+                    json("{\"readings\": [".into()),
+                ),
+                400,
+                "malformed_body",
+            ),
+            (
+                "wrong type",
+                post(
+                    Some("acme-key"),
+                    "application/json",
+                    json(format!(
+                        r#"{{"readings":[{{"device":"d","metric":"m","ts":{now},"value":"hot"}}]}}"#
+                    )),
+                ),
+                400,
+                "malformed_body",
+            ),
+            (
+                "missing field",
+                post(
+                    Some("acme-key"),
+                    "application/json",
+                    json(format!(
+                        r#"{{"readings":[{{"device":"d","ts":{now},"value":1}}]}}"#
+                    )),
+                ),
+                400,
+                "malformed_body",
+            ),
+            (
+                "NaN value",
+                post(
+                    Some("acme-key"),
+                    "application/msgpack",
+                    msgpack_value(f64::NAN),
+                ),
+                422,
+                "invalid_reading",
+            ),
+            (
+                "infinite value",
+                post(
+                    Some("acme-key"),
+                    "application/msgpack",
+                    msgpack_value(f64::INFINITY),
+                ),
+                422,
+                "invalid_reading",
+            ),
+            (
+                "timestamp before 2000",
+                post(
+                    Some("acme-key"),
+                    "application/json",
+                    json(
+                        r#"{"readings":[{"device":"d","metric":"m","ts":1000,"value":1}]}"#.into(),
+                    ),
+                ),
+                422,
+                "invalid_reading",
+            ),
+            (
+                "timestamp in the future",
+                post(
+                    Some("acme-key"),
+                    "application/json",
+                    json(format!(
+                        r#"{{"readings":[{{"device":"d","metric":"m","ts":{},"value":1}}]}}"#,
+                        now + 7_200_000_000_000
+                    )),
+                ),
+                422,
+                "invalid_reading",
+            ),
+            (
+                "unknown key",
+                post(Some("wrong-key"), "application/json", json(good(99))),
+                401,
+                "unauthorized",
+            ),
+            (
+                "missing key",
+                post(None, "application/json", json(good(98))),
+                401,
+                "unauthorized",
+            ),
+            (
+                "oversized body",
+                post(Some("acme-key"), "application/json", vec![b' '; 100_000]),
+                413,
+                "body_too_large",
+            ),
+            (
+                "unsupported content type",
+                post(Some("acme-key"), "text/plain", json(good(97))),
+                415,
+                "unsupported_media_type",
+            ),
+        ];
+        let mut accepted = 0;
+        for (i, (what, (status, body), want_status, want_code)) in cases.into_iter().enumerate() {
+            assert_eq!(status, want_status, "{what}: {body}");
+            let v: serde_json::Value = serde_json::from_str(&body)
+                .unwrap_or_else(|e| panic!("{what}: error body is not JSON ({e}): {body}"));
+            assert_eq!(v["error"], want_code, "{what}: {body}");
+            assert!(
+                v["message"].as_str().is_some_and(|m| !m.is_empty()),
+                "{what}: {body}"
+            );
+            // Interleave good requests: they must all be stored.
+            let (status, body) = post(Some("acme-key"), "application/json", json(good(i as u64)));
+            assert_eq!(status, 202, "good request after {what}: {body}");
+            accepted += 1000;
+        }
+        w.wait_for_rows("acme", accepted, Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(600));
+        assert_eq!(total_rows(&w.data(), "acme"), accepted);
+    }
+
+    fn rmp_serde_vec<T: serde::Serialize>(v: &T) -> Vec<u8> {
+        rmp_serde::to_vec_named(v).unwrap()
+    }
+
+    #[test]
+    fn undecodable_messages_are_dead_lettered_with_a_reason_and_the_stream_continues() {
+        let w = World::new();
+        let _processors = w.processors();
+        rt().block_on(async {
+            let conn = Connection::connect(&amqp_addr(), ConnectionProperties::default())
+                .await
+                .unwrap();
+            let ch = conn.create_channel().await.unwrap();
+            ch.confirm_select(ConfirmSelectOptions::default())
+                .await
+                .unwrap();
+            let exchange = format!("{}.telemetry", w.ns);
+            let publish = |body: Vec<u8>| {
+                let (ch, exchange) = (ch.clone(), exchange.clone());
+                async move {
+                    let confirm = ch
+                        .basic_publish(
+                            exchange.into(),
+                            "0".into(),
+                            BasicPublishOptions {
+                                mandatory: true,
+                                immediate: false,
+                            },
+                            &body,
+                            BasicProperties::default().with_delivery_mode(2),
+                        )
+                        .await
+                        .unwrap()
+                        .await
+                        .unwrap();
+                    assert!(confirm.is_ack());
+                }
+            };
+            let batch = |v: u32, n: usize| {
+                let mut b = BatchBuilder::new("acme", "test", 0);
+                for i in 0..n {
+                    b.push(&format!("d{i}"), "m", now_ns() - 1_000_000, i as f64);
+                }
+                let mut batch = b.finish(now_ns());
+                batch.v = v;
+                codec::encode(&batch).unwrap()
+            };
+            publish(b"this is not msgpack".to_vec()).await;
+            publish(batch(2, 3)).await;
+            publish(batch(1, 10)).await;
+            publish(b"\x81\xa1v\x01".to_vec()).await; // a map with only the version
+            publish(batch(1, 20)).await;
+
+            // The stream continued: both valid batches are stored.
+            let data = w.data();
+            tokio::task::spawn_blocking(move || {
+                wait_until("the valid batches", Duration::from_secs(60), || {
+                    data.join("tenant=acme").exists() && total_rows(&data, "acme") == 30
+                })
+            })
+            .await
+            .unwrap();
+
+            let mut consumer = ch
+                .basic_consume(
+                    format!("{}.dead-letter", w.ns).into(),
+                    "".into(),
+                    BasicConsumeOptions {
+                        no_ack: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            let mut seen = Vec::new();
+            while seen.len() < 3 {
+                let d = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+                    .await
+                    .expect("3 dead letters")
+                    .unwrap()
+                    .unwrap();
+                let headers = d.properties.headers().clone().unwrap_or_default();
+                let get = |k: &str| match headers.inner().get(k) {
+                    Some(AMQPValue::LongString(s)) => s.to_string(),
+                    other => panic!("header {k}: {other:?}"),
+                };
+                seen.push((
+                    get("x-sluice-error"),
+                    get("x-sluice-reason"),
+                    get("x-sluice-group"),
+                    d.data,
+                ));
+            }
+            seen.sort();
+            assert_eq!(seen[0].0, "decode");
+            assert_eq!(
+                seen[0].3,
+                b"this is not msgpack".to_vec(),
+                "original body kept"
+            );
+            assert_eq!(seen[1].0, "decode");
+            assert!(seen[1].1.contains("missing field"), "{}", seen[1].1);
+            assert_eq!(seen[2].0, "unsupported-version");
+            assert!(seen[2].1.contains("version 2"), "{}", seen[2].1);
+            assert!(seen.iter().all(|s| s.2 == "storage"));
+            let _ = conn.close(200, "done".into()).await;
+        });
+    }
+}
