@@ -347,7 +347,8 @@ impl ParquetStore {
             .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
-    /// Number of partitions in the in-memory dedup index (for tests and metrics).
+    /// Number of partitions in the in-memory dedup index (for tests and metrics). Waits
+    /// for a running commit to finish.
     pub fn indexed_partitions(&self) -> usize {
         self.inner.lock_ledger().partitions.len()
     }
@@ -423,7 +424,16 @@ impl Inner {
                 continue;
             }
             let rows: Vec<&RecordBatch> = kept.iter().map(|&i| &pieces[i].rows).collect();
-            let name = self.write_file(&key, &dir, &rows, &new_ids)?;
+            let name = match self.write_file(&key, &dir, &rows, &new_ids) {
+                Ok(name) => name,
+                Err(e) => {
+                    // The file may exist anyway (e.g. renamed, then the directory fsync
+                    // failed): re-read the partition on its next touch rather than trust
+                    // the index.
+                    ledger.partitions.remove(&key);
+                    return Err(e);
+                }
+            };
             entry.files.insert(name);
             entry.batches.extend(new_ids.iter().copied());
             for &i in &kept {
