@@ -62,18 +62,28 @@ impl BrokerArgs {
 #[derive(Debug, Clone, Args)]
 pub(crate) struct OpsArgs {
     /// Address of the Prometheus `/metrics` listener; empty to disable.
-    #[arg(long, env = "SLUICE_METRICS_LISTEN", default_value = "0.0.0.0:9090", value_parser = optional_addr)]
-    pub(crate) metrics_listen: Option<SocketAddr>,
+    #[arg(long, env = "SLUICE_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub(crate) metrics_listen: OptionalAddr,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `sluice_processors=debug,info`.
     #[arg(long, env = "SLUICE_LOG", default_value = "info")]
     pub(crate) log: String,
 }
 
-fn optional_addr(s: &str) -> Result<Option<SocketAddr>, std::net::AddrParseError> {
-    if s.is_empty() {
-        Ok(None)
-    } else {
-        s.parse().map(Some)
+/// A listen address that an empty string turns off. A newtype rather than
+/// `Option<SocketAddr>`, because clap reads `Option<T>` as "flag may be absent" and would
+/// then have no way to say "present but disabled".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OptionalAddr(pub(crate) Option<SocketAddr>);
+
+impl std::str::FromStr for OptionalAddr {
+    type Err = std::net::AddrParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.trim().is_empty() {
+            Ok(Self(None))
+        } else {
+            s.trim().parse().map(|a| Self(Some(a)))
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::args::OptionalAddr;
 use anyhow::{Context, Result};
 use clap::Args;
 use sluice_binding::model::TenantId;
@@ -57,7 +58,7 @@ pub(crate) struct EmbeddedArgs {
     serve: bool,
     /// Address of the Prometheus `/metrics` listener; empty to disable.
     #[arg(long, env = "SLUICE_METRICS_LISTEN", default_value = "")]
-    metrics_listen: String,
+    metrics_listen: OptionalAddr,
     /// Log filter.
     #[arg(long, env = "SLUICE_LOG", default_value = "warn")]
     log: String,
@@ -107,8 +108,8 @@ pub(crate) struct EmbeddedArgs {
 
 pub(crate) async fn run(args: EmbeddedArgs) -> Result<()> {
     telemetry::init_tracing(&args.log);
-    if !args.metrics_listen.is_empty() {
-        telemetry::install_metrics(args.metrics_listen.parse().context("--metrics-listen")?)?;
+    if let Some(addr) = args.metrics_listen.0 {
+        telemetry::install_metrics(addr)?;
     }
     let signal = shutdown::on_signal();
     let topology = Topology::new("sluice", args.partitions);

@@ -84,7 +84,7 @@ fn main() -> Result<()> {
 
 fn start_ops(ops: &OpsArgs) -> Result<CancellationToken> {
     telemetry::init_tracing(&ops.log);
-    if let Some(addr) = ops.metrics_listen {
+    if let Some(addr) = ops.metrics_listen.0 {
         telemetry::install_metrics(addr)?;
         tracing::info!(%addr, "serving /metrics");
     }

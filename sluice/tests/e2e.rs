@@ -668,13 +668,15 @@ mod broker {
         let post =
             |key: Option<&str>, ctype: &str, body: Vec<u8>| http.post(&endpoint, key, ctype, body);
         let json = |s: String| s.into_bytes();
+        // 500 readings (~38 KB of JSON) stay under the 64 KiB body limit set above.
+        const GOOD: u64 = 500;
         let good = |i: u64| {
-            let readings: Vec<String> = (0..1000)
+            let readings: Vec<String> = (0..GOOD)
                 .map(|j| {
                     format!(
                         r#"{{"device":"dev-{}","metric":"temp","ts":{},"value":{}}}"#,
                         j % 20,
-                        now - 1_000_000 * (i * 1000 + j) as i64,
+                        now - 1_000_000 * (i * GOOD + j) as i64,
                         j
                     )
                 })
@@ -820,7 +822,7 @@ mod broker {
             // Interleave good requests: they must all be stored.
             let (status, body) = post(Some("acme-key"), "application/json", json(good(i as u64)));
             assert_eq!(status, 202, "good request after {what}: {body}");
-            accepted += 1000;
+            accepted += GOOD;
         }
         w.wait_for_rows("acme", accepted, Duration::from_secs(60));
         std::thread::sleep(Duration::from_millis(600));
