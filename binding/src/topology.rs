@@ -47,6 +47,10 @@ pub struct Topology {
     pub partitions: u32,
     /// Type of the queues.
     pub queue_type: QueueType,
+    /// Partition queues are single-active-consumer (`x-single-active-consumer`): of the
+    /// consumers of a partition one at a time receives, the others stand by, so a
+    /// partition is processed in order. Fixed at the queue's first declaration.
+    pub single_active_consumer: bool,
 }
 
 impl Default for Topology {
@@ -55,6 +59,7 @@ impl Default for Topology {
             namespace: "sluice".to_owned(),
             partitions: 4,
             queue_type: QueueType::Quorum,
+            single_active_consumer: false,
         }
     }
 }
@@ -178,6 +183,12 @@ impl Topology {
             ShortString::from("x-dead-letter-exchange"),
             AMQPValue::LongString(self.dead_letter_exchange().into()),
         );
+        if self.single_active_consumer {
+            args.insert(
+                ShortString::from("x-single-active-consumer"),
+                AMQPValue::Boolean(true),
+            );
+        }
         args
     }
 }

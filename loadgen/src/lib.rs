@@ -3,8 +3,12 @@
 //!
 //! Layout (the lead adds modules as they land):
 //!
+//! - [`profile`]: the load's shape over time (steady, burst, time slots, reconnect storm) and
+//!   the open-loop send schedule it implies.
+//! - [`run`]: one load run: the sender loop, the fleet of simulated series, the output files.
 //! - [`report`]: latency recording (corrected for coordinated omission), live progress, the
 //!   final summary, `.hgrm` percentile files and SVG plots.
 
+pub mod profile;
 pub mod report;
 pub mod run;

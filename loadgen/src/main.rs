@@ -14,6 +14,7 @@ use sluice_binding::topology::{QueueType, Topology};
 use sluice_binding::transport::Transport;
 use sluice_binding::transport::amqp::{AmqpConfig, AmqpTransport};
 use sluice_ingest::producer::{Producer, ProducerConfig};
+use sluice_loadgen::profile::Profile;
 use sluice_loadgen::run::{BodyFormat, LoadConfig, Target, run, write_outputs};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -28,6 +29,20 @@ enum TargetKind {
 enum Format {
     Json,
     Msgpack,
+}
+
+/// Shapes of the offered load over time (ETSI TR 103 527's IoT load examples).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ProfileKind {
+    /// --rate throughout.
+    Steady,
+    /// --rate × --burst-factor for --burst-for from --burst-at, --rate otherwise.
+    Burst,
+    /// Smart meters: the first --slot-width of every --slot-period at --rate × --burst-factor.
+    Slots,
+    /// Reconnect storm: nothing for --outage-for from --outage-at, then --rate ×
+    /// --burst-factor until the missed readings are flushed, then --rate.
+    Storm,
 }
 
 fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
@@ -75,9 +90,34 @@ struct Cli {
     /// Metrics per device.
     #[arg(long, env = "LOADGEN_METRICS", default_value_t = 2)]
     metrics: u32,
-    /// Offered load in readings per second.
+    /// Offered load in readings per second (the base rate the profile scales).
     #[arg(long, env = "LOADGEN_RATE", default_value_t = 50_000.0)]
     rate: f64,
+    /// Shape of the offered load over time.
+    #[arg(long, env = "LOADGEN_PROFILE", value_enum, default_value_t = ProfileKind::Steady)]
+    profile: ProfileKind,
+    /// Rate multiplier of the busy phase of every profile: the burst, the slots, the
+    /// storm's catch-up (which must be above 1).
+    #[arg(long, env = "LOADGEN_BURST_FACTOR", default_value_t = 10.0)]
+    burst_factor: f64,
+    /// When the burst starts (--profile burst).
+    #[arg(long, env = "LOADGEN_BURST_AT", default_value = "30s", value_parser = duration)]
+    burst_at: Duration,
+    /// How long the burst lasts (--profile burst).
+    #[arg(long, env = "LOADGEN_BURST_FOR", default_value = "60s", value_parser = duration)]
+    burst_for: Duration,
+    /// Reporting cycle of the meters (--profile slots).
+    #[arg(long, env = "LOADGEN_SLOT_PERIOD", default_value = "60s", value_parser = duration)]
+    slot_period: Duration,
+    /// Busy part at the start of every cycle (--profile slots).
+    #[arg(long, env = "LOADGEN_SLOT_WIDTH", default_value = "10s", value_parser = duration)]
+    slot_width: Duration,
+    /// When the devices lose their connection (--profile storm).
+    #[arg(long, env = "LOADGEN_OUTAGE_AT", default_value = "30s", value_parser = duration)]
+    outage_at: Duration,
+    /// How long they stay disconnected, buffering readings (--profile storm).
+    #[arg(long, env = "LOADGEN_OUTAGE_FOR", default_value = "30s", value_parser = duration)]
+    outage_for: Duration,
     /// Readings per request (or per batch with --target amqp).
     #[arg(long, env = "LOADGEN_BATCH_SIZE", default_value_t = 500)]
     batch_size: u32,
@@ -99,7 +139,7 @@ struct Cli {
     /// How long to wait after sending for storage to commit everything accepted.
     #[arg(long, env = "LOADGEN_DRAIN_TIMEOUT", default_value = "60s", value_parser = duration)]
     drain_timeout: Duration,
-    /// Directory for summary.json, .hgrm files and latency.svg.
+    /// Directory for summary.json, .hgrm files, latency.svg and timeline.csv.
     #[arg(long, env = "LOADGEN_OUT", default_value = "results")]
     out: PathBuf,
     /// Print the summary as JSON on stdout (the table goes to stderr).
@@ -113,8 +153,34 @@ struct Cli {
     log: String,
 }
 
+impl Cli {
+    /// The profile the flags describe; the flags of other profiles are ignored.
+    fn load_profile(&self) -> Profile {
+        match self.profile {
+            ProfileKind::Steady => Profile::Steady,
+            ProfileKind::Burst => Profile::Burst {
+                at: self.burst_at,
+                length: self.burst_for,
+                factor: self.burst_factor,
+            },
+            ProfileKind::Slots => Profile::Slots {
+                period: self.slot_period,
+                width: self.slot_width,
+                factor: self.burst_factor,
+            },
+            ProfileKind::Storm => Profile::Storm {
+                outage_at: self.outage_at,
+                outage_for: self.outage_for,
+                factor: self.burst_factor,
+            },
+        }
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // Refuse bad profile flags before connecting to anything.
+    cli.load_profile().validate()?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -128,6 +194,7 @@ async fn main_async(cli: Cli) -> Result<()> {
         namespace: cli.namespace.clone(),
         partitions: cli.partitions,
         queue_type: QueueType::default(),
+        ..Topology::default()
     };
     let transport = if cli.amqp_url.is_empty() {
         None
@@ -168,6 +235,7 @@ async fn main_async(cli: Cli) -> Result<()> {
         devices: cli.devices,
         metrics: cli.metrics,
         rate: cli.rate,
+        profile: cli.load_profile(),
         batch_size: cli.batch_size,
         duration: Some(cli.duration),
         count: cli.count,
@@ -191,4 +259,75 @@ async fn main_async(cli: Cli) -> Result<()> {
         println!("{}", summary.to_json()?);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("loadgen").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn profile_defaults_match_the_library_defaults() {
+        assert_eq!(parse(&[]).load_profile(), Profile::Steady);
+        assert_eq!(
+            parse(&["--profile", "burst"]).load_profile(),
+            Profile::burst()
+        );
+        assert_eq!(
+            parse(&["--profile", "slots"]).load_profile(),
+            Profile::slots()
+        );
+        assert_eq!(
+            parse(&["--profile", "storm"]).load_profile(),
+            Profile::storm()
+        );
+    }
+
+    #[test]
+    fn profile_flags_set_the_parameters() {
+        let cli = parse(&[
+            "--profile",
+            "slots",
+            "--burst-factor",
+            "4",
+            "--slot-period",
+            "15m",
+            "--slot-width",
+            "90s",
+        ]);
+        assert_eq!(
+            cli.load_profile(),
+            Profile::Slots {
+                period: Duration::from_secs(900),
+                width: Duration::from_secs(90),
+                factor: 4.0,
+            }
+        );
+        let cli = parse(&[
+            "--profile",
+            "storm",
+            "--outage-at",
+            "5s",
+            "--outage-for",
+            "1m",
+        ]);
+        assert_eq!(
+            cli.load_profile(),
+            Profile::Storm {
+                outage_at: Duration::from_secs(5),
+                outage_for: Duration::from_secs(60),
+                factor: 10.0,
+            }
+        );
+    }
 }

@@ -1,6 +1,6 @@
 //! One load run: an open-loop schedule of requests, each `batch_size` readings, sent at
-//! `rate` readings per second to the HTTP front end or straight to the broker in the
-//! binding, with at most `concurrency` requests outstanding.
+//! `rate` readings per second (shaped over time by a [`Profile`]) to the HTTP front end or
+//! straight to the broker in the binding, with at most `concurrency` requests outstanding.
 //!
 //! Every reading's device timestamp is its request's *intended* send time, so both the
 //! corrected send→accept latency and the end-to-end latency count any time a request spent
@@ -24,9 +24,10 @@ use sluice_binding::shutdown::CancellationToken;
 use sluice_ingest::producer::Producer;
 use tokio::sync::{Semaphore, mpsc};
 
+use crate::profile::Profile;
 use crate::report::{
     Counters, LatencyRecorder, LatencyReport, NANOS_PER_MILLI, OpenLoopLatency, Progress,
-    SERIES_CORRECTED, SERIES_END_TO_END, SERIES_SERVICE_TIME, Summary, write_hgrm,
+    SERIES_CORRECTED, SERIES_END_TO_END, SERIES_SERVICE_TIME, Summary, Timeline, write_hgrm,
 };
 
 /// Body encoding of HTTP requests.
@@ -62,8 +63,10 @@ pub struct LoadConfig {
     pub devices: u32,
     /// Metrics per device.
     pub metrics: u32,
-    /// Offered load, readings per second.
+    /// Base offered load, readings per second; `profile` shapes it over time.
     pub rate: f64,
+    /// How the offered rate varies over the run (steady by default).
+    pub profile: Profile,
     /// Readings per request (per batch when publishing directly).
     pub batch_size: u32,
     /// Stop scheduling after this long...
@@ -90,6 +93,7 @@ impl Default for LoadConfig {
             devices: 100,
             metrics: 2,
             rate: 50_000.0,
+            profile: Profile::Steady,
             batch_size: 500,
             duration: Some(Duration::from_secs(10)),
             count: None,
@@ -173,25 +177,20 @@ pub async fn run(
         cfg.duration.is_some() || cfg.count.is_some(),
         "give a duration or a count"
     );
+    cfg.profile.validate()?;
+    tracing::info!(profile = %cfg.profile, rate = cfg.rate, "load profile");
     let fleet = Arc::new(Fleet::new(&cfg));
     let counters = Arc::new(Counters::new());
     let latency = Arc::new(Mutex::new(OpenLoopLatency::new()));
     let end_to_end = Arc::new(Mutex::new(LatencyRecorder::new()));
     let observe_commits = receipts.is_some();
-    let receipt_task = receipts.map(|rx| {
-        tokio::spawn(collect_receipts(
-            rx,
-            cfg.tenant.clone(),
-            counters.clone(),
-            end_to_end.clone(),
-        ))
-    });
+    let timeline = Arc::new(Mutex::new(Timeline::new(observe_commits)));
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(cfg.concurrency)
         .timeout(Duration::from_secs(60))
         .build()?;
 
-    let interval = Duration::from_secs_f64(f64::from(cfg.batch_size) / cfg.rate);
+    let mut schedule = cfg.profile.schedule(cfg.rate, cfg.batch_size);
     let slots = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
     let mut progress = if cfg.progress {
         Progress::new(cfg.count, cfg.duration)
@@ -200,13 +199,29 @@ pub async fn run(
     };
     let start = Instant::now();
     let start_wall = now_ns();
+    // Spawned after `start` so commits land in the timeline's seconds; receipts arriving
+    // meanwhile wait in the channel.
+    let receipt_task = receipts.map(|rx| {
+        tokio::spawn(collect_receipts(
+            rx,
+            cfg.tenant.clone(),
+            counters.clone(),
+            end_to_end.clone(),
+            timeline.clone(),
+            start,
+        ))
+    });
     let deadline = cfg.duration.map(|d| start + d);
     let total = cfg.count.unwrap_or(u64::MAX);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut next_reading = 0u64;
-    let mut i = 0u64;
     while next_reading < total {
-        let intended = start + interval.mul_f64(i as f64);
+        // The schedule alone fixes the intended times (open loop); it only ends for a profile
+        // that never offers again.
+        let Some(offset) = schedule.next() else {
+            break;
+        };
+        let intended = start + offset;
         if deadline.is_some_and(|d| intended >= d) {
             break;
         }
@@ -228,16 +243,17 @@ pub async fn run(
         let n = u64::from(cfg.batch_size).min(total - next_reading);
         let first = next_reading;
         next_reading += n;
-        i += 1;
         let intended_wall = start_wall + intended.duration_since(start).as_nanos() as i64;
-        let (fleet, counters, latency, target, client, tenant) = (
+        let (fleet, counters, latency, timeline, target, client, tenant) = (
             fleet.clone(),
             counters.clone(),
             latency.clone(),
+            timeline.clone(),
             target.clone(),
             client.clone(),
             cfg.tenant.clone(),
         );
+        lock(&timeline).offer(offset, n);
         counters.sent.fetch_add(n, Ordering::Relaxed);
         counters.batches.fetch_add(1, Ordering::Relaxed);
         counters.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -248,6 +264,7 @@ pub async fn run(
             match outcome {
                 Outcome::Accepted => {
                     counters.accepted.fetch_add(n, Ordering::Relaxed);
+                    lock(&timeline).accept(done.duration_since(start), n);
                     latency
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -305,7 +322,14 @@ pub async fn run(
     if !observe_commits {
         counts.committed = None;
     }
-    Ok(Summary::new(&counts, duration, report))
+    let timeline = std::mem::take(&mut *lock(&timeline));
+    Ok(Summary::new(&counts, duration, report).with_timeline(timeline))
+}
+
+/// Locks a report shared with the sender tasks; a panicked sender leaves counts, not a
+/// broken invariant, so a poisoned lock is still usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 enum Outcome {
@@ -397,6 +421,8 @@ async fn collect_receipts(
     tenant: String,
     counters: Arc<Counters>,
     end_to_end: Arc<Mutex<LatencyRecorder>>,
+    timeline: Arc<Mutex<Timeline>>,
+    start: Instant,
 ) {
     let mut committed = 0u64;
     counters.set_committed(0);
@@ -405,6 +431,7 @@ async fn collect_receipts(
             continue;
         }
         committed += r.rows;
+        lock(&timeline).commit(start.elapsed(), r.rows);
         match LatencyRecorder::from_v2_deflate(&r.latency) {
             Ok(h) => end_to_end
                 .lock()
@@ -416,8 +443,9 @@ async fn collect_receipts(
     }
 }
 
-/// Writes `summary.json`, one `.hgrm` file per latency series and `latency.svg` into `dir`;
-/// returns the files written.
+/// Writes `summary.json`, one `.hgrm` file per latency series, `latency.svg` and
+/// `timeline.csv` (readings per second, see [`Timeline::to_csv`]) into `dir`; returns the
+/// files written.
 pub fn write_outputs(summary: &Summary, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir)?;
     let mut written = Vec::new();
@@ -447,6 +475,9 @@ pub fn write_outputs(summary: &Summary, dir: &Path) -> anyhow::Result<Vec<PathBu
     let plot = dir.join("latency.svg");
     summary.latency.write_plot(&plot)?;
     written.push(plot);
+    let timeline = dir.join("timeline.csv");
+    std::fs::write(&timeline, summary.timeline.to_csv())?;
+    written.push(timeline);
     let json = dir.join("summary.json");
     std::fs::write(&json, summary.to_json()?)?;
     written.push(json);
@@ -482,5 +513,26 @@ mod tests {
             }
         }
         assert_eq!(expected_last_value(&cfg, 2, 2, 0), None);
+    }
+
+    #[test]
+    fn outputs_include_the_timeline_csv() {
+        let mut timeline = Timeline::new(false);
+        timeline.offer(Duration::from_millis(100), 500);
+        timeline.accept(Duration::from_millis(1_200), 500);
+        let summary = Summary::new(
+            &crate::report::CountersSnapshot::default(),
+            Duration::from_secs(2),
+            LatencyReport::new(),
+        )
+        .with_timeline(timeline);
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_outputs(&summary, dir.path()).unwrap();
+        let csv = dir.path().join("timeline.csv");
+        assert!(files.contains(&csv), "{files:?}");
+        assert_eq!(
+            std::fs::read_to_string(csv).unwrap(),
+            "second,offered,accepted,committed\n0,500,0,\n1,0,500,\n"
+        );
     }
 }

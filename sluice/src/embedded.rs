@@ -98,7 +98,7 @@ pub(crate) struct EmbeddedArgs {
     /// Load: send MessagePack bodies instead of JSON.
     #[arg(long = "msgpack", env = "SLUICE_LOAD_MSGPACK")]
     load_msgpack: bool,
-    /// Directory for summary.json, .hgrm files and latency.svg.
+    /// Directory for summary.json, .hgrm files, latency.svg and timeline.csv.
     #[arg(long, env = "SLUICE_OUT", default_value = "results")]
     out: PathBuf,
     /// Print the loadgen summary as JSON on stdout.
@@ -128,10 +128,14 @@ pub(crate) async fn run(args: EmbeddedArgs) -> Result<()> {
         latest,
     };
     let pool_stop = CancellationToken::new();
+    let pool_cfg = args.pool.pool_config(group);
+    let control =
+        sluice_processors::PoolControl::new(group, pool_cfg.workers, pool_cfg.autoscale.clone());
     let pool = tokio::spawn(sluice_processors::run(
         transport.clone(),
         sinks,
-        args.pool.pool_config(group),
+        pool_cfg,
+        control,
         pool_stop.clone(),
     ));
 

@@ -2,7 +2,8 @@
 //!
 //! This module owns everything loadgen measures and shows about a run: the latency histograms,
 //! the shared send counters, the live progress line, the final summary (text and JSON), the
-//! `.hgrm` percentile files and the SVG percentile plot. It does not send anything; the sender
+//! per-second timeline of offered, accepted and committed readings, the `.hgrm` percentile
+//! files and the SVG percentile plot. It does not send anything; the sender
 //! tasks feed it.
 //!
 //! # Coordinated omission
@@ -28,6 +29,7 @@
 //! - `recorder`: [`LatencyRecorder`], [`OpenLoopLatency`] and the histogram constants.
 //! - `table`: [`LatencyStats`], [`LatencySeries`], [`LatencyReport`] (the percentile table).
 //! - `summary`: [`Summary`], the final block printed and written as JSON.
+//! - `timeline`: [`Timeline`], readings per second (written as `timeline.csv`).
 //! - `hgrm`: the HdrHistogram percentile-distribution text format.
 //! - `plot`: the SVG percentile plot.
 //! - `progress`: [`Counters`] shared with sender tasks and the live [`Progress`] line.
@@ -38,6 +40,7 @@ mod progress;
 mod recorder;
 mod summary;
 mod table;
+mod timeline;
 
 use std::io;
 use std::path::PathBuf;
@@ -56,6 +59,7 @@ pub use table::{
     LatencyReport, LatencySeries, LatencyStats, SERIES_CORRECTED, SERIES_END_TO_END,
     SERIES_SERVICE_TIME,
 };
+pub use timeline::{Timeline, TimelineSecond};
 
 /// Errors from encoding, decoding and writing reports.
 #[derive(Debug, thiserror::Error)]

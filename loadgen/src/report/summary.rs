@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::ReportError;
 use super::progress::CountersSnapshot;
 use super::table::LatencyReport;
+use super::timeline::Timeline;
 
 /// Everything a run reports at the end. `Display` prints the block for humans; [`to_json`]
 /// writes the same data (histograms included, as V2 deflate hex) for tests and benches.
@@ -41,6 +42,10 @@ pub struct Summary {
     pub batches_per_sec: f64,
     /// The named latency histograms.
     pub latency: LatencyReport,
+    /// Readings offered, accepted and committed per second. Absent from summaries written
+    /// before it existed, which read back with an empty one.
+    #[serde(default)]
+    pub timeline: Timeline,
 }
 
 impl Summary {
@@ -64,7 +69,14 @@ impl Summary {
             readings_per_sec: per_sec(counts.accepted),
             batches_per_sec: per_sec(counts.batches),
             latency,
+            timeline: Timeline::default(),
         }
+    }
+
+    /// The same summary with its per-second timeline.
+    pub fn with_timeline(mut self, timeline: Timeline) -> Self {
+        self.timeline = timeline;
+        self
     }
 
     /// Pretty-printed JSON of the whole summary.
@@ -159,7 +171,11 @@ mod tests {
             .with(SERIES_CORRECTED, corrected)
             .with(SERIES_SERVICE_TIME, service)
             .with(SERIES_END_TO_END, LatencyRecorder::new());
-        Summary::new(&counts, Duration::from_secs(10), latency)
+        let mut timeline = Timeline::new(true);
+        timeline.offer(Duration::from_millis(500), 100_000);
+        timeline.accept(Duration::from_millis(1_500), 99_990);
+        timeline.commit(Duration::from_millis(2_500), 99_000);
+        Summary::new(&counts, Duration::from_secs(10), latency).with_timeline(timeline)
     }
 
     #[test]
@@ -197,6 +213,12 @@ mod tests {
         assert_eq!(v["latency"][0]["name"], SERIES_CORRECTED);
         assert!(v["latency"][0]["stats"]["p99_ms"].as_f64().unwrap() > 36.0);
         assert!(v["latency"][0]["histogram"]["v2_deflate_hex"].is_string());
+        assert_eq!(back.timeline, s.timeline);
+        // A summary from before the timeline existed still parses.
+        let mut old = v.clone();
+        old.as_object_mut().unwrap().remove("timeline");
+        let back = Summary::from_json(&old.to_string()).unwrap();
+        assert_eq!(back.timeline, Timeline::default());
     }
 
     #[test]
