@@ -28,6 +28,16 @@ pub const STAGE_SECONDS: &str = "sluice_storage_stage_seconds";
 pub const WORKERS: &str = "sluice_storage_workers";
 /// Ready messages in each partition queue.
 pub const QUEUE_BACKLOG: &str = "sluice_storage_queue_backlog";
+/// Workers the pool is asked to run (by hand or by the autoscaler).
+pub const WORKERS_DESIRED: &str = "sluice_storage_workers_desired";
+/// Autoscaler decisions, by `direction` (up, down, none) and `reason`.
+pub const AUTOSCALE_DECISIONS: &str = "sluice_autoscale_decisions_total";
+/// Workers the autoscaling target asks for (clamped to min..max).
+pub const AUTOSCALE_WANTED: &str = "sluice_autoscale_wanted_workers";
+/// Fraction of the last autoscaling interval the workers were busy.
+pub const AUTOSCALE_BUSY: &str = "sluice_autoscale_busy_ratio";
+/// Deliveries staged per second over the last autoscaling interval.
+pub const AUTOSCALE_RATE: &str = "sluice_autoscale_processing_rate";
 
 /// One commit finished.
 #[derive(Debug)]
@@ -125,5 +135,76 @@ impl AckFailed<'_> {
     pub(crate) fn emit(self) {
         tracing::warn!(error = %self.error, "cannot settle a delivery; it will be redelivered");
         metrics::counter!(COMMIT_FAILURES, "sink" => "ack").increment(1);
+    }
+}
+
+/// The autoscaler decided (every interval, change or not).
+#[derive(Debug)]
+pub(crate) struct AutoscaleDecided<'a> {
+    pub(crate) group: &'a str,
+    pub(crate) decision: &'a crate::autoscale::Decision,
+}
+
+impl AutoscaleDecided<'_> {
+    pub(crate) fn emit(self) {
+        let d = self.decision;
+        let direction = match d.to.cmp(&d.from) {
+            std::cmp::Ordering::Greater => "up",
+            std::cmp::Ordering::Less => "down",
+            std::cmp::Ordering::Equal => "none",
+        };
+        if d.is_change() {
+            tracing::info!(
+                group = self.group,
+                from = d.from,
+                to = d.to,
+                reason = d.reason.as_str(),
+                wanted = d.wanted,
+                backlog = d.backlog,
+                rate = format_args!("{:.0}/s", d.rate),
+                busy = format_args!("{:.0}%", d.busy * 100.0),
+                "autoscaled workers"
+            );
+        } else {
+            tracing::debug!(
+                group = self.group,
+                workers = d.from,
+                reason = d.reason.as_str(),
+                wanted = d.wanted,
+                backlog = d.backlog,
+                rate = format_args!("{:.0}/s", d.rate),
+                busy = format_args!("{:.0}%", d.busy * 100.0),
+                "autoscaler kept workers"
+            );
+        }
+        metrics::counter!(AUTOSCALE_DECISIONS, "direction" => direction, "reason" => d.reason.as_str())
+            .increment(1);
+        metrics::gauge!(AUTOSCALE_WANTED).set(d.wanted as f64);
+        metrics::gauge!(AUTOSCALE_BUSY).set(d.busy);
+        metrics::gauge!(AUTOSCALE_RATE).set(d.rate);
+    }
+}
+
+/// The worker count was changed (applied).
+#[derive(Debug)]
+pub(crate) struct WorkersResized<'a> {
+    pub(crate) group: &'a str,
+    pub(crate) from: usize,
+    pub(crate) to: usize,
+    pub(crate) mode: crate::control::Mode,
+}
+
+impl WorkersResized<'_> {
+    pub(crate) fn emit(self) {
+        if self.from != self.to {
+            tracing::info!(
+                group = self.group,
+                from = self.from,
+                to = self.to,
+                mode = ?self.mode,
+                "workers resized"
+            );
+        }
+        metrics::gauge!(WORKERS_DESIRED).set(self.to as f64);
     }
 }

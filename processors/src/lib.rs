@@ -10,13 +10,22 @@
 //! ```
 //!
 //! - [`pool`]: the pipeline above, its configuration and its shutdown order;
+//! - [`workers`]: the worker threads, resizable while deliveries flow;
+//! - [`control`]: the handle that sets the worker count of a running pool;
+//! - [`autoscale`]: the autoscaling policy (backlog and busy time in, worker count out);
+//! - [`admin`]: the HTTP endpoint over [`control`];
 //! - [`stage`]: the CPU work of one delivery (decode, validate, build the Arrow batch);
 //! - [`latency`]: HDR histograms of stage and end-to-end latency;
 //! - [`internal_events`]: metrics and logs, each emitted in one place.
 
+pub mod admin;
+pub mod autoscale;
+pub mod control;
 pub mod internal_events;
 pub mod latency;
 pub mod pool;
 pub mod stage;
+pub mod workers;
 
+pub use control::PoolControl;
 pub use pool::{PoolConfig, PoolError, PoolReport, Sinks, run};

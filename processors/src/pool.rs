@@ -22,7 +22,6 @@ use arrow::array::AsArray;
 use arrow::datatypes::TimestampNanosecondType;
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use sluice_binding::model::now_ns;
 use sluice_binding::receipt::Receipt;
 use sluice_binding::shutdown::{CancellationToken, TaskTracker};
 use sluice_binding::transport::{Acker, DeadLetter, Transport, TransportError};
@@ -32,20 +31,26 @@ use sluice_sinks::latest::LatestStore;
 use sluice_sinks::parquet::{CommitOutcome, ParquetStore};
 use tokio::sync::mpsc;
 
+use crate::autoscale::{AutoscaleConfig, Autoscaler, Sample};
+use crate::control::{Mode, PoolControl};
 use crate::internal_events::{
-    AckFailed, CommitDuration, CommitFailed, Committed, DEAD_LETTERED, DELIVERIES, DeadLettered,
-    QUEUE_BACKLOG, STAGE_SECONDS, WORKERS,
+    AckFailed, AutoscaleDecided, CommitDuration, CommitFailed, Committed, DEAD_LETTERED,
+    DELIVERIES, DeadLettered, QUEUE_BACKLOG, WorkersResized,
 };
 use crate::latency;
-use crate::stage::{Refusal, stage};
+use crate::stage::Refusal;
+use crate::workers::{WorkerSet, WorkerStats};
 
 /// Settings of a pool.
 #[derive(Clone, Debug)]
 pub struct PoolConfig {
     /// Consumer group: its partition queues are consumed (`<namespace>.<group>.<p>`).
     pub group: String,
-    /// Worker threads that decode, validate and build Arrow batches.
+    /// Worker threads that decode, validate and build Arrow batches, at start (within the
+    /// autoscaler's bounds when there is one).
     pub workers: usize,
+    /// Autoscaling of the worker count; `None` keeps it where it is set.
+    pub autoscale: Option<AutoscaleConfig>,
     /// Unsettled deliveries per partition queue (`basic.qos`). Deliveries are acked only
     /// after a commit, so the window across all queues must hold more messages than one
     /// commit takes, or commits wait for `flush_interval`.
@@ -56,7 +61,8 @@ pub struct PoolConfig {
     pub flush_interval: Duration,
     /// Validation bounds.
     pub limits: Limits,
-    /// How often queue backlogs are sampled for `/metrics`.
+    /// How often queue backlogs are sampled for `/metrics` (the autoscaler's interval
+    /// instead when there is one).
     pub backlog_interval: Duration,
     /// Pause after a failed commit before taking new work (the failed deliveries were
     /// requeued), so a sink outage does not spin.
@@ -68,6 +74,7 @@ impl Default for PoolConfig {
         Self {
             group: "storage".to_owned(),
             workers: 2,
+            autoscale: None,
             prefetch: 500,
             flush_rows: 100_000,
             flush_interval: Duration::from_secs(1),
@@ -155,7 +162,7 @@ impl PoolReport {
 }
 
 /// What a worker hands to the committer.
-enum Staged {
+pub(crate) enum Staged {
     Store {
         batch: StagedBatch,
         acker: Acker,
@@ -170,11 +177,13 @@ enum Staged {
 }
 
 /// Runs the pool until `shutdown` is cancelled (then drains and returns) or its input is
-/// lost (then returns an error after committing what it had).
+/// lost (then returns an error after committing what it had). `control` sets the worker
+/// count (see [`PoolControl::new`]) and may change it while the pool runs.
 pub async fn run(
     transport: Transport,
     sinks: Sinks,
     cfg: PoolConfig,
+    control: PoolControl,
     shutdown: CancellationToken,
 ) -> Result<PoolReport, PoolError> {
     transport.declare(&[cfg.group.as_str()]).await?;
@@ -183,7 +192,8 @@ pub async fn run(
     tracing::info!(
         group = %cfg.group,
         queues = consumers.len(),
-        workers = cfg.workers,
+        workers = control.desired().workers,
+        autoscale = control.autoscale().is_some(),
         prefetch = cfg.prefetch,
         "storage pool started"
     );
@@ -229,40 +239,25 @@ pub async fn run(
     }
     drop(work_tx);
 
-    let mut workers = Vec::with_capacity(cfg.workers.max(1));
-    for i in 0..cfg.workers.max(1) {
-        let (rx, tx, limits) = (work_rx.clone(), commit_tx.clone(), cfg.limits);
-        workers.push(
-            std::thread::Builder::new()
-                .name(format!("sluice-worker-{i}"))
-                .spawn(move || worker(rx, tx, limits))?,
-        );
+    let stats = Arc::new(WorkerStats::default());
+    let mut workers = WorkerSet::new(work_rx, commit_tx, cfg.limits, stats.clone());
+    let running = workers.resize(control.desired().workers)?;
+    control.running(running);
+    WorkersResized {
+        group: &cfg.group,
+        from: 0,
+        to: running,
+        mode: control.desired().mode,
     }
-    drop((work_rx, commit_tx));
-    metrics::gauge!(WORKERS).set(workers.len() as f64);
-
-    {
-        let (transport, group, stop, every) = (
-            transport.clone(),
-            cfg.group.clone(),
-            stop.clone(),
-            cfg.backlog_interval,
-        );
-        tasks.spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tick.tick() => match transport.backlog(&group).await {
-                        Ok(depths) => for (queue, depth) in depths {
-                            metrics::gauge!(QUEUE_BACKLOG, "queue" => queue).set(depth as f64);
-                        },
-                        Err(e) => tracing::debug!(error = %e, "cannot sample backlog"),
-                    },
-                }
-            }
-        });
-    }
+    .emit();
+    let supervisor = tokio::spawn(supervise(
+        workers,
+        stats,
+        control.clone(),
+        transport.clone(),
+        cfg.clone(),
+        stop.clone(),
+    ));
 
     let mut committer = Committer {
         transport: transport.clone(),
@@ -276,14 +271,18 @@ pub async fn run(
         pending_rows: 0,
         report: PoolReport::new(),
     };
-    committer.run(commit_rx, cfg.flush_interval).await;
+    // The committer ends when every worker has dropped its sender, so the workers are
+    // drained (after the supervisor hands them back on stop) while it runs.
+    let drain_workers = async {
+        if let Ok(workers) = supervisor.await {
+            let _ = tokio::task::spawn_blocking(move || workers.join()).await;
+        }
+    };
+    tokio::join!(committer.run(commit_rx, cfg.flush_interval), drain_workers);
+    control.running(0);
 
     tasks.close();
     tasks.wait().await;
-    for w in workers {
-        let _ = tokio::task::spawn_blocking(move || w.join()).await;
-    }
-    metrics::gauge!(WORKERS).set(0.0);
     let report = committer.report;
     let lost = lost.lock().unwrap_or_else(|p| p.into_inner()).take();
     match lost {
@@ -292,32 +291,84 @@ pub async fn run(
     }
 }
 
-fn worker(
-    rx: crossbeam_channel::Receiver<sluice_binding::transport::Delivery>,
-    tx: mpsc::Sender<Staged>,
-    limits: Limits,
-) {
-    let stage_hist = metrics::histogram!(STAGE_SECONDS);
-    while let Ok(d) = rx.recv() {
-        let t0 = Instant::now();
-        let out = match stage(&d.body, d.redelivered, now_ns(), &limits) {
-            Ok(batch) => Staged::Store {
-                batch,
-                acker: d.acker,
-                stage_ns: t0.elapsed().as_nanos() as u64,
-            },
-            Err(refusal) => Staged::Refuse {
-                body: d.body,
-                refusal,
-                acker: d.acker,
-                queue: d.queue,
-            },
-        };
-        stage_hist.record(t0.elapsed().as_secs_f64());
-        if tx.blocking_send(out).is_err() {
-            break;
+/// Owns the workers: applies the desired count (set by hand through [`PoolControl`] or by
+/// the autoscaler, which it runs), and samples the backlog for `/metrics`. Returns the
+/// workers when the pool stops, for the caller to let them drain.
+async fn supervise(
+    mut workers: WorkerSet,
+    stats: Arc<WorkerStats>,
+    control: PoolControl,
+    transport: Transport,
+    cfg: PoolConfig,
+    stop: CancellationToken,
+) -> WorkerSet {
+    let mut desired = control.subscribe();
+    let mut autoscaler = control.autoscale().cloned().map(Autoscaler::new);
+    let every = autoscaler
+        .as_ref()
+        .map_or(cfg.backlog_interval, |a| a.config().interval);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut mode = control.desired().mode;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            changed = desired.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let want = *desired.borrow_and_update();
+                if want.mode != mode {
+                    mode = want.mode;
+                    // Decisions compare consecutive samples; a hand-set count in between
+                    // would make the next one wrong.
+                    if let Some(a) = autoscaler.as_mut() {
+                        a.reset();
+                    }
+                }
+                let from = workers.len();
+                match workers.resize(want.workers) {
+                    Ok(n) => {
+                        control.running(n);
+                        WorkersResized { group: &cfg.group, from, to: n, mode: want.mode }.emit();
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot start worker thread"),
+                }
+            }
+            _ = tick.tick() => {
+                let backlog = match transport.backlog(&cfg.group).await {
+                    Ok(depths) => {
+                        let mut total = 0;
+                        for (queue, depth) in depths {
+                            total += depth;
+                            metrics::gauge!(QUEUE_BACKLOG, "queue" => queue).set(depth as f64);
+                        }
+                        total
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot sample backlog");
+                        continue;
+                    }
+                };
+                let Some(a) = autoscaler.as_mut() else { continue };
+                if mode != Mode::Auto {
+                    continue;
+                }
+                let d = a.decide(Sample {
+                    at: std::time::Instant::now(),
+                    backlog,
+                    processed: stats.processed(),
+                    busy: stats.busy(),
+                    workers: workers.len(),
+                });
+                AutoscaleDecided { group: &cfg.group, decision: &d }.emit();
+                // Applied through the control, like a manual change, so that a pin that
+                // raced with this decision wins.
+                control.autoscaled(&d);
+            }
         }
     }
+    workers
 }
 
 struct Committer {

@@ -11,6 +11,7 @@ use sluice_binding::partition::Partitioning;
 use sluice_binding::topology::{QueueType, Topology};
 use sluice_binding::validate::Limits;
 use sluice_ingest::config::IngestConfig;
+use sluice_processors::autoscale::{AutoscaleConfig, Target};
 use sluice_processors::{PoolConfig, Sinks};
 use sluice_sinks::latest::{LatestStore, RedisLatest};
 use sluice_sinks::parquet::{ParquetStore, ParquetStoreConfig};
@@ -46,6 +47,12 @@ pub(crate) struct BrokerArgs {
     /// How long to keep retrying the first connection to a broker (it may start later).
     #[arg(long, env = "SLUICE_CONNECT_TIMEOUT", default_value = "60s", value_parser = duration)]
     pub(crate) connect_timeout: Duration,
+    /// Declare the partition queues single-active-consumer: of several processes consuming
+    /// a partition, one at a time receives, so each partition is processed in order (with
+    /// device-hash partitioning: per-device order). A queue's arguments are fixed when it
+    /// is first declared; every service of a deployment must agree on this flag.
+    #[arg(long, env = "SLUICE_SINGLE_ACTIVE_CONSUMER")]
+    pub(crate) single_active_consumer: bool,
 }
 
 impl BrokerArgs {
@@ -54,6 +61,7 @@ impl BrokerArgs {
             namespace: self.namespace.clone(),
             partitions: self.partitions,
             queue_type: self.queue_type,
+            single_active_consumer: self.single_active_consumer,
         }
     }
 }
@@ -153,6 +161,10 @@ pub(crate) struct ProcessArgs {
     /// Prefix of the Redis keys.
     #[arg(long, env = "SLUICE_REDIS_PREFIX", default_value = "sluice")]
     pub(crate) redis_prefix: String,
+    /// Address of the admin HTTP endpoint (`GET`/`PUT /v1/workers`, used by `sluice
+    /// workers`); empty to disable. Operators only: keep it on a private address.
+    #[arg(long, env = "SLUICE_ADMIN_LISTEN", default_value = "127.0.0.1:9091")]
+    pub(crate) admin_listen: OptionalAddr,
 }
 
 /// Worker pool and storage flags (shared with `sluice embedded`).
@@ -180,6 +192,56 @@ pub(crate) struct PoolArgs {
     /// How far ahead of this clock a device timestamp may be.
     #[arg(long, env = "SLUICE_MAX_FUTURE_SKEW", default_value = "1h", value_parser = duration)]
     pub(crate) max_future_skew: Duration,
+    #[command(flatten)]
+    pub(crate) autoscale: AutoscaleArgs,
+}
+
+/// The pool's built-in autoscaler (off unless `--autoscale`).
+#[derive(Debug, Clone, Args)]
+pub(crate) struct AutoscaleArgs {
+    /// Let the pool scale its workers between --min-workers and --max-workers by the
+    /// backlog of its partitions (--workers is then the count at start).
+    #[arg(long, env = "SLUICE_AUTOSCALE")]
+    pub(crate) autoscale: bool,
+    /// Fewest workers when autoscaling.
+    #[arg(long, env = "SLUICE_MIN_WORKERS", default_value_t = 1)]
+    pub(crate) min_workers: usize,
+    /// Most workers when autoscaling.
+    #[arg(long, env = "SLUICE_MAX_WORKERS", default_value_t = 8)]
+    pub(crate) max_workers: usize,
+    /// Workers added or released per autoscaling decision.
+    #[arg(long, env = "SLUICE_SCALE_STEP", default_value_t = 1)]
+    pub(crate) scale_step: usize,
+    /// No scale-down within this long of a change, and only after the target was met with
+    /// a step fewer workers for this long.
+    #[arg(long, env = "SLUICE_SCALE_COOLDOWN", default_value = "60s", value_parser = duration)]
+    pub(crate) scale_cooldown: Duration,
+    /// How often the autoscaler samples the backlog (and the least time between two
+    /// scale-ups).
+    #[arg(long, env = "SLUICE_SCALE_INTERVAL", default_value = "5s", value_parser = duration)]
+    pub(crate) scale_interval: Duration,
+    /// What the autoscaler keeps: `backlog:<ready messages per worker>` or
+    /// `drain:<time to drain the backlog>`.
+    #[arg(long, env = "SLUICE_SCALE_TARGET", default_value = "backlog:1000")]
+    pub(crate) scale_target: Target,
+    /// Scale up only while the workers were busy at least this fraction of the interval
+    /// (0 to 1); a backlog that idle workers do not drain is a bottleneck further on.
+    #[arg(long, env = "SLUICE_SCALE_MIN_BUSY", default_value_t = 0.5)]
+    pub(crate) scale_min_busy: f64,
+}
+
+impl AutoscaleArgs {
+    pub(crate) fn config(&self) -> Option<AutoscaleConfig> {
+        self.autoscale.then_some(AutoscaleConfig {
+            min: self.min_workers,
+            max: self.max_workers,
+            step: self.scale_step,
+            cooldown: self.scale_cooldown,
+            interval: self.scale_interval,
+            target: self.scale_target,
+            min_busy: self.scale_min_busy,
+        })
+    }
 }
 
 impl PoolArgs {
@@ -187,6 +249,7 @@ impl PoolArgs {
         PoolConfig {
             group: group.to_owned(),
             workers: self.workers,
+            autoscale: self.autoscale.config(),
             prefetch: self.prefetch,
             flush_rows: self.flush_rows,
             flush_interval: self.flush_interval,
@@ -272,4 +335,32 @@ pub(crate) struct QueryArgs {
     pub(crate) format: Format,
     /// The SQL query, e.g. "SELECT device, count(*) FROM readings GROUP BY device".
     pub(crate) sql: String,
+}
+
+/// `sluice workers` flags.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct WorkersArgs {
+    /// Admin endpoint of the processors process to steer.
+    #[arg(
+        long,
+        env = "SLUICE_ADMIN_URL",
+        default_value = "http://127.0.0.1:9091"
+    )]
+    pub(crate) admin_url: String,
+    #[command(subcommand)]
+    pub(crate) action: Option<WorkersAction>,
+}
+
+/// What `sluice workers` does; without one, it shows the state.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub(crate) enum WorkersAction {
+    /// Show workers running, desired, mode and the autoscaler's last decision.
+    Show,
+    /// Run N workers and pin the count (the autoscaler stops deciding until `auto`).
+    Set {
+        /// Worker count (1 to 256).
+        n: usize,
+    },
+    /// Hand the count back to the autoscaler.
+    Auto,
 }

@@ -4,6 +4,7 @@
 
 mod args;
 mod embedded;
+mod workers;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -15,7 +16,7 @@ use sluice_binding::telemetry;
 use sluice_binding::transport::Transport;
 use sluice_binding::transport::amqp::{AmqpConfig, AmqpTransport};
 
-use crate::args::{BrokerArgs, IngestArgs, OpsArgs, ProcessArgs, QueryArgs};
+use crate::args::{BrokerArgs, IngestArgs, OpsArgs, ProcessArgs, QueryArgs, WorkersArgs};
 
 /// Sluice: a high-throughput ingestion pipeline for IoT telemetry on RabbitMQ, Arrow/Parquet
 /// and Redis (ETSI TR 103 527).
@@ -51,6 +52,9 @@ enum Command {
     /// SQL over one tenant's stored readings (table `readings`: device, metric, ts, value,
     /// date, hour).
     Query(QueryArgs),
+    /// Show or change the worker count of a running `sluice process` (through its admin
+    /// endpoint): `show`, `set N` (pins the count), `auto` (back to the autoscaler).
+    Workers(WorkersArgs),
     /// The whole pipeline in one process, no broker or Redis needed: in-process transport,
     /// local Parquet files, in-memory latest values. Pushes loadgen telemetry through the
     /// HTTP front end for a bounded time and prints the summary (or, with --serve, keeps
@@ -77,6 +81,7 @@ fn main() -> Result<()> {
                 ops,
             } => run_process(process, broker, ops).await,
             Command::Query(q) => run_query(q).await,
+            Command::Workers(w) => workers::run(w).await,
             Command::Embedded(e) => embedded::run(*e).await,
         }
     })
@@ -124,8 +129,26 @@ async fn run_process(args: ProcessArgs, broker: BrokerArgs, ops: OpsArgs) -> Res
     let shutdown = start_ops(&ops)?;
     let sinks = args.sinks().await?;
     let transport = connect(&broker, "sluice-process").await?;
-    let report =
-        sluice_processors::run(transport.clone(), sinks, args.pool_config(), shutdown).await;
+    let cfg = args.pool_config();
+    let control =
+        sluice_processors::PoolControl::new(&cfg.group, cfg.workers, cfg.autoscale.clone());
+    if let Some(addr) = args.admin_listen.0 {
+        let listener = bind(addr).await?;
+        let (app, stop) = (
+            sluice_processors::admin::router(control.clone()),
+            shutdown.clone(),
+        );
+        tracing::info!(%addr, "serving the admin endpoint (/v1/workers)");
+        tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "admin endpoint failed");
+            }
+        });
+    }
+    let report = sluice_processors::run(transport.clone(), sinks, cfg, control, shutdown).await;
     transport.close().await;
     let report = report?;
     tracing::info!("storage pool stopped\n{}", report.summary());

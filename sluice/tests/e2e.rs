@@ -297,10 +297,15 @@ mod broker {
                 .env("SLUICE_NAMESPACE", &self.ns)
                 .env("SLUICE_PARTITIONS", PARTITIONS.to_string())
                 .env("SLUICE_METRICS_LISTEN", "")
+                .env("SLUICE_ADMIN_LISTEN", "")
                 .env("SLUICE_LOG", "warn");
         }
 
         fn processors(&self) -> Proc {
+            self.processors_with(&[])
+        }
+
+        fn processors_with(&self, extra: &[(&str, &str)]) -> Proc {
             let mut cmd = Command::new(sluice_bin());
             self.common(&mut cmd);
             cmd.arg("process")
@@ -309,6 +314,9 @@ mod broker {
                 .env("SLUICE_REDIS_PREFIX", &self.ns)
                 .env("SLUICE_FLUSH_INTERVAL", "200ms")
                 .env("SLUICE_PREFETCH", "200");
+            for (k, v) in extra {
+                cmd.env(k, v);
+            }
             let p = Proc::spawn("processors", &mut cmd);
             self.wait_for_queues();
             p
@@ -478,6 +486,38 @@ mod broker {
                 (status, resp.text().await.unwrap())
             })
         }
+    }
+
+    /// POST over a bare TCP connection, for bodies the server refuses before reading them:
+    /// it answers and closes while the body is still being sent, which HTTP clients report
+    /// as a broken pipe instead of the answer. Write errors are ignored and the answer read.
+    fn post_raw(url: &str, key: &str, body: Vec<u8>) -> (u16, String) {
+        use std::io::{Read, Write};
+        let rest = url.strip_prefix("http://").unwrap();
+        let (host, path) = rest.split_at(rest.find('/').unwrap());
+        let mut tcp = std::net::TcpStream::connect(host).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = tcp
+            .write_all(head.as_bytes())
+            .and_then(|()| tcp.write_all(&body));
+        let mut answer = Vec::new();
+        let _ = tcp.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        let status = answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no HTTP status in {answer:?}"));
+        let body = answer
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
     }
 
     fn check_latest_values(
@@ -798,7 +838,7 @@ mod broker {
             ),
             (
                 "oversized body",
-                post(Some("acme-key"), "application/json", vec![b' '; 100_000]),
+                post_raw(&endpoint, "acme-key", vec![b' '; 100_000]),
                 413,
                 "body_too_large",
             ),
@@ -937,5 +977,256 @@ mod broker {
             assert!(seen.iter().all(|s| s.2 == "storage"));
             let _ = conn.close(200, "done".into()).await;
         });
+    }
+
+    /// `GET /v1/workers` of a processors admin endpoint.
+    fn workers_status(http: &Http, admin: &str) -> serde_json::Value {
+        http.rt.block_on(async {
+            let r = http
+                .client
+                .get(format!("{admin}/v1/workers"))
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success(), "{}", r.status());
+            r.json().await.unwrap()
+        })
+    }
+
+    /// Runs `sluice workers` against `admin`; its stdout.
+    fn sluice_workers(admin: &str, args: &[&str]) -> String {
+        let out = Command::new(sluice_bin())
+            .env_clear()
+            .args(["workers", "--admin-url", admin])
+            .args(args)
+            .output()
+            .unwrap();
+        output_ok(&out, "sluice workers")
+    }
+
+    /// Loadgen straight to the broker in the background: `count` readings at `rate`/s.
+    fn background_load(
+        w: &World,
+        count: u64,
+        rate: u64,
+        batch: u32,
+    ) -> std::thread::JoinHandle<Output> {
+        let (ns, amqp) = (w.ns.clone(), amqp_addr());
+        let dir = w.dir.path().join("results");
+        let (count, rate, batch) = (count.to_string(), rate.to_string(), batch.to_string());
+        std::thread::spawn(move || {
+            Command::new(loadgen_bin())
+                .args(["--amqp-url", &amqp, "--namespace", &ns])
+                .args(["--partitions", &PARTITIONS.to_string()])
+                .args(["--target", "amqp", "--tenant", "acme", "--devices", "50"])
+                .args(["--count", &count, "--rate", &rate, "--batch-size", &batch])
+                .args(["--duration", "300s", "--json", "--quiet"])
+                .args(["--drain-timeout", "1s"])
+                .arg("--out")
+                .arg(dir)
+                .output()
+                .unwrap()
+        })
+    }
+
+    #[test]
+    fn changing_the_worker_count_mid_stream_loses_and_duplicates_nothing() {
+        let w = World::new();
+        let admin_port = free_port();
+        let admin = format!("http://127.0.0.1:{admin_port}");
+        let _p = w.processors_with(&[
+            ("SLUICE_ADMIN_LISTEN", &format!("127.0.0.1:{admin_port}")),
+            ("SLUICE_WORKERS", "2"),
+        ]);
+        let http = Http::new();
+        wait_until("admin endpoint", Duration::from_secs(30), || {
+            http.ready(&format!("{admin}/healthz"))
+        });
+        let load = background_load(&w, 100_000, 10_000, 250);
+        // Resize at several points of the stream, through the CLI, and check each took.
+        for (i, n) in [4usize, 1, 3, 2].into_iter().enumerate() {
+            w.wait_for_rows("acme", 15_000 * (i as u64 + 1), Duration::from_secs(120));
+            let shown = sluice_workers(&admin, &["set", &n.to_string()]);
+            assert!(shown.contains(&format!("{n} desired")), "{shown}");
+            wait_until(
+                &format!("{n} workers running"),
+                Duration::from_secs(10),
+                || workers_status(&http, &admin)["workers"] == n,
+            );
+            assert_eq!(workers_status(&http, &admin)["mode"], "manual");
+        }
+        let s = summary(&output_ok(&load.join().unwrap(), "loadgen"));
+        assert_eq!(s["accepted"], 100_000, "{s}");
+        w.wait_for_rows("acme", 100_000, Duration::from_secs(120));
+        std::thread::sleep(Duration::from_millis(1000));
+        assert_eq!(total_rows(&w.data(), "acme"), 100_000);
+        assert_eq!(distinct_rows(&w.data(), "acme"), 100_000);
+        // Bad requests are refused with a reason, and change nothing.
+        let err = Command::new(sluice_bin())
+            .env_clear()
+            .args(["workers", "--admin-url", &admin, "set", "0"])
+            .output()
+            .unwrap();
+        assert!(!err.status.success());
+        assert!(String::from_utf8_lossy(&err.stderr).contains("out_of_range"));
+        let err = Command::new(sluice_bin())
+            .env_clear()
+            .args(["workers", "--admin-url", &admin, "auto"])
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&err.stderr).contains("no_autoscaler"));
+        assert_eq!(workers_status(&http, &admin)["workers"], 2);
+    }
+
+    #[test]
+    fn two_processors_processes_share_the_partitions_exactly() {
+        let w = World::new();
+        let _a = w.processors_with(&[("HOSTNAME", "proc-a")]);
+        let _b = w.processors_with(&[("HOSTNAME", "proc-b")]);
+        let load = background_load(&w, 100_000, 20_000, 500);
+        let s = summary(&output_ok(&load.join().unwrap(), "loadgen"));
+        assert_eq!(s["accepted"], 100_000, "{s}");
+        w.wait_for_rows("acme", 100_000, Duration::from_secs(120));
+        std::thread::sleep(Duration::from_millis(1000));
+        assert_eq!(total_rows(&w.data(), "acme"), 100_000);
+        assert_eq!(distinct_rows(&w.data(), "acme"), 100_000);
+        // Both took part: each wrote files under its own writer id.
+        let files = parquet_files(&w.data());
+        for writer in ["proc-a", "proc-b"] {
+            assert!(
+                files.iter().any(|f| f.contains(&format!("part-{writer}-"))),
+                "{writer} stored nothing: {files:?}"
+            );
+        }
+    }
+
+    fn parquet_files(dir: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.extension().is_some_and(|x| x == "parquet") {
+                    out.push(p.file_name().unwrap().to_string_lossy().into_owned());
+                }
+            }
+        }
+        out
+    }
+
+    /// Polls the admin endpoint every 100 ms until `until` holds; the worker counts seen.
+    fn watch_workers(
+        http: &Http,
+        admin: &str,
+        timeout: Duration,
+        mut until: impl FnMut(&[u64]) -> bool,
+    ) -> Vec<u64> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            seen.push(workers_status(http, admin)["workers"].as_u64().unwrap());
+            if until(&seen) {
+                return seen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out; workers seen: {seen:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Direction changes (up after down or down after up) in a series of counts.
+    fn reversals(seen: &[u64]) -> usize {
+        let steps: Vec<bool> = seen
+            .windows(2)
+            .filter(|w| w[0] != w[1])
+            .map(|w| w[1] > w[0])
+            .collect();
+        steps.windows(2).filter(|s| s[0] != s[1]).count()
+    }
+
+    fn autoscaled_processors(w: &World, admin_port: u16, max: &str) -> Proc {
+        w.processors_with(&[
+            ("SLUICE_ADMIN_LISTEN", &format!("127.0.0.1:{admin_port}")),
+            ("SLUICE_AUTOSCALE", "true"),
+            ("SLUICE_WORKERS", "1"),
+            ("SLUICE_MIN_WORKERS", "1"),
+            ("SLUICE_MAX_WORKERS", max),
+            ("SLUICE_SCALE_INTERVAL", "300ms"),
+            ("SLUICE_SCALE_COOLDOWN", "3s"),
+            ("SLUICE_SCALE_TARGET", "backlog:20"),
+            // Scale by backlog alone: whether the workers or the commit are the bottleneck
+            // of a debug build on a shared machine is not what this test is about (the
+            // busy gate has its unit tests).
+            ("SLUICE_SCALE_MIN_BUSY", "0"),
+            ("SLUICE_PREFETCH", "10"),
+        ])
+    }
+
+    #[test]
+    fn the_autoscaler_scales_up_under_backlog_and_down_when_idle_within_bounds() {
+        let w = World::new();
+        // Queue a backlog before any processor runs: ingest declares the partitions.
+        let (ingest, _url) = w.ingest(&[]);
+        let load = background_load(&w, 100_000, 100_000, 100);
+        let s = summary(&output_ok(&load.join().unwrap(), "loadgen"));
+        assert_eq!(s["accepted"], 100_000, "{s}");
+        drop(ingest);
+        let admin_port = free_port();
+        let admin = format!("http://127.0.0.1:{admin_port}");
+        let _p = autoscaled_processors(&w, admin_port, "3");
+        let http = Http::new();
+        wait_until("admin endpoint", Duration::from_secs(30), || {
+            http.ready(&format!("{admin}/healthz"))
+        });
+        // 1 000 messages queued, target 20 a worker: up to the maximum, a step at a time.
+        let up = watch_workers(&http, &admin, Duration::from_secs(60), |s| {
+            s.last() == Some(&3)
+        });
+        assert!(up.iter().all(|n| (1..=3).contains(n)), "{up:?}");
+        let status = workers_status(&http, &admin);
+        assert_eq!(status["mode"], "auto", "{status}");
+        // Drained and idle: back down to the minimum, never below it.
+        let down = watch_workers(&http, &admin, Duration::from_secs(180), |s| {
+            s.last() == Some(&1)
+        });
+        assert!(down.iter().all(|n| (1..=3).contains(n)), "{down:?}");
+        w.wait_for_rows("acme", 100_000, Duration::from_secs(60));
+        assert_eq!(total_rows(&w.data(), "acme"), 100_000);
+        assert_eq!(distinct_rows(&w.data(), "acme"), 100_000);
+        // Idle at the minimum, it stays there.
+        let rest = watch_workers(&http, &admin, Duration::from_secs(10), |s| s.len() >= 40);
+        assert!(rest.iter().all(|n| *n == 1), "{rest:?}");
+        let d = &workers_status(&http, &admin)["last_decision"];
+        assert_eq!(d["reason"], "at_min", "{d}");
+    }
+
+    #[test]
+    fn a_steady_load_does_not_make_the_autoscaler_flap() {
+        let w = World::new();
+        let admin_port = free_port();
+        let admin = format!("http://127.0.0.1:{admin_port}");
+        let _p = autoscaled_processors(&w, admin_port, "4");
+        let http = Http::new();
+        wait_until("admin endpoint", Duration::from_secs(30), || {
+            http.ready(&format!("{admin}/healthz"))
+        });
+        // 15 s of steady load: five cooldowns.
+        let load = background_load(&w, 150_000, 10_000, 250);
+        let seen = watch_workers(&http, &admin, Duration::from_secs(120), |_| {
+            load.is_finished()
+        });
+        let s = summary(&output_ok(&load.join().unwrap(), "loadgen"));
+        assert_eq!(s["accepted"], 150_000, "{s}");
+        // At most one direction change per cooldown (3 s) over the run.
+        let cooldowns = (seen.len() as f64 * 0.1 / 3.0).ceil() as usize;
+        assert!(reversals(&seen) <= cooldowns.max(1), "{seen:?}");
+        assert!(seen.iter().all(|n| (1..=4).contains(n)), "{seen:?}");
+        w.wait_for_rows("acme", 150_000, Duration::from_secs(120));
+        std::thread::sleep(Duration::from_millis(1000));
+        assert_eq!(total_rows(&w.data(), "acme"), 150_000);
     }
 }
