@@ -10,9 +10,12 @@
 //! - **Up** by `step` while the target is missed, at most once per `interval`, and only
 //!   while the workers are actually busy (`min_busy`): a backlog that idle workers do not
 //!   drain is a downstream bottleneck (commit, sink), and more workers would not help.
-//! - **Down** by `step` only after the target has been met *with `step` fewer workers* for a
-//!   whole `cooldown` (a stabilisation window), and never within `cooldown` of any change.
-//!   The "with fewer workers" margin is the hysteresis; the window is what stops flapping.
+//! - **Down** only after the target has been met *with `step` fewer workers* for a whole
+//!   `cooldown` (a stabilisation window), and never within `cooldown` of any change; then
+//!   straight to the most workers the target asked for during that window (at least a
+//!   step down, never below `min`), so an idle pool is back at its floor one cooldown after
+//!   the load went. The "with fewer workers" margin is the hysteresis; the window is what
+//!   stops flapping.
 
 use std::time::{Duration, Instant};
 
@@ -206,6 +209,8 @@ pub struct Autoscaler {
     last_up: Option<Instant>,
     /// Since when fewer workers would have met the target.
     low_since: Option<Instant>,
+    /// The most workers the target asked for since `low_since`.
+    low_peak: usize,
 }
 
 impl Autoscaler {
@@ -217,6 +222,7 @@ impl Autoscaler {
             last_change: None,
             last_up: None,
             low_since: None,
+            low_peak: 0,
         }
     }
 
@@ -229,6 +235,7 @@ impl Autoscaler {
     pub fn reset(&mut self) {
         self.last = None;
         self.low_since = None;
+        self.low_peak = 0;
     }
 
     /// Decides the worker count for `now`. The caller applies `to`.
@@ -267,6 +274,7 @@ impl Autoscaler {
             d.reason = Reason::Warmup;
         } else if raw > n {
             self.low_since = None;
+            self.low_peak = 0;
             if n >= cfg.max {
                 d.reason = Reason::AtMax;
             } else if busy < cfg.min_busy {
@@ -280,6 +288,7 @@ impl Autoscaler {
         } else if raw + cfg.step <= n {
             // The target would still be met with a step fewer: the hysteresis margin.
             let low_since = *self.low_since.get_or_insert(now.at);
+            self.low_peak = self.low_peak.max(raw);
             if n <= cfg.min {
                 d.reason = Reason::AtMin;
             } else if now.at.saturating_duration_since(low_since) < cfg.cooldown {
@@ -287,11 +296,14 @@ impl Autoscaler {
             } else if since(self.last_change) < cfg.cooldown {
                 d.reason = Reason::Cooldown;
             } else {
-                d.to = n.saturating_sub(cfg.step).max(cfg.min);
+                // Release at once what the whole window did without (HPA's stabilisation
+                // rule), so the pool is back at its floor one cooldown after the load went.
+                d.to = self.low_peak.min(n.saturating_sub(cfg.step)).max(cfg.min);
                 d.reason = Reason::BacklogBelowTarget;
             }
         } else {
             self.low_since = None;
+            self.low_peak = 0;
         }
 
         if d.is_change() {
@@ -301,6 +313,7 @@ impl Autoscaler {
             } else {
                 // A new stabilisation window for the next step down.
                 self.low_since = None;
+                self.low_peak = 0;
             }
         }
         d
@@ -431,22 +444,25 @@ mod tests {
     fn scales_down_only_after_a_whole_cooldown_of_low_backlog_and_never_below_min() {
         let mut s = Sim::new(cfg(), 4);
         s.tick(0, 0.0); // warmup
-        // 30 s cooldown at 5 s samples: stabilising for 6 samples, then one step down.
+        // 30 s cooldown at 5 s samples: stabilising for 6 samples, then straight to min.
         let tos: Vec<usize> = (0..30).map(|_| s.tick(0, 0.0).to).collect();
-        let first_down = tos.iter().position(|&n| n == 3).unwrap();
+        let first_down = tos.iter().position(|&n| n < 4).unwrap();
         assert_eq!(first_down, 6, "{tos:?}");
-        // Steps down are at least a cooldown apart, and stop at min.
-        let changes: Vec<usize> = s
-            .decisions
-            .iter()
-            .enumerate()
-            .filter(|(_, d)| d.is_change())
-            .map(|(i, _)| i)
-            .collect();
-        assert_eq!(changes.len(), 3, "{tos:?}");
-        assert!(changes.windows(2).all(|w| w[1] - w[0] >= 6), "{changes:?}");
-        assert_eq!(*tos.last().unwrap(), 1);
+        assert_eq!(tos[first_down], 1, "{tos:?}");
+        assert_eq!(s.decisions.iter().filter(|d| d.is_change()).count(), 1);
+        assert!(tos.iter().all(|&n| n >= 1));
         assert_eq!(s.decisions.last().unwrap().reason, Reason::AtMin);
+    }
+
+    #[test]
+    fn scaling_down_keeps_what_the_window_needed_at_its_peak() {
+        let mut s = Sim::new(cfg(), 4);
+        s.tick(0, 0.0); // warmup
+        // Backlog of 150 (2 workers at 100 each) then nothing: after the window, down to 2.
+        let tos: Vec<usize> = (0..7)
+            .map(|i| s.tick(if i == 0 { 150 } else { 0 }, 0.0).to)
+            .collect();
+        assert_eq!(*tos.last().unwrap(), 2, "{tos:?}");
     }
 
     #[test]
