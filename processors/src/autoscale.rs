@@ -12,9 +12,10 @@
 //!   drain is a downstream bottleneck (commit, sink), and more workers would not help.
 //! - **Down** only after the target has been met *with `step` fewer workers* for a whole
 //!   `cooldown` (a stabilisation window), and never within `cooldown` of any change; then
-//!   straight to the most workers the target asked for during that window (at least a
-//!   step down, never below `min`), so an idle pool is back at its floor one cooldown after
-//!   the load went. The "with fewer workers" margin is the hysteresis; the window is what
+//!   straight to the most workers the target asked for in two consecutive samples of that
+//!   window (at least a step down, never below `min`), so an idle pool is back at its
+//!   floor one cooldown after the load went, and the last sample of a draining backlog
+//!   does not hold workers for another cooldown. The "with fewer workers" margin is the hysteresis; the window is what
 //!   stops flapping.
 
 use std::time::{Duration, Instant};
@@ -209,8 +210,11 @@ pub struct Autoscaler {
     last_up: Option<Instant>,
     /// Since when fewer workers would have met the target.
     low_since: Option<Instant>,
-    /// The most workers the target asked for since `low_since`.
+    /// The most workers the target asked for in two consecutive samples since
+    /// `low_since`.
     low_peak: usize,
+    /// What the previous sample of the window asked for.
+    low_prev: Option<usize>,
 }
 
 impl Autoscaler {
@@ -223,6 +227,7 @@ impl Autoscaler {
             last_up: None,
             low_since: None,
             low_peak: 0,
+            low_prev: None,
         }
     }
 
@@ -236,6 +241,7 @@ impl Autoscaler {
         self.last = None;
         self.low_since = None;
         self.low_peak = 0;
+        self.low_prev = None;
     }
 
     /// Decides the worker count for `now`. The caller applies `to`.
@@ -275,6 +281,7 @@ impl Autoscaler {
         } else if raw > n {
             self.low_since = None;
             self.low_peak = 0;
+            self.low_prev = None;
             if n >= cfg.max {
                 d.reason = Reason::AtMax;
             } else if busy < cfg.min_busy {
@@ -288,7 +295,11 @@ impl Autoscaler {
         } else if raw + cfg.step <= n {
             // The target would still be met with a step fewer: the hysteresis margin.
             let low_since = *self.low_since.get_or_insert(now.at);
-            self.low_peak = self.low_peak.max(raw);
+            // A backlog gone by the next sample did not need workers (the tail of a drain):
+            // the peak counts what two consecutive samples both asked for.
+            if let Some(prev) = self.low_prev.replace(raw) {
+                self.low_peak = self.low_peak.max(prev.min(raw));
+            }
             if n <= cfg.min {
                 d.reason = Reason::AtMin;
             } else if now.at.saturating_duration_since(low_since) < cfg.cooldown {
@@ -304,6 +315,7 @@ impl Autoscaler {
         } else {
             self.low_since = None;
             self.low_peak = 0;
+            self.low_prev = None;
         }
 
         if d.is_change() {
@@ -314,6 +326,7 @@ impl Autoscaler {
                 // A new stabilisation window for the next step down.
                 self.low_since = None;
                 self.low_peak = 0;
+                self.low_prev = None;
             }
         }
         d
@@ -456,13 +469,27 @@ mod tests {
 
     #[test]
     fn scaling_down_keeps_what_the_window_needed_at_its_peak() {
+        // A backlog of 150 (2 workers at 100 each) held for two samples, then nothing:
+        // after the window, down to 2, not to 1.
         let mut s = Sim::new(cfg(), 4);
         s.tick(0, 0.0); // warmup
-        // Backlog of 150 (2 workers at 100 each) then nothing: after the window, down to 2.
-        let tos: Vec<usize> = (0..7)
-            .map(|i| s.tick(if i == 0 { 150 } else { 0 }, 0.0).to)
+        let tos: Vec<usize> = [150, 150, 0, 0, 0, 0, 0]
+            .into_iter()
+            .map(|b| s.tick(b, 0.0).to)
             .collect();
         assert_eq!(*tos.last().unwrap(), 2, "{tos:?}");
+    }
+
+    #[test]
+    fn the_tail_of_a_drain_does_not_hold_workers() {
+        // One sample of 250 as the backlog drains, then nothing: straight to min.
+        let mut s = Sim::new(cfg(), 4);
+        s.tick(0, 0.0); // warmup
+        let tos: Vec<usize> = [250, 0, 0, 0, 0, 0, 0]
+            .into_iter()
+            .map(|b| s.tick(b, 0.0).to)
+            .collect();
+        assert_eq!(*tos.last().unwrap(), 1, "{tos:?}");
     }
 
     #[test]
