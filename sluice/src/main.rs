@@ -62,7 +62,18 @@ enum Command {
     Embedded(Box<embedded::EmbeddedArgs>),
 }
 
-fn main() -> Result<()> {
+/// Errors end as one `error: …` line (with its causes) and exit status 1, not a debug dump.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

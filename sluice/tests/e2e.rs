@@ -1229,4 +1229,40 @@ mod broker {
         std::thread::sleep(Duration::from_millis(1000));
         assert_eq!(total_rows(&w.data(), "acme"), 150_000);
     }
+
+    #[test]
+    fn single_active_consumer_partitions_fail_over_without_loss() {
+        let w = World::new();
+        let sac = ("SLUICE_SINGLE_ACTIVE_CONSUMER", "true");
+        let mut a = w.processors_with(&[sac, ("HOSTNAME", "proc-a")]);
+        let _b = w.processors_with(&[sac, ("HOSTNAME", "proc-b")]);
+        let s = summary(&output_ok(
+            &background_load(&w, 50_000, 20_000, 500).join().unwrap(),
+            "loadgen",
+        ));
+        assert_eq!(s["accepted"], 50_000, "{s}");
+        w.wait_for_rows("acme", 50_000, Duration::from_secs(120));
+        // The first consumer of each partition is the active one; the other stands by.
+        let files = parquet_files(&w.data());
+        assert!(
+            files.iter().all(|f| f.contains("part-proc-a-")),
+            "{files:?}"
+        );
+        // The active one dies: the standby takes the partitions over.
+        a.kill();
+        let s = summary(&output_ok(
+            &background_load(&w, 50_000, 20_000, 500).join().unwrap(),
+            "loadgen",
+        ));
+        assert_eq!(s["accepted"], 50_000, "{s}");
+        w.wait_for_rows("acme", 100_000, Duration::from_secs(120));
+        std::thread::sleep(Duration::from_millis(1000));
+        assert_eq!(total_rows(&w.data(), "acme"), 100_000);
+        assert_eq!(distinct_rows(&w.data(), "acme"), 100_000);
+        let files = parquet_files(&w.data());
+        assert!(
+            files.iter().any(|f| f.contains("part-proc-b-")),
+            "{files:?}"
+        );
+    }
 }
