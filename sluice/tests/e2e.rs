@@ -16,7 +16,8 @@ fn sluice_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_sluice"))
 }
 
-/// loadgen is another package's binary; `cargo test --workspace` builds it beside ours.
+/// loadgen is another package's binary: `cargo test --workspace` builds it because that
+/// package has integration tests of its own (loadgen/tests/cli.rs).
 fn loadgen_bin() -> PathBuf {
     let p = sluice_bin().with_file_name(format!("loadgen{}", std::env::consts::EXE_SUFFIX));
     assert!(
