@@ -135,7 +135,7 @@ async fn main() -> Result<()> {
         prefetch: cli.prefetch,
         ..PoolConfig::default()
     };
-    let control = PoolControl::new(&cfg.group, cfg.workers, cfg.autoscale.clone());
+    let control = PoolControl::for_pool(&cfg);
     let stop = CancellationToken::new();
     let pool = tokio::spawn(sluice_processors::run(
         transport.clone(),

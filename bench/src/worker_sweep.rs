@@ -140,7 +140,7 @@ async fn run_one(cli: &Cli, workers: usize) -> Result<Row> {
         prefetch: cli.prefetch,
         ..PoolConfig::default()
     };
-    let control = PoolControl::new(&cfg.group, workers, None);
+    let control = PoolControl::for_pool(&cfg);
     let stop = CancellationToken::new();
     let start = Instant::now();
     let pool = tokio::spawn(sluice_processors::run(

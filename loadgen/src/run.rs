@@ -265,10 +265,7 @@ pub async fn run(
                 Outcome::Accepted => {
                     counters.accepted.fetch_add(n, Ordering::Relaxed);
                     lock(&timeline).accept(done.duration_since(start), n);
-                    latency
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .record(intended, sent, done);
+                    lock(&latency).record(intended, sent, done);
                 }
                 Outcome::Rejected => {
                     counters.rejected.fetch_add(n, Ordering::Relaxed);
@@ -310,12 +307,12 @@ pub async fn run(
         t.abort();
     }
 
-    let latency = std::mem::take(&mut *latency.lock().unwrap_or_else(|p| p.into_inner()));
+    let latency = std::mem::take(&mut *lock(&latency));
     let mut report = LatencyReport::new()
         .with(SERIES_CORRECTED, latency.corrected)
         .with(SERIES_SERVICE_TIME, latency.service);
     if observe_commits {
-        let e2e = std::mem::take(&mut *end_to_end.lock().unwrap_or_else(|p| p.into_inner()));
+        let e2e = std::mem::take(&mut *lock(&end_to_end));
         report.push(SERIES_END_TO_END, e2e);
     }
     let mut counts = counters.snapshot();
@@ -433,10 +430,7 @@ async fn collect_receipts(
         committed += r.rows;
         lock(&timeline).commit(start.elapsed(), r.rows);
         match LatencyRecorder::from_v2_deflate(&r.latency) {
-            Ok(h) => end_to_end
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .merge(&h),
+            Ok(h) => lock(&end_to_end).merge(&h),
             Err(e) => tracing::warn!(error = %e, "receipt with an unreadable histogram"),
         }
         counters.set_committed(committed);

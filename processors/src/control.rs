@@ -152,6 +152,11 @@ impl PoolControl {
         }
     }
 
+    /// Control of the pool `cfg` describes: its group, start count and autoscaler.
+    pub fn for_pool(cfg: &crate::PoolConfig) -> Self {
+        Self::new(&cfg.group, cfg.workers, cfg.autoscale.clone())
+    }
+
     /// The autoscaler's settings, if any.
     pub fn autoscale(&self) -> Option<&AutoscaleConfig> {
         self.autoscale.as_ref()

@@ -129,8 +129,7 @@ pub(crate) async fn run(args: EmbeddedArgs) -> Result<()> {
     };
     let pool_stop = CancellationToken::new();
     let pool_cfg = args.pool.pool_config(group);
-    let control =
-        sluice_processors::PoolControl::new(group, pool_cfg.workers, pool_cfg.autoscale.clone());
+    let control = sluice_processors::PoolControl::for_pool(&pool_cfg);
     let pool = tokio::spawn(sluice_processors::run(
         transport.clone(),
         sinks,

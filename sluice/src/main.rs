@@ -141,8 +141,7 @@ async fn run_process(args: ProcessArgs, broker: BrokerArgs, ops: OpsArgs) -> Res
     let sinks = args.sinks().await?;
     let transport = connect(&broker, "sluice-process").await?;
     let cfg = args.pool_config();
-    let control =
-        sluice_processors::PoolControl::new(&cfg.group, cfg.workers, cfg.autoscale.clone());
+    let control = sluice_processors::PoolControl::for_pool(&cfg);
     if let Some(addr) = args.admin_listen.0 {
         let listener = bind(addr).await?;
         let (app, stop) = (

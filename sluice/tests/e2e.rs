@@ -996,13 +996,17 @@ mod broker {
 
     /// Runs `sluice workers` against `admin`; its stdout.
     fn sluice_workers(admin: &str, args: &[&str]) -> String {
-        let out = Command::new(sluice_bin())
+        output_ok(&sluice_workers_output(admin, args), "sluice workers")
+    }
+
+    /// Runs `sluice workers` against `admin`, whatever its outcome.
+    fn sluice_workers_output(admin: &str, args: &[&str]) -> Output {
+        Command::new(sluice_bin())
             .env_clear()
             .args(["workers", "--admin-url", admin])
             .args(args)
             .output()
-            .unwrap();
-        output_ok(&out, "sluice workers")
+            .unwrap()
     }
 
     /// Loadgen straight to the broker in the background: `count` readings at `rate`/s.
@@ -1063,18 +1067,10 @@ mod broker {
         assert_eq!(total_rows(&w.data(), "acme"), 100_000);
         assert_eq!(distinct_rows(&w.data(), "acme"), 100_000);
         // Bad requests are refused with a reason, and change nothing.
-        let err = Command::new(sluice_bin())
-            .env_clear()
-            .args(["workers", "--admin-url", &admin, "set", "0"])
-            .output()
-            .unwrap();
+        let err = sluice_workers_output(&admin, &["set", "0"]);
         assert!(!err.status.success());
         assert!(String::from_utf8_lossy(&err.stderr).contains("out_of_range"));
-        let err = Command::new(sluice_bin())
-            .env_clear()
-            .args(["workers", "--admin-url", &admin, "auto"])
-            .output()
-            .unwrap();
+        let err = sluice_workers_output(&admin, &["auto"]);
         assert!(String::from_utf8_lossy(&err.stderr).contains("no_autoscaler"));
         assert_eq!(workers_status(&http, &admin)["workers"], 2);
     }
