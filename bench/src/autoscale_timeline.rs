@@ -31,7 +31,7 @@ use sluice_sinks::parquet::{ParquetStore, ParquetStoreConfig};
 
 /// The autoscaler under a burst.
 #[derive(Debug, Parser)]
-#[command(name = "autoscale-timeline", version, about)]
+#[command(name = "autoscale-timeline", version)]
 struct Cli {
     /// Broker URL.
     #[arg(

@@ -28,7 +28,7 @@ use sluice_sinks::parquet::{ParquetStore, ParquetStoreConfig};
 
 /// Storage throughput per worker count.
 #[derive(Debug, Parser)]
-#[command(name = "worker-sweep", version, about)]
+#[command(name = "worker-sweep", version)]
 struct Cli {
     /// Broker URL.
     #[arg(
