@@ -4,4 +4,7 @@
 //!
 //! Layout, in data-path order:
 //! - [`subscription`]: the subscription API's JSON shape and its rules;
+//! - [`notify`]: the notifiers, which deliver a prepared notification to its target
+//!   (HTTP webhook).
+pub mod notify;
 pub mod subscription;

@@ -1,0 +1,3 @@
+//! Notifiers: deliver a prepared notification to its target.
+
+pub mod webhook;
