@@ -4,4 +4,6 @@
 //!
 //! Layout, in data-path order:
 //! - [`subscription`]: the subscription API's JSON shape and its rules;
+//! - [`matching`]: the indexed matching engine (patterns, value predicates);
+pub mod matching;
 pub mod subscription;
