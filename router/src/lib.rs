@@ -4,7 +4,9 @@
 //!
 //! Layout, in data-path order:
 //! - [`subscription`]: the subscription API's JSON shape and its rules;
+//! - [`matching`]: the indexed matching engine (patterns, value predicates);
 //! - [`notify`]: the notifiers, which deliver a prepared notification to its target
 //!   (HTTP webhook).
+pub mod matching;
 pub mod notify;
 pub mod subscription;
