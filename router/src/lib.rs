@@ -4,9 +4,166 @@
 //!
 //! Layout, in data-path order:
 //! - [`subscription`]: the subscription API's JSON shape and its rules;
+//! - [`store`] and [`sync`]: subscriptions and policy counters in Redis, and this
+//!   instance's copy of them;
+//! - [`api`]: the tenant-authenticated subscription API and the live feed;
 //! - [`matching`]: the indexed matching engine (patterns, value predicates);
-//! - [`notify`]: the notifiers, which deliver a prepared notification to its target
-//!   (HTTP webhook).
+//! - [`route`]: the match stage, a consumer group on the telemetry partitions and the
+//!   events queue, publishing jobs to the outbox;
+//! - [`event`]: events, jobs and notifications on the wire;
+//! - [`outbox`]: the durable path between matching and delivery (notify, delay and
+//!   dead-letter queues);
+//! - [`deliver`]: the notification policies and the delivery stage;
+//! - [`notify`]: the notifiers.
+
+pub mod api;
+pub mod deliver;
+pub mod event;
 pub mod matching;
 pub mod notify;
+pub mod outbox;
+pub mod route;
+pub mod store;
 pub mod subscription;
+pub mod sync;
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use sluice_binding::transport::amqp::AmqpTransport;
+use sluice_binding::transport::{Transport, TransportError};
+use sluice_ingest::Tenants;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use deliver::DeliverConfig;
+pub use notify::webhook::{WebhookConfig, WebhookNotifier};
+pub use route::MatchConfig;
+
+/// Settings of a router instance.
+#[derive(Clone, Debug)]
+pub struct RouterConfig {
+    /// Redis holding subscriptions and policy counters (`redis://host:6379`).
+    pub redis_url: String,
+    /// Prefix of the router's Redis keys.
+    pub redis_namespace: String,
+    /// Notify queues of the outbox; fixed at their first declaration like the partitions.
+    pub notify_partitions: u32,
+    /// Most subscriptions per tenant.
+    pub max_subscriptions_per_tenant: usize,
+    /// How often the subscription change counter is polled (pub/sub is the fast path).
+    pub sync_poll: Duration,
+    /// The match stage.
+    pub matching: MatchConfig,
+    /// The delivery stage.
+    pub deliver: DeliverConfig,
+    /// The webhook notifier.
+    pub webhook: WebhookConfig,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: "redis://127.0.0.1:6379".to_owned(),
+            redis_namespace: store::DEFAULT_NAMESPACE.to_owned(),
+            notify_partitions: 4,
+            max_subscriptions_per_tenant: 10_000,
+            sync_poll: Duration::from_millis(500),
+            matching: MatchConfig::default(),
+            deliver: DeliverConfig::default(),
+            webhook: WebhookConfig::default(),
+        }
+    }
+}
+
+/// Why the router could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// The broker failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// Redis failed.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// The webhook client could not be built.
+    #[error("cannot build the webhook client: {0}")]
+    Webhook(#[from] reqwest::Error),
+    /// The API listener failed.
+    #[error("subscription API: {0}")]
+    Api(#[from] std::io::Error),
+}
+
+/// Runs a router instance until `shutdown`: the subscription API on `listener` (if any),
+/// the subscription sync, the match stage and the delivery stage.
+pub async fn run(
+    transport: AmqpTransport,
+    listener: Option<TcpListener>,
+    tenants: Tenants,
+    cfg: RouterConfig,
+    shutdown: CancellationToken,
+) -> Result<(), RouterError> {
+    let store = store::Store::connect(
+        &cfg.redis_url,
+        &cfg.redis_namespace,
+        cfg.max_subscriptions_per_tenant,
+    )
+    .await?;
+    let webhook = WebhookNotifier::new(cfg.webhook.clone())?;
+    let outbox = outbox::Outbox::new(transport.clone(), cfg.notify_partitions);
+    let generic = Transport::Amqp(transport.clone());
+    generic.declare(&[route::GROUP]).await?;
+    outbox.declare().await?;
+    let (index, version) = sync::load(&store).await?;
+    tracing::info!(subscriptions = index.len(), "subscriptions loaded");
+    let index: sync::SharedIndex = Arc::new(RwLock::new(index));
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(sync::run(
+        store.clone(),
+        index.clone(),
+        version,
+        cfg.sync_poll,
+        shutdown.clone(),
+    ));
+    if let Some(listener) = listener {
+        let app = api::app(api::ApiState::new(
+            tenants,
+            store.clone(),
+            webhook.clone(),
+            shutdown.clone(),
+        ));
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "subscription API failed");
+            }
+        });
+    }
+    let delivering = tokio::spawn(deliver::run(
+        outbox.clone(),
+        store.clone(),
+        index.clone(),
+        webhook,
+        cfg.deliver.clone(),
+        shutdown.clone(),
+    ));
+    let matched = route::run(
+        generic,
+        outbox,
+        index,
+        cfg.matching.clone(),
+        shutdown.clone(),
+    )
+    .await;
+    if matched.is_err() {
+        shutdown.cancel();
+    }
+    let delivered = delivering.await.unwrap_or(Ok(()));
+    while tasks.join_next().await.is_some() {}
+    matched?;
+    delivered?;
+    Ok(())
+}

@@ -364,3 +364,108 @@ pub(crate) enum WorkersAction {
     /// Hand the count back to the autoscaler.
     Auto,
 }
+
+/// `sluice router` flags.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct RouterArgs {
+    /// Address of the subscription API (`/v1/subscriptions`, live feeds); empty to run
+    /// without it (matching and delivery only).
+    #[arg(long, env = "SLUICE_ROUTER_LISTEN", default_value = "0.0.0.0:8090")]
+    pub(crate) listen: OptionalAddr,
+    /// Tenants file (TOML), the same as ingest's: API keys name the tenant.
+    #[arg(long, env = "SLUICE_TENANTS")]
+    pub(crate) tenants: PathBuf,
+    /// Redis URL: subscriptions, rate-limit windows, expiration counters, live feeds and
+    /// Redis-stream targets.
+    #[arg(
+        long,
+        env = "SLUICE_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub(crate) redis_url: String,
+    /// Prefix of the Redis keys.
+    #[arg(long, env = "SLUICE_REDIS_PREFIX", default_value = "sluice")]
+    pub(crate) redis_prefix: String,
+    /// Notify queues of the outbox (fixed at their first declaration).
+    #[arg(long, env = "SLUICE_NOTIFY_PARTITIONS", default_value_t = 4)]
+    pub(crate) notify_partitions: u32,
+    /// Most subscriptions per tenant.
+    #[arg(long, env = "SLUICE_MAX_SUBSCRIPTIONS", default_value_t = 10_000)]
+    pub(crate) max_subscriptions: usize,
+    /// Unsettled telemetry batches per partition consumer of the match stage.
+    #[arg(long, env = "SLUICE_MATCH_PREFETCH", default_value_t = 32)]
+    pub(crate) match_prefetch: u16,
+    /// Unsettled jobs per notify queue of the delivery stage; bounds what batches and
+    /// pending notifications hold.
+    #[arg(long, env = "SLUICE_NOTIFY_PREFETCH", default_value_t = 512)]
+    pub(crate) notify_prefetch: u16,
+    /// Notifications being delivered at once by this instance.
+    #[arg(long, env = "SLUICE_NOTIFY_IN_FLIGHT", default_value_t = 256)]
+    pub(crate) in_flight: usize,
+    /// Delivery attempts before a notification goes to the dead-letter queue.
+    #[arg(long, env = "SLUICE_NOTIFY_MAX_ATTEMPTS", default_value_t = 8)]
+    pub(crate) max_attempts: u32,
+    /// Delay before the first retry; doubles per attempt, with jitter.
+    #[arg(long, env = "SLUICE_NOTIFY_RETRY_INITIAL", default_value = "1s", value_parser = duration)]
+    pub(crate) retry_initial: Duration,
+    /// Longest delay between retries.
+    #[arg(long, env = "SLUICE_NOTIFY_RETRY_MAX", default_value = "60s", value_parser = duration)]
+    pub(crate) retry_max: Duration,
+    /// Timeout of one webhook request.
+    #[arg(long, env = "SLUICE_WEBHOOK_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub(crate) webhook_timeout: Duration,
+    /// Concurrent requests per webhook target (scheme, host and port).
+    #[arg(long, env = "SLUICE_WEBHOOK_CONCURRENCY", default_value_t = 8)]
+    pub(crate) webhook_concurrency: usize,
+    /// Consecutive failures that open a target's circuit breaker.
+    #[arg(long, env = "SLUICE_WEBHOOK_BREAKER_FAILURES", default_value_t = 5)]
+    pub(crate) breaker_failures: u32,
+    /// How long an open circuit stays open before one trial request.
+    #[arg(long, env = "SLUICE_WEBHOOK_BREAKER_OPEN_FOR", default_value = "30s", value_parser = duration)]
+    pub(crate) breaker_open_for: Duration,
+    /// Webhook targets allowed although loopback, private or link-local: IP addresses,
+    /// CIDR networks or host names, comma-separated (e.g. `10.0.0.0/8,hooks.internal`).
+    #[arg(long, env = "SLUICE_WEBHOOK_ALLOW", value_delimiter = ',')]
+    pub(crate) webhook_allow: Vec<String>,
+}
+
+impl RouterArgs {
+    pub(crate) fn config(&self) -> Result<sluice_router::RouterConfig> {
+        let mut allow = Vec::new();
+        for a in self.webhook_allow.iter().filter(|a| !a.trim().is_empty()) {
+            allow.push(
+                a.trim()
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--webhook-allow {a:?}: {e}"))?,
+            );
+        }
+        let d = sluice_router::RouterConfig::default();
+        Ok(sluice_router::RouterConfig {
+            redis_url: self.redis_url.clone(),
+            redis_namespace: self.redis_prefix.clone(),
+            notify_partitions: self.notify_partitions,
+            max_subscriptions_per_tenant: self.max_subscriptions,
+            matching: sluice_router::MatchConfig {
+                prefetch: self.match_prefetch,
+                ..d.matching
+            },
+            deliver: sluice_router::DeliverConfig {
+                prefetch: self.notify_prefetch,
+                max_in_flight: self.in_flight,
+                max_attempts: self.max_attempts,
+                retry_initial: self.retry_initial,
+                retry_max: self.retry_max,
+                ..d.deliver
+            },
+            webhook: sluice_router::WebhookConfig {
+                timeout: self.webhook_timeout,
+                per_target_concurrency: self.webhook_concurrency,
+                breaker_failures: self.breaker_failures,
+                breaker_open_for: self.breaker_open_for,
+                allow,
+                ..d.webhook
+            },
+            ..d
+        })
+    }
+}

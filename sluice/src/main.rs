@@ -16,7 +16,9 @@ use sluice_binding::telemetry;
 use sluice_binding::transport::Transport;
 use sluice_binding::transport::amqp::{AmqpConfig, AmqpTransport};
 
-use crate::args::{BrokerArgs, IngestArgs, OpsArgs, ProcessArgs, QueryArgs, WorkersArgs};
+use crate::args::{
+    BrokerArgs, IngestArgs, OpsArgs, ProcessArgs, QueryArgs, RouterArgs, WorkersArgs,
+};
 
 /// Sluice: a high-throughput ingestion pipeline for IoT telemetry on RabbitMQ, Arrow/Parquet
 /// and Redis (ETSI TR 103 527).
@@ -44,6 +46,17 @@ enum Command {
     Process {
         #[command(flatten)]
         process: ProcessArgs,
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
+    /// Router: subscription API, matching of readings and derived events against
+    /// subscriptions, oneM2M notification policies, and delivery by webhook, AMQP, Redis
+    /// stream or live feed through a durable outbox.
+    Router {
+        #[command(flatten)]
+        router: RouterArgs,
         #[command(flatten)]
         broker: BrokerArgs,
         #[command(flatten)]
@@ -107,6 +120,11 @@ fn run() -> Result<()> {
                 broker,
                 ops,
             } => run_process(process, broker, ops).await,
+            Command::Router {
+                router,
+                broker,
+                ops,
+            } => run_router(router, broker, ops).await,
             Command::Query(q) => run_query(q).await,
             Command::Workers(w) => workers::run(w).await,
             Command::Embedded(e) => embedded::run(*e).await,
@@ -124,11 +142,15 @@ fn start_ops(ops: &OpsArgs) -> Result<CancellationToken> {
 }
 
 async fn connect(broker: &BrokerArgs, name: &str) -> Result<Transport> {
+    Ok(Transport::Amqp(connect_amqp(broker, name).await?))
+}
+
+async fn connect_amqp(broker: &BrokerArgs, name: &str) -> Result<AmqpTransport> {
     let mut cfg = AmqpConfig::new(broker.amqp_url.clone(), broker.topology());
     cfg.confirm_timeout = broker.confirm_timeout;
     cfg.connect_timeout = broker.connect_timeout;
     cfg.connection_name = name.to_owned();
-    Ok(Transport::Amqp(AmqpTransport::connect(cfg).await?))
+    Ok(AmqpTransport::connect(cfg).await?)
 }
 
 async fn run_ingest(args: IngestArgs, broker: BrokerArgs, ops: OpsArgs) -> Result<()> {
@@ -178,6 +200,26 @@ async fn run_process(args: ProcessArgs, broker: BrokerArgs, ops: OpsArgs) -> Res
     transport.close().await;
     let report = report?;
     tracing::info!("storage pool stopped\n{}", report.summary());
+    Ok(())
+}
+
+async fn run_router(args: RouterArgs, broker: BrokerArgs, ops: OpsArgs) -> Result<()> {
+    let shutdown = start_ops(&ops)?;
+    let tenants = sluice_ingest::tenants::Tenants::load(&args.tenants)
+        .with_context(|| format!("cannot load tenants from {}", args.tenants.display()))?;
+    let cfg = args.config()?;
+    let transport = connect_amqp(&broker, "sluice-router").await?;
+    let listener = match args.listen.0 {
+        Some(addr) => {
+            tracing::info!(%addr, "serving the subscription API");
+            Some(bind(addr).await?)
+        }
+        None => None,
+    };
+    let result = sluice_router::run(transport.clone(), listener, tenants, cfg, shutdown).await;
+    transport.close().await;
+    result?;
+    tracing::info!("router stopped");
     Ok(())
 }
 

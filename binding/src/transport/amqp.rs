@@ -156,6 +156,30 @@ impl AmqpTransport {
         })
     }
 
+    /// A new channel on each broker, for services that declare topology of their own.
+    /// The caller closes them.
+    pub async fn open_channels(&self) -> Result<Vec<Channel>, TransportError> {
+        let mut out = Vec::with_capacity(self.inner.brokers.len());
+        for b in &self.inner.brokers {
+            out.push(b.conn.create_channel().await?);
+        }
+        Ok(out)
+    }
+
+    /// Publishes any message with a confirm, like the batches: to `exchange` with routing
+    /// key `key`. With `mandatory`, a message no queue takes is [`PublishError::Unroutable`].
+    pub async fn publish_to(
+        &self,
+        exchange: &str,
+        key: &str,
+        body: &[u8],
+        props: BasicProperties,
+        mandatory: bool,
+    ) -> Result<(), PublishError> {
+        self.publish_raw(exchange, key, body, props, mandatory)
+            .await
+    }
+
     pub(super) async fn publish(&self, msg: Outgoing<'_>) -> Result<(), PublishError> {
         let topo = &self.inner.cfg.topology;
         if msg.partition >= topo.partitions {
@@ -330,10 +354,23 @@ impl AmqpTransport {
         prefetch: u16,
     ) -> Result<Vec<Consumer>, TransportError> {
         let topo = &self.inner.cfg.topology;
+        let queues: Vec<String> = (0..topo.partitions)
+            .map(|p| topo.partition_queue(group, p))
+            .collect();
+        self.consume_queues(&queues, prefetch).await
+    }
+
+    /// One consumer per queue of `queues` on every broker, each on its own channel with
+    /// `prefetch` unsettled deliveries at most. For services with queues of their own
+    /// beyond the partition groups (the router's notification outbox).
+    pub async fn consume_queues(
+        &self,
+        queues: &[String],
+        prefetch: u16,
+    ) -> Result<Vec<Consumer>, TransportError> {
         let mut out = Vec::new();
         for b in &self.inner.brokers {
-            for p in 0..topo.partitions {
-                let queue = topo.partition_queue(group, p);
+            for queue in queues {
                 let channel = b.conn.create_channel().await?;
                 channel
                     .basic_qos(prefetch, BasicQosOptions::default())
@@ -384,7 +421,8 @@ impl AmqpTransport {
         Ok(out)
     }
 
-    pub(super) async fn close(&self) {
+    /// Closes the connections; unsettled deliveries go back to their queues.
+    pub async fn close(&self) {
         for b in &self.inner.brokers {
             if let Err(e) = b.conn.close(200, "shutdown".into()).await {
                 tracing::debug!(broker = %b.name, error = %e, "close");

@@ -297,8 +297,9 @@ fn unavailable_message(e: &SendError) -> String {
     }
 }
 
-/// The API key of a request.
-fn api_key(headers: &HeaderMap) -> Result<&str, ApiError> {
+/// The API key of a request: `Authorization: Bearer <key>` or `X-Api-Key: <key>`. Shared
+/// with the other tenant-authenticated APIs (the router's subscriptions).
+pub fn api_key(headers: &HeaderMap) -> Result<&str, ApiError> {
     let unauthorized = |m: &str| ApiError::new(ErrorCode::Unauthorized, m);
     if let Some(v) = headers.get(header::AUTHORIZATION) {
         let v = v

@@ -1,0 +1,325 @@
+//! The subscription API (HTTP, JSON), tenant-authenticated like ingest: the API key names
+//! the tenant, and every route sees only that tenant's subscriptions. Another tenant's
+//! subscription answers 404, exactly like one that does not exist.
+//!
+//! | route | does |
+//! |---|---|
+//! | `POST /v1/subscriptions` | create (201 + the stored subscription, `Location`) |
+//! | `GET /v1/subscriptions` | list |
+//! | `GET /v1/subscriptions/{id}` | one |
+//! | `DELETE /v1/subscriptions/{id}` | delete (204) |
+//! | `GET /v1/subscriptions/{id}/live` | the live feed of a `live` subscription (server-sent events) |
+//! | `GET /healthz` | liveness |
+//!
+//! Errors are `{"error": code, "message": text}` with the status of the code.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures::{Stream, StreamExt};
+use serde::Serialize;
+use sluice_binding::TenantId;
+use sluice_ingest::Tenants;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::notify::webhook::WebhookNotifier;
+use crate::route::now_ns;
+use crate::store::{Store, StoreError};
+use crate::subscription::{NewSubscription, Subscription, Target};
+
+/// Largest request body.
+const MAX_BODY: usize = 64 * 1024;
+
+/// What the API needs. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct ApiState {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    tenants: Tenants,
+    store: Store,
+    webhook: WebhookNotifier,
+    /// Ends live feeds, which would otherwise hold graceful shutdown open forever.
+    shutdown: CancellationToken,
+}
+
+impl ApiState {
+    /// The API over `store`, authenticating with `tenants`, checking webhook targets with
+    /// `webhook`'s address rules.
+    /// Live feeds end at `shutdown`.
+    pub fn new(
+        tenants: Tenants,
+        store: Store,
+        webhook: WebhookNotifier,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                tenants,
+                store,
+                webhook,
+                shutdown,
+            }),
+        }
+    }
+}
+
+/// The API's routes.
+pub fn app(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/subscriptions", get(list).post(create))
+        .route("/v1/subscriptions/{id}", get(get_one).delete(delete))
+        .route("/v1/subscriptions/{id}/live", get(live))
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// A refused request.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", "no such subscription")
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::TooMany(n) => Self::new(
+                StatusCode::CONFLICT,
+                "too_many_subscriptions",
+                format!("the tenant already has {n} subscriptions, the most allowed"),
+            ),
+            other => {
+                tracing::warn!(error = %other, "subscription store failed");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the subscription store is unavailable; retry later",
+                )
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            error: &'a str,
+            message: &'a str,
+        }
+        let mut r = (
+            self.status,
+            Json(Body {
+                error: self.code,
+                message: &self.message,
+            }),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        } else if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        r
+    }
+}
+
+fn tenant(state: &ApiState, headers: &HeaderMap) -> Result<TenantId, ApiError> {
+    let key = sluice_ingest::http::api_key(headers)
+        .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.message))?;
+    state
+        .inner
+        .tenants
+        .lookup(key)
+        .cloned()
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown API key"))
+}
+
+fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+    // A malformed id cannot name a subscription: 404, like any unknown one.
+    Uuid::parse_str(id).map_err(|_| ApiError::not_found())
+}
+
+async fn create(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let tenant = tenant(&state, &headers)?;
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+        });
+    if !is_json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the subscription as Content-Type: application/json",
+        ));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(&body);
+    let new: NewSubscription = serde_path_to_error::deserialize(de).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_body",
+            format!("{}: {}", e.path(), e.inner()),
+        )
+    })?;
+    new.validate().map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_subscription",
+            e.to_string(),
+        )
+    })?;
+    if let Target::Webhook { url } = &new.target {
+        state.inner.webhook.check_target(url).await.map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "target_refused",
+                format!("target.url: {}", e.reason()),
+            )
+        })?;
+    }
+    let sub = new.into_subscription(Uuid::now_v7(), tenant, now_ns());
+    state.inner.store.create(&sub).await?;
+    tracing::info!(tenant = %sub.tenant, id = %sub.id, target = sub.target.kind(), "subscription created");
+    let location = format!("/v1/subscriptions/{}", sub.id);
+    let mut r = (StatusCode::CREATED, Json(sub)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(r)
+}
+
+async fn list(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<Subscription>>, ApiError> {
+    let tenant = tenant(&state, &headers)?;
+    Ok(Json(state.inner.store.list(tenant.as_str()).await?))
+}
+
+async fn get_one(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Subscription>, ApiError> {
+    let tenant = tenant(&state, &headers)?;
+    let id = parse_id(&id)?;
+    match state.inner.store.get(&tenant, id).await? {
+        Some(s) if s.tenant == tenant => Ok(Json(s)),
+        _ => Err(ApiError::not_found()),
+    }
+}
+
+async fn delete(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let tenant = tenant(&state, &headers)?;
+    let id = parse_id(&id)?;
+    if state.inner.store.delete(&tenant, id).await? {
+        tracing::info!(%tenant, %id, "subscription deleted");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found())
+    }
+}
+
+async fn live(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let tenant = tenant(&state, &headers)?;
+    let id = parse_id(&id)?;
+    let sub = match state.inner.store.get(&tenant, id).await? {
+        Some(s) if s.tenant == tenant => s,
+        _ => return Err(ApiError::not_found()),
+    };
+    if sub.target != Target::Live {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_live",
+            "this subscription's target is not the live feed",
+        ));
+    }
+    let store = &state.inner.store;
+    let mut pubsub = store
+        .client()
+        .get_async_pubsub()
+        .await
+        .map_err(StoreError::from)?;
+    pubsub
+        .subscribe(store.live_channel(tenant.as_str(), id))
+        .await
+        .map_err(StoreError::from)?;
+    metrics::gauge!("sluice_live_listeners").increment(1.0);
+    let guard = ListenerGuard;
+    let ended = state.inner.shutdown.clone().cancelled_owned();
+    let stream = pubsub
+        .into_on_message()
+        .take_until(ended)
+        .filter_map(move |msg| {
+            let _held = &guard;
+            let data: Option<String> = msg.get_payload().ok();
+            async move {
+                data.map(|d| {
+                    let id = serde_json::from_str::<serde_json::Value>(&d)
+                        .ok()
+                        .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_owned));
+                    let ev = SseEvent::default().event("notification").data(d);
+                    Ok(match id {
+                        Some(id) => ev.id(id),
+                        None => ev,
+                    })
+                })
+            }
+        });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// Counts live listeners down when a feed's stream is dropped (the client went away).
+struct ListenerGuard;
+
+impl Drop for ListenerGuard {
+    fn drop(&mut self) {
+        metrics::gauge!("sluice_live_listeners").decrement(1.0);
+    }
+}

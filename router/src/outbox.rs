@@ -1,0 +1,301 @@
+//! The router's own objects on the broker, and publishing to them: the durable path every
+//! notification takes between matching and delivery.
+//!
+//! ```text
+//! {ns}.events (topic) ──#──► {ns}.router.events            derived events to match
+//! {ns}.notify (topic) ─*.p─► {ns}.notify.p  (p < partitions) jobs to deliver
+//! {ns}.notify.delay (topic) ─{ms}.*─► {ns}.notify.delay.{ms}  TTL, then dead-lettered
+//!                                   back to {ns}.notify with their key `{ms}.p`
+//! {ns}.notify.dead                                            undeliverable, with a reason
+//! ```
+//!
+//! A job is published with routing key `now.p` (p from its subscription id, so one
+//! subscription's jobs meet in one queue and batches fill). A retry or a rate-limited
+//! notification is published to the delay exchange with key `{tier}.p` and a per-message
+//! expiration; the tier queue's TTL bounds the wait, and when the message expires RabbitMQ
+//! dead-letters it to `{ns}.notify` with its key unchanged, where `*.p` takes it back to
+//! partition `p`. Per-message TTLs expire only at the head of a queue, so delays are
+//! grouped into tiers (×4 apart) and a message waits at most its tier's length.
+//!
+//! Quorum queues dead-letter at-least-once (`x-dead-letter-strategy`), which needs
+//! `x-overflow: reject-publish`.
+
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use lapin::ExchangeKind;
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use sluice_binding::QueueType;
+use sluice_binding::transport::amqp::AmqpTransport;
+use sluice_binding::transport::{Consumer, PublishError, TransportError};
+use uuid::Uuid;
+
+use crate::event::Job;
+
+/// Content type of jobs and derived events.
+pub const CONTENT_TYPE: &str = "application/msgpack";
+
+/// The delay tiers: a delay goes to the shortest tier at least as long.
+pub const DELAY_TIERS: [Duration; 7] = [
+    Duration::from_secs(1),
+    Duration::from_secs(4),
+    Duration::from_secs(16),
+    Duration::from_secs(64),
+    Duration::from_secs(256),
+    Duration::from_secs(1024),
+    Duration::from_secs(3600),
+];
+
+/// The outbox: names, declaration, publishing. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    transport: AmqpTransport,
+    ns: String,
+    partitions: u32,
+    queue_type: QueueType,
+}
+
+impl Outbox {
+    /// The outbox of `transport`'s namespace, with `partitions` notify queues.
+    pub fn new(transport: AmqpTransport, partitions: u32) -> Self {
+        let topo = transport.topology();
+        let (ns, queue_type) = (topo.namespace.clone(), topo.queue_type);
+        Self {
+            transport,
+            ns,
+            partitions: partitions.max(1),
+            queue_type,
+        }
+    }
+
+    /// The transport.
+    pub fn transport(&self) -> &AmqpTransport {
+        &self.transport
+    }
+
+    /// The events exchange, where analytics services publish derived events.
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.ns)
+    }
+
+    /// The queue of derived events the routers share.
+    pub fn events_queue(&self) -> String {
+        format!("{}.router.events", self.ns)
+    }
+
+    /// The exchange of jobs to deliver.
+    pub fn notify_exchange(&self) -> String {
+        format!("{}.notify", self.ns)
+    }
+
+    /// The notify queue of partition `p`.
+    pub fn notify_queue(&self, p: u32) -> String {
+        format!("{}.notify.{p}", self.ns)
+    }
+
+    /// Every notify queue.
+    pub fn notify_queues(&self) -> Vec<String> {
+        (0..self.partitions).map(|p| self.notify_queue(p)).collect()
+    }
+
+    /// The exchange of delayed jobs.
+    pub fn delay_exchange(&self) -> String {
+        format!("{}.notify.delay", self.ns)
+    }
+
+    /// The queue of one delay tier.
+    pub fn delay_queue(&self, tier: Duration) -> String {
+        format!("{}.notify.delay.{}", self.ns, tier.as_millis())
+    }
+
+    /// The dead-letter queue of undeliverable notifications.
+    pub fn dead_queue(&self) -> String {
+        format!("{}.notify.dead", self.ns)
+    }
+
+    /// The notify partition of a subscription.
+    pub fn partition_of(&self, subscription: Uuid) -> u32 {
+        // UUID v7 ends in random bits: a fair spread.
+        (subscription.as_u128() % u128::from(self.partitions)) as u32
+    }
+
+    fn queue_args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        let qt = match self.queue_type {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        };
+        args.insert(
+            ShortString::from("x-queue-type"),
+            AMQPValue::LongString(qt.into()),
+        );
+        args
+    }
+
+    /// Declares every object of the outbox on every broker (idempotent).
+    pub async fn declare(&self) -> Result<(), TransportError> {
+        let topic = ExchangeKind::Topic;
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        let bind = |ch: &lapin::Channel, q: String, x: String, key: String| {
+            let ch = ch.clone();
+            async move {
+                ch.queue_bind(
+                    q.into(),
+                    x.into(),
+                    key.into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+            }
+        };
+        for ch in self.transport.open_channels().await? {
+            for x in [
+                self.events_exchange(),
+                self.notify_exchange(),
+                self.delay_exchange(),
+            ] {
+                ch.exchange_declare(x.into(), topic.clone(), durable, FieldTable::default())
+                    .await?;
+            }
+            let q = QueueDeclareOptions::durable();
+            ch.queue_declare(self.events_queue().into(), q, self.queue_args())
+                .await?;
+            bind(&ch, self.events_queue(), self.events_exchange(), "#".into()).await?;
+            for p in 0..self.partitions {
+                ch.queue_declare(self.notify_queue(p).into(), q, self.queue_args())
+                    .await?;
+                bind(
+                    &ch,
+                    self.notify_queue(p),
+                    self.notify_exchange(),
+                    format!("*.{p}"),
+                )
+                .await?;
+            }
+            for tier in DELAY_TIERS {
+                let mut args = self.queue_args();
+                args.insert(
+                    ShortString::from("x-message-ttl"),
+                    AMQPValue::LongLongInt(tier.as_millis() as i64),
+                );
+                args.insert(
+                    ShortString::from("x-dead-letter-exchange"),
+                    AMQPValue::LongString(self.notify_exchange().into()),
+                );
+                if self.queue_type == QueueType::Quorum {
+                    args.insert(
+                        ShortString::from("x-dead-letter-strategy"),
+                        AMQPValue::LongString("at-least-once".into()),
+                    );
+                    args.insert(
+                        ShortString::from("x-overflow"),
+                        AMQPValue::LongString("reject-publish".into()),
+                    );
+                }
+                let queue = self.delay_queue(tier);
+                ch.queue_declare(queue.clone().into(), q, args).await?;
+                bind(
+                    &ch,
+                    queue,
+                    self.delay_exchange(),
+                    format!("{}.*", tier.as_millis()),
+                )
+                .await?;
+            }
+            ch.queue_declare(self.dead_queue().into(), q, self.queue_args())
+                .await?;
+            let _ = ch.close(200, "declared".into()).await;
+        }
+        Ok(())
+    }
+
+    fn props(key: &str) -> BasicProperties {
+        BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type(CONTENT_TYPE.into())
+            .with_message_id(key.into())
+    }
+
+    /// Publishes a job for delivery now; returns once the broker confirmed it.
+    pub async fn enqueue(&self, job: &Job, key: &str) -> Result<(), PublishError> {
+        let p = self.partition_of(job.subscription);
+        self.transport
+            .publish_to(
+                &self.notify_exchange(),
+                &format!("now.{p}"),
+                &job.encode(),
+                Self::props(key),
+                true,
+            )
+            .await
+    }
+
+    /// Publishes a job to come back after `after` (rounded up to whole milliseconds, at
+    /// most the longest tier).
+    pub async fn delay(&self, job: &Job, key: &str, after: Duration) -> Result<(), PublishError> {
+        let p = self.partition_of(job.subscription);
+        let tier = DELAY_TIERS
+            .iter()
+            .copied()
+            .find(|t| *t >= after)
+            .unwrap_or(DELAY_TIERS[DELAY_TIERS.len() - 1]);
+        let ms = after.min(tier).as_millis().max(1);
+        let props = Self::props(key).with_expiration(ms.to_string().into());
+        self.transport
+            .publish_to(
+                &self.delay_exchange(),
+                &format!("{}.{p}", tier.as_millis()),
+                &job.encode(),
+                props,
+                true,
+            )
+            .await
+    }
+
+    /// Publishes an undeliverable job to the dead-letter queue with the reason.
+    pub async fn dead_letter(
+        &self,
+        job: &Job,
+        key: &str,
+        error: &str,
+        reason: &str,
+        attempts: u32,
+    ) -> Result<(), PublishError> {
+        let mut headers = FieldTable::default();
+        for (k, v) in [
+            ("x-sluice-reason", reason.to_owned()),
+            ("x-sluice-error", error.to_owned()),
+            ("x-sluice-tenant", job.tenant.clone()),
+            ("x-sluice-subscription", job.subscription.to_string()),
+        ] {
+            headers.insert(ShortString::from(k), AMQPValue::LongString(v.into()));
+        }
+        headers.insert(
+            ShortString::from("x-sluice-attempts"),
+            AMQPValue::LongLongInt(i64::from(attempts)),
+        );
+        let props = Self::props(key).with_headers(headers);
+        self.transport
+            .publish_to("", &self.dead_queue(), &job.encode(), props, true)
+            .await
+    }
+
+    /// Consumers of every notify queue.
+    pub async fn consume_notify(&self, prefetch: u16) -> Result<Vec<Consumer>, TransportError> {
+        self.transport
+            .consume_queues(&self.notify_queues(), prefetch)
+            .await
+    }
+
+    /// A consumer of the derived-events queue.
+    pub async fn consume_events(&self, prefetch: u16) -> Result<Vec<Consumer>, TransportError> {
+        self.transport
+            .consume_queues(&[self.events_queue()], prefetch)
+            .await
+    }
+}

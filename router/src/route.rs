@@ -1,0 +1,267 @@
+//! The match stage: consumes the telemetry partitions (consumer group `router`) and the
+//! derived-events queue, matches every event against the index, and publishes one job per
+//! matched subscription to the outbox. A delivery is acked only after every job it produced
+//! was confirmed by the broker: from then on the notifications are on a durable path. A
+//! delivery whose jobs could not all be published is requeued (a redelivery re-publishes
+//! the same events with the same ids, so subscribers can drop repeats).
+//!
+//! One task per consumer, each with its own [`Matcher`]: with device-hash partitioning a
+//! series always reaches the same matcher, which keeps `changed_by` exact.
+
+use std::time::{Duration, Instant};
+
+use futures::future::try_join_all;
+use sluice_binding::codec;
+use sluice_binding::transport::{Consumer, DeadLetter, Delivery, Transport};
+use sluice_binding::validate::{self, Limits};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::event::{self, DerivedEvent, Event, Job, Stage};
+use crate::matching::Matcher;
+use crate::outbox::Outbox;
+use crate::subscription::EventKind;
+use crate::sync::SharedIndex;
+
+/// The consumer group of the router on the telemetry partitions.
+pub const GROUP: &str = "router";
+
+/// Settings of the match stage.
+#[derive(Clone, Debug)]
+pub struct MatchConfig {
+    /// Unsettled deliveries per consumer (telemetry batches in flight).
+    pub prefetch: u16,
+    /// Series whose previous value is remembered for `changed_by`, per consumer.
+    pub max_series: usize,
+    /// Most events in one job; more make several jobs.
+    pub max_events_per_job: usize,
+    /// Pause before a delivery whose jobs failed to publish is requeued, so a broker
+    /// problem does not turn into a hot loop.
+    pub requeue_delay: Duration,
+}
+
+impl Default for MatchConfig {
+    fn default() -> Self {
+        Self {
+            prefetch: 32,
+            max_series: 1_000_000,
+            max_events_per_job: 1000,
+            requeue_delay: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Runs the match stage until `shutdown`; returns when every consumer task ended.
+pub async fn run(
+    transport: Transport,
+    outbox: Outbox,
+    index: SharedIndex,
+    cfg: MatchConfig,
+    shutdown: CancellationToken,
+) -> Result<(), sluice_binding::transport::TransportError> {
+    let mut consumers = transport.consume_group(GROUP, cfg.prefetch).await?;
+    let events = outbox.consume_events(cfg.prefetch).await?;
+    let n_telemetry = consumers.len();
+    consumers.extend(events);
+    let mut tasks = JoinSet::new();
+    for (i, consumer) in consumers.into_iter().enumerate() {
+        let source = if i < n_telemetry {
+            Source::Telemetry
+        } else {
+            Source::Events
+        };
+        let worker = Worker {
+            transport: transport.clone(),
+            outbox: outbox.clone(),
+            index: index.clone(),
+            matcher: Matcher::new(cfg.max_series),
+            cfg: cfg.clone(),
+            source,
+        };
+        tasks.spawn(worker.run(consumer, shutdown.clone()));
+    }
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Source {
+    Telemetry,
+    Events,
+}
+
+struct Worker {
+    transport: Transport,
+    outbox: Outbox,
+    index: SharedIndex,
+    matcher: Matcher,
+    cfg: MatchConfig,
+    source: Source,
+}
+
+impl Worker {
+    async fn run(mut self, mut consumer: Consumer, shutdown: CancellationToken) {
+        loop {
+            let delivery = tokio::select! {
+                () = shutdown.cancelled() => break,
+                d = consumer.next() => d,
+            };
+            let Some(delivery) = delivery else { break };
+            self.handle(delivery).await;
+        }
+        consumer.cancel().await;
+    }
+
+    async fn handle(&mut self, d: Delivery) {
+        let started = Instant::now();
+        let jobs = match self.source {
+            Source::Telemetry => self.match_batch(&d.body),
+            Source::Events => self.match_derived(&d.body),
+        };
+        let jobs = match jobs {
+            Ok(jobs) => jobs,
+            Err((error, reason)) => {
+                self.refuse(d, error, &reason).await;
+                return;
+            }
+        };
+        let outbox = &self.outbox;
+        let published = try_join_all(jobs.iter().map(|job| {
+            let key = event::idempotency_key(job.subscription, &job.events);
+            async move { outbox.enqueue(job, &key).await }
+        }))
+        .await;
+        match published {
+            Ok(_) => {
+                let events: usize = jobs.iter().map(|j| j.events.len()).sum();
+                metrics::counter!("sluice_router_jobs_total").increment(jobs.len() as u64);
+                metrics::counter!("sluice_router_matched_events_total").increment(events as u64);
+                metrics::histogram!("sluice_router_match_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                if let Err(e) = d.acker.ack().await {
+                    tracing::warn!(error = %e, "ack failed; the delivery will come again");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, queue = %d.queue, "cannot publish notification jobs; requeueing the delivery");
+                metrics::counter!("sluice_router_requeued_total").increment(1);
+                tokio::time::sleep(self.cfg.requeue_delay).await;
+                let _ = d.acker.requeue().await;
+            }
+        }
+    }
+
+    /// Jobs of one telemetry batch, or why it is refused.
+    fn match_batch(&mut self, body: &[u8]) -> Result<Vec<Job>, (&'static str, String)> {
+        let view = codec::decode(body).map_err(|e| (e.kind(), e.to_string()))?;
+        validate::validate(&view, now_ns(), &Limits::default())
+            .map_err(|e| ("invalid", format!("invalid batch: {e}")))?;
+        metrics::counter!("sluice_router_events_total", "kind" => "reading")
+            .increment(view.len() as u64);
+        let matches = {
+            let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+            self.matcher.match_batch(&index, &view)
+        };
+        let mut jobs = Vec::new();
+        for (sub, readings) in matches.per_subscription {
+            for chunk in readings.chunks(self.cfg.max_events_per_job) {
+                let events: Vec<Event> = chunk
+                    .iter()
+                    .map(|&i| {
+                        let i_us = i as usize;
+                        Event {
+                            id: Event::reading_id(view.id, i),
+                            kind: EventKind::Reading,
+                            device: view.devices[view.d[i_us] as usize].to_owned(),
+                            metric: view.metrics[view.m[i_us] as usize].to_owned(),
+                            t: view.t[i_us],
+                            value: Some(view.x[i_us]),
+                            detail: None,
+                        }
+                    })
+                    .collect();
+                jobs.push(job(view.tenant, sub.id, events));
+            }
+        }
+        Ok(jobs)
+    }
+
+    /// Jobs of one derived event, or why it is refused.
+    fn match_derived(&mut self, body: &[u8]) -> Result<Vec<Job>, (&'static str, String)> {
+        let ev = DerivedEvent::decode(body)
+            .map_err(|e| ("decode", format!("not a derived event: {e}")))?;
+        if ev.v != event::FORMAT_VERSION {
+            return Err((
+                "unsupported-version",
+                format!("derived event version {}", ev.v),
+            ));
+        }
+        if ev.event.kind == EventKind::Reading {
+            return Err((
+                "invalid",
+                "readings travel on the telemetry exchange, not as derived events".into(),
+            ));
+        }
+        if !sluice_binding::TenantId::is_valid(&ev.tenant) {
+            return Err(("invalid", format!("invalid tenant id {:?}", ev.tenant)));
+        }
+        metrics::counter!("sluice_router_events_total", "kind" => ev.event.kind.as_str())
+            .increment(1);
+        let e = &ev.event;
+        let subs = {
+            let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+            self.matcher.match_event(
+                &index,
+                &ev.tenant,
+                e.kind,
+                &e.device,
+                &e.metric,
+                e.value.unwrap_or(f64::NAN),
+            )
+        };
+        Ok(subs
+            .into_iter()
+            .map(|s| job(&ev.tenant, s.id, vec![ev.event.clone()]))
+            .collect())
+    }
+
+    async fn refuse(&self, d: Delivery, error: &'static str, reason: &str) {
+        tracing::warn!(queue = %d.queue, error, reason, "refusing a delivery to the dead-letter queue");
+        metrics::counter!("sluice_router_refused_total", "error" => error).increment(1);
+        let dl = DeadLetter {
+            body: &d.body,
+            reason,
+            error,
+            group: GROUP,
+        };
+        match self.transport.dead_letter(dl).await {
+            Ok(()) => {
+                let _ = d.acker.ack().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot dead-letter; requeueing");
+                tokio::time::sleep(self.cfg.requeue_delay).await;
+                let _ = d.acker.requeue().await;
+            }
+        }
+    }
+}
+
+fn job(tenant: &str, subscription: uuid::Uuid, events: Vec<Event>) -> Job {
+    let oldest = events.iter().map(|e| e.t).min().unwrap_or(0);
+    Job {
+        v: event::FORMAT_VERSION,
+        tenant: tenant.to_owned(),
+        subscription,
+        stage: Stage::Fresh,
+        oldest,
+        events,
+    }
+}
+
+pub(crate) fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,334 @@
+//! The shared state of the router, in Redis, so that every router instance sees the same
+//! subscriptions and enforces the same policy counters:
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `{ns}:subs:{tenant}` | hash | subscription id → subscription JSON |
+//! | `{ns}:subs:tenants` | set | tenants that have subscriptions |
+//! | `{ns}:subs:version` | counter | bumped by every change |
+//! | `{ns}:subs:changed` | pub/sub channel | the tenant whose set changed |
+//! | `{ns}:exc:{tenant}:{id}` | counter | notifications sent (expirationCounter) |
+//! | `{ns}:rl:{tenant}:{id}` | sorted set | send times in the rate-limit window |
+//! | `{ns}:live:{tenant}:{id}` | pub/sub channel | the live feed of one subscription |
+//! | `{ns}:notify:{tenant}:{stream}` | stream | Redis-stream targets |
+//!
+//! Instances learn of a change from the pub/sub message (milliseconds), and, since pub/sub
+//! drops messages while a connection is down, also by polling the version counter (see
+//! [`crate::sync`]).
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+use sluice_binding::TenantId;
+use uuid::Uuid;
+
+use crate::subscription::{RateLimit, Subscription};
+
+/// Default key namespace.
+pub const DEFAULT_NAMESPACE: &str = "sluice";
+
+/// A Redis operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Redis failed or is unreachable.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// A stored subscription is not valid JSON of the current shape.
+    #[error("stored subscription {key} is unreadable: {source}")]
+    Corrupt {
+        /// Hash field.
+        key: String,
+        /// Cause.
+        source: serde_json::Error,
+    },
+    /// The tenant has as many subscriptions as it may have.
+    #[error("tenant has {0} subscriptions, the most allowed")]
+    TooMany(usize),
+}
+
+/// What the expiration counter says about one more notification.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expiration {
+    /// Send it; more may follow.
+    Send,
+    /// Send it; it is the last one: the subscription ends.
+    SendLast,
+    /// Do not send: the counter was already reached.
+    Expired,
+}
+
+/// `KEYS[1]` = counter, `ARGV[1]` = limit. Returns the count after this notification, or
+/// -1 when the limit had already been reached (the counter is not moved past it).
+const EXPIRATION_SCRIPT: &str = r"
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+if n >= tonumber(ARGV[1]) then return -1 end
+return redis.call('INCR', KEYS[1])
+";
+
+/// Sliding-window rate limit. `KEYS[1]` = sorted set of send times (ms), `ARGV` = now (ms),
+/// window (ms), max, member. Returns 0 if a send is allowed now (and records it), else the
+/// milliseconds until the oldest send leaves the window.
+const RATE_SCRIPT: &str = r"
+local now = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[3]) then
+  redis.call('ZADD', KEYS[1], now, ARGV[4])
+  redis.call('PEXPIRE', KEYS[1], window)
+  return 0
+end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local wait = tonumber(oldest[2]) + window - now
+if wait < 1 then wait = 1 end
+return wait
+";
+
+/// The subscription store and policy counters. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    client: redis::Client,
+    conn: ConnectionManager,
+    ns: String,
+    max_per_tenant: usize,
+    expiration: Script,
+    rate: Script,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("ns", &self.ns)
+            .field("max_per_tenant", &self.max_per_tenant)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Connects to `url`; keys live under `ns`; a tenant may hold `max_per_tenant`
+    /// subscriptions. The connection manager reconnects by itself after failures.
+    pub async fn connect(url: &str, ns: &str, max_per_tenant: usize) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url)?;
+        let conn = ConnectionManager::new(client.clone()).await?;
+        Ok(Self {
+            client,
+            conn,
+            ns: ns.to_owned(),
+            max_per_tenant,
+            expiration: Script::new(EXPIRATION_SCRIPT),
+            rate: Script::new(RATE_SCRIPT),
+        })
+    }
+
+    /// The Redis client (for pub/sub connections).
+    pub fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
+    /// The key namespace.
+    pub fn namespace(&self) -> &str {
+        &self.ns
+    }
+
+    fn subs_key(&self, tenant: &str) -> String {
+        format!("{}:subs:{tenant}", self.ns)
+    }
+
+    fn tenants_key(&self) -> String {
+        format!("{}:subs:tenants", self.ns)
+    }
+
+    fn version_key(&self) -> String {
+        format!("{}:subs:version", self.ns)
+    }
+
+    /// The pub/sub channel announcing changes.
+    pub fn changes_channel(&self) -> String {
+        format!("{}:subs:changed", self.ns)
+    }
+
+    /// The pub/sub channel of a subscription's live feed.
+    pub fn live_channel(&self, tenant: &str, id: Uuid) -> String {
+        format!("{}:live:{tenant}:{id}", self.ns)
+    }
+
+    /// The stream key of a Redis-stream target: under the tenant's own prefix.
+    pub fn stream_key(&self, tenant: &str, stream: &str) -> String {
+        format!("{}:notify:{tenant}:{stream}", self.ns)
+    }
+
+    /// Stores a new subscription and announces the change.
+    pub async fn create(&self, sub: &Subscription) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let key = self.subs_key(sub.tenant.as_str());
+        let held: usize = conn.hlen(&key).await?;
+        if held >= self.max_per_tenant {
+            return Err(StoreError::TooMany(held));
+        }
+        let json = serde_json::to_string(sub).expect("a subscription always serialises");
+        redis::pipe()
+            .atomic()
+            .hset(&key, sub.id.to_string(), json)
+            .ignore()
+            .sadd(self.tenants_key(), sub.tenant.as_str())
+            .ignore()
+            .incr(self.version_key(), 1)
+            .ignore()
+            .publish(self.changes_channel(), sub.tenant.as_str())
+            .ignore()
+            .exec_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes a subscription and its counters; whether it existed.
+    pub async fn delete(&self, tenant: &TenantId, id: Uuid) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let (removed,): (u32,) = redis::pipe()
+            .atomic()
+            .hdel(self.subs_key(tenant.as_str()), id.to_string())
+            .del(format!("{}:exc:{tenant}:{id}", self.ns))
+            .ignore()
+            .del(format!("{}:rl:{tenant}:{id}", self.ns))
+            .ignore()
+            .incr(self.version_key(), 1)
+            .ignore()
+            .publish(self.changes_channel(), tenant.as_str())
+            .ignore()
+            .query_async(&mut conn)
+            .await?;
+        Ok(removed > 0)
+    }
+
+    /// One subscription of `tenant`.
+    pub async fn get(
+        &self,
+        tenant: &TenantId,
+        id: Uuid,
+    ) -> Result<Option<Subscription>, StoreError> {
+        let json: Option<String> = self
+            .conn
+            .clone()
+            .hget(self.subs_key(tenant.as_str()), id.to_string())
+            .await?;
+        json.map(|j| parse(&id.to_string(), &j)).transpose()
+    }
+
+    /// Every subscription of `tenant`, oldest first.
+    pub async fn list(&self, tenant: &str) -> Result<Vec<Subscription>, StoreError> {
+        let all: Vec<(String, String)> = self.conn.clone().hgetall(self.subs_key(tenant)).await?;
+        let mut subs = Vec::with_capacity(all.len());
+        for (id, json) in all {
+            match parse(&id, &json) {
+                // Only the tenant's own subscriptions, whatever the hash holds.
+                Ok(s) if s.tenant.as_str() == tenant => subs.push(s),
+                Ok(_) => {
+                    tracing::warn!(%tenant, %id, "subscription stored under another tenant; ignored")
+                }
+                Err(e) => tracing::warn!(error = %e, "ignoring an unreadable subscription"),
+            }
+        }
+        subs.sort_by_key(|s| s.id);
+        Ok(subs)
+    }
+
+    /// The tenants that have subscriptions.
+    pub async fn tenants(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self.conn.clone().smembers(self.tenants_key()).await?)
+    }
+
+    /// The change counter.
+    pub async fn version(&self) -> Result<u64, StoreError> {
+        let v: Option<u64> = self.conn.clone().get(self.version_key()).await?;
+        Ok(v.unwrap_or(0))
+    }
+
+    /// Counts one notification against the expiration counter `max`.
+    pub async fn count_notification(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        max: u64,
+    ) -> Result<Expiration, StoreError> {
+        let n: i64 = self
+            .expiration
+            .key(format!("{}:exc:{tenant}:{id}", self.ns))
+            .arg(max)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(match n {
+            n if n < 0 => Expiration::Expired,
+            n if n as u64 >= max => Expiration::SendLast,
+            _ => Expiration::Send,
+        })
+    }
+
+    /// Takes a send slot of the rate limit: `None` if the notification may go now, else
+    /// how long until a slot frees. `member` identifies the send (the idempotency key).
+    pub async fn take_rate_slot(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        limit: &RateLimit,
+        member: &str,
+    ) -> Result<Option<Duration>, StoreError> {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        let wait_ms: u64 = self
+            .rate
+            .key(format!("{}:rl:{tenant}:{id}", self.ns))
+            .arg(now_ms)
+            .arg(limit.window.as_millis() as u64)
+            .arg(limit.max)
+            .arg(format!("{member}:{now_ms}"))
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok((wait_ms > 0).then(|| Duration::from_millis(wait_ms)))
+    }
+
+    /// Publishes to a live feed; the number of listeners that received it.
+    pub async fn publish_live(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        json: &str,
+    ) -> Result<u64, StoreError> {
+        Ok(self
+            .conn
+            .clone()
+            .publish(self.live_channel(tenant, id), json)
+            .await?)
+    }
+
+    /// Appends a notification to a tenant's stream.
+    pub async fn xadd(
+        &self,
+        tenant: &str,
+        stream: &str,
+        maxlen: Option<u64>,
+        key: &str,
+        json: &str,
+    ) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(self.stream_key(tenant, stream));
+        if let Some(n) = maxlen {
+            cmd.arg("MAXLEN").arg("~").arg(n);
+        }
+        cmd.arg("*")
+            .arg("id")
+            .arg(key)
+            .arg("notification")
+            .arg(json);
+        let _: String = cmd.query_async(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+}
+
+fn parse(id: &str, json: &str) -> Result<Subscription, StoreError> {
+    serde_json::from_str(json).map_err(|source| StoreError::Corrupt {
+        key: id.to_owned(),
+        source,
+    })
+}

@@ -1,0 +1,131 @@
+//! Keeps this instance's [`Index`] equal to the subscriptions in Redis.
+//!
+//! A change is announced on a pub/sub channel with the tenant's id; the tenant's set is
+//! reloaded at once (milliseconds). Pub/sub loses messages while a connection is down, so
+//! the change counter is also polled every `poll` and any change not accounted for causes a
+//! full reload. Either way a change reaches every instance within a second.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::matching::Index;
+use crate::store::{Store, StoreError};
+
+/// The index every stage of this instance reads; written only by [`run`].
+pub type SharedIndex = Arc<RwLock<Index>>;
+
+/// Loads every subscription into a new index.
+pub async fn load(store: &Store) -> Result<(Index, u64), StoreError> {
+    let version = store.version().await?;
+    let mut index = Index::new();
+    for tenant in store.tenants().await? {
+        let subs = store.list(&tenant).await?;
+        index.replace_tenant(&tenant, subs);
+    }
+    metrics::gauge!("sluice_router_subscriptions").set(index.len() as f64);
+    Ok((index, version))
+}
+
+/// Follows changes until `shutdown`.
+pub async fn run(
+    store: Store,
+    index: SharedIndex,
+    mut version: u64,
+    poll: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut known: BTreeSet<String> = store
+        .tenants()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    'connect: while !shutdown.is_cancelled() {
+        let pubsub = async {
+            let mut ps = store.client().get_async_pubsub().await?;
+            ps.subscribe(store.changes_channel()).await?;
+            Ok::<_, redis::RedisError>(ps)
+        };
+        let mut messages = match pubsub.await {
+            Ok(ps) => ps.into_on_message(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot follow subscription changes; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue 'connect,
+                }
+            }
+        };
+        // Changes made while we were not subscribed.
+        full_reload(&store, &index, &mut version, &mut known).await;
+        let mut tick = tokio::time::interval(poll);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                msg = messages.next() => {
+                    let Some(msg) = msg else {
+                        tracing::warn!("subscription change channel closed; reconnecting");
+                        continue 'connect;
+                    };
+                    let Ok(tenant) = msg.get_payload::<String>() else { continue };
+                    let before = version;
+                    let now = store.version().await.unwrap_or(before);
+                    match store.list(&tenant).await {
+                        Ok(subs) => {
+                            let mut ix = index.write().unwrap_or_else(|p| p.into_inner());
+                            ix.replace_tenant(&tenant, subs);
+                            metrics::gauge!("sluice_router_subscriptions").set(ix.len() as f64);
+                            known.insert(tenant);
+                            // Exactly this change: no full reload needed.
+                            if now == before + 1 {
+                                version = now;
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, %tenant, "cannot reload subscriptions"),
+                    }
+                }
+                _ = tick.tick() => {
+                    match store.version().await {
+                        Ok(v) if v != version => full_reload(&store, &index, &mut version, &mut known).await,
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "cannot poll subscription changes"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn full_reload(
+    store: &Store,
+    index: &SharedIndex,
+    version: &mut u64,
+    known: &mut BTreeSet<String>,
+) {
+    let result = async {
+        let v = store.version().await?;
+        let tenants: BTreeSet<String> = store.tenants().await?.into_iter().collect();
+        let mut sets = Vec::with_capacity(tenants.len());
+        for t in tenants.union(known) {
+            sets.push((t.clone(), store.list(t).await?));
+        }
+        Ok::<_, StoreError>((v, tenants, sets))
+    }
+    .await;
+    match result {
+        Ok((v, tenants, sets)) => {
+            let mut ix = index.write().unwrap_or_else(|p| p.into_inner());
+            for (t, subs) in sets {
+                ix.replace_tenant(&t, subs);
+            }
+            metrics::gauge!("sluice_router_subscriptions").set(ix.len() as f64);
+            *version = v;
+            *known = tenants;
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot reload subscriptions"),
+    }
+}

@@ -1,0 +1,785 @@
+//! The router against a real RabbitMQ (`AMQP_ADDR`), a real Redis (`REDIS_URL`) and a real
+//! HTTP receiver in the test. Each test has its own namespace on the broker and in Redis,
+//! and deletes its queues and keys afterwards.
+#![cfg(feature = "broker-tests")]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use futures::{FutureExt, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde_json::{Value, json};
+use sluice_binding::transport::amqp::{AmqpConfig, AmqpTransport};
+use sluice_binding::transport::{Outgoing, Transport};
+use sluice_binding::{Batch, Topology, codec};
+use sluice_ingest::Tenants;
+use sluice_router::event::{DerivedEvent, Event, FORMAT_VERSION};
+use sluice_router::outbox::{DELAY_TIERS, Outbox};
+use sluice_router::subscription::EventKind;
+use sluice_router::{RouterConfig, WebhookConfig};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const PARTITIONS: u32 = 2;
+const KEY_A: &str = "key-tenant-a";
+const KEY_B: &str = "key-tenant-b";
+
+fn amqp_addr() -> String {
+    std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://127.0.0.1:5672/%2f".to_owned())
+}
+
+fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+fn tenants() -> Tenants {
+    Tenants::from_toml_str(&format!(
+        "[[tenant]]\nid = \"tenant-a\"\napi_keys = [\"{KEY_A}\"]\n\
+         [[tenant]]\nid = \"tenant-b\"\napi_keys = [\"{KEY_B}\"]\n"
+    ))
+    .expect("tenants")
+}
+
+/// 2026-11-22T10:00:00Z, ns.
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64
+}
+
+/// One running router with its API, on a namespace of its own.
+struct Router {
+    api: String,
+    transport: AmqpTransport,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn transport(ns: &str) -> AmqpTransport {
+    let mut cfg = AmqpConfig::new(vec![amqp_addr()], Topology::new(ns, PARTITIONS));
+    cfg.connect_timeout = Duration::from_secs(30);
+    cfg.connection_name = "sluice-router-test".into();
+    AmqpTransport::connect(cfg)
+        .await
+        .expect("RabbitMQ reachable at AMQP_ADDR")
+}
+
+fn test_config(ns: &str) -> RouterConfig {
+    let mut cfg = RouterConfig {
+        redis_url: redis_url(),
+        redis_namespace: ns.to_owned(),
+        notify_partitions: 2,
+        ..RouterConfig::default()
+    };
+    cfg.webhook = WebhookConfig {
+        allow: vec!["127.0.0.1".parse().expect("allow rule")],
+        timeout: Duration::from_secs(2),
+        breaker_open_for: Duration::from_secs(1),
+        ..WebhookConfig::default()
+    };
+    cfg.deliver.retry_initial = Duration::from_millis(500);
+    cfg.deliver.retry_max = Duration::from_secs(2);
+    cfg
+}
+
+impl Router {
+    async fn start(ns: &str, tweak: impl FnOnce(&mut RouterConfig)) -> Self {
+        let mut cfg = test_config(ns);
+        tweak(&mut cfg);
+        let transport = transport(ns).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let (t, s) = (transport.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            sluice_router::run(t, Some(listener), tenants(), cfg, s)
+                .await
+                .expect("router runs");
+        });
+        // The API answers once the router declared its topology and loaded the index.
+        let client = reqwest::Client::new();
+        for _ in 0..100 {
+            if client.get(format!("{api}/healthz")).send().await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self {
+            api,
+            transport,
+            stop,
+            task,
+        }
+    }
+
+    async fn subscribe(&self, key: &str, body: Value) -> Value {
+        let (status, v) = api(
+            reqwest::Method::POST,
+            &format!("{}/v1/subscriptions", self.api),
+            key,
+            Some(body),
+        )
+        .await;
+        assert_eq!(status, 201, "{v}");
+        v
+    }
+
+    /// Publishes one telemetry batch of `tenant` and waits for the broker's confirm.
+    async fn publish(&self, tenant: &str, readings: &[(&str, &str, f64)]) -> Uuid {
+        let mut b = Batch {
+            v: 1,
+            id: Uuid::now_v7(),
+            producer: "router-test".into(),
+            seq: 0,
+            created: now_ns(),
+            tenant: tenant.into(),
+            devices: vec![],
+            metrics: vec![],
+            d: vec![],
+            m: vec![],
+            t: vec![],
+            x: vec![],
+        };
+        for (i, (d, m, x)) in readings.iter().enumerate() {
+            let di = b.devices.iter().position(|v| v == d).unwrap_or_else(|| {
+                b.devices.push((*d).to_owned());
+                b.devices.len() - 1
+            });
+            let mi = b.metrics.iter().position(|v| v == m).unwrap_or_else(|| {
+                b.metrics.push((*m).to_owned());
+                b.metrics.len() - 1
+            });
+            b.d.push(di as u32);
+            b.m.push(mi as u32);
+            b.t.push(now_ns() - 1000 + i as i64);
+            b.x.push(*x);
+        }
+        let body = codec::encode(&b).unwrap();
+        Transport::Amqp(self.transport.clone())
+            .publish(Outgoing {
+                partition: (b.id.as_u128() % u128::from(PARTITIONS)) as u32,
+                body: &body,
+                batch_id: b.id,
+                producer: "router-test",
+            })
+            .await
+            .expect("published");
+        b.id
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+        self.transport.close().await;
+    }
+}
+
+async fn api(method: reqwest::Method, url: &str, key: &str, body: Option<Value>) -> (u16, Value) {
+    let mut req = reqwest::Client::new().request(method, url).bearer_auth(key);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.expect("API reachable");
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// Runs `test` with a fresh namespace, then deletes the namespace's queues, exchanges and
+/// Redis keys, then re-raises a panic.
+async fn with_namespace<F, Fut>(test: F)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let ns = format!("rt-{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let outcome = AssertUnwindSafe(test(ns.clone())).catch_unwind().await;
+    cleanup(&ns).await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn cleanup(ns: &str) {
+    if let Ok(conn) = Connection::connect(&amqp_addr(), ConnectionProperties::default()).await
+        && let Ok(ch) = conn.create_channel().await
+    {
+        let t = Topology::new(ns, PARTITIONS);
+        let mut queues: Vec<String> = (0..PARTITIONS)
+            .map(|p| t.partition_queue("router", p))
+            .collect();
+        queues.push(t.dead_letter_queue());
+        queues.extend([
+            format!("{ns}.router.events"),
+            format!("{ns}.notify.dead"),
+            format!("{ns}.amqp-target"),
+        ]);
+        queues.extend((0..2).map(|p| format!("{ns}.notify.{p}")));
+        queues.extend(
+            DELAY_TIERS
+                .iter()
+                .map(|d| format!("{ns}.notify.delay.{}", d.as_millis())),
+        );
+        for q in queues {
+            let _ = ch
+                .queue_delete(q.into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for x in [
+            "telemetry",
+            "dead-letter",
+            "commits",
+            "events",
+            "notify",
+            "notify.delay",
+        ] {
+            let _ = ch
+                .exchange_delete(format!("{ns}.{x}").into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+        let _ = conn.close(200, "cleanup".into()).await;
+    }
+    if let Ok(client) = redis::Client::open(redis_url())
+        && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+    {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{ns}:*"))
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+        }
+    }
+}
+
+/// A webhook receiver: records every notification; answers 503 while `down`, or
+/// `status` if set.
+#[derive(Clone, Default)]
+struct Receiver {
+    got: Arc<Mutex<Vec<(Instant, HeaderMap, Value)>>>,
+    down_until: Arc<Mutex<Option<Instant>>>,
+    status: Arc<Mutex<Option<u16>>>,
+}
+
+impl Receiver {
+    async fn start() -> (Self, String) {
+        let r = Receiver::default();
+        let app = axum::Router::new()
+            .route("/hook", axum::routing::post(hook))
+            .with_state(r.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (r, url)
+    }
+
+    fn notifications(&self) -> Vec<Value> {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, _, v)| v.clone())
+            .collect()
+    }
+
+    fn event_ids(&self) -> Vec<String> {
+        ids_of(&self.notifications())
+    }
+
+    async fn wait_events(&self, n: usize, within: Duration) -> Vec<String> {
+        wait_until(within, || async {
+            let ids = self.event_ids();
+            (ids.len() >= n).then_some(ids)
+        })
+        .await
+        .unwrap_or_else(|| panic!("expected {n} events, got {:?}", self.event_ids()))
+    }
+}
+
+async fn hook(
+    State(r): State<Receiver>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> StatusCode {
+    if r.down_until
+        .lock()
+        .unwrap()
+        .is_some_and(|t| Instant::now() < t)
+    {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    if let Some(s) = *r.status.lock().unwrap() {
+        return StatusCode::from_u16(s).unwrap();
+    }
+    let v: Value = serde_json::from_slice(&body).expect("notification is JSON");
+    r.got.lock().unwrap().push((Instant::now(), headers, v));
+    StatusCode::NO_CONTENT
+}
+
+fn ids_of(notifications: &[Value]) -> Vec<String> {
+    notifications
+        .iter()
+        .flat_map(|n| n["events"].as_array().cloned().unwrap_or_default())
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn wait_until<T, F, Fut>(within: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn reading_id(batch: Uuid, i: u32) -> String {
+    Event::reading_id(batch, i)
+}
+
+#[tokio::test]
+async fn each_notifier_delivers_what_matched_and_nothing_else() {
+    with_namespace(|ns| async move {
+        let router = Router::start(&ns, |_| {}).await;
+        let (hook, url) = Receiver::start().await;
+        router
+            .subscribe(KEY_A, json!({"criteria": {"devices": ["boiler-*"], "metrics": ["temp"], "value": {"above": 50}},
+                                     "target": {"type": "webhook", "url": url}}))
+            .await;
+        // AMQP target: a queue of the subscriber's.
+        let conn = Connection::connect(&amqp_addr(), ConnectionProperties::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let queue = format!("{ns}.amqp-target");
+        ch.queue_declare(queue.clone().into(), QueueDeclareOptions::durable(), FieldTable::default()).await.unwrap();
+        router
+            .subscribe(KEY_A, json!({"criteria": {"devices": ["pump-1"]}, "policy": {"content": "ids"},
+                                     "target": {"type": "amqp", "routing_key": queue}}))
+            .await;
+        router
+            .subscribe(KEY_A, json!({"criteria": {"metrics": ["hum?d"]},
+                                     "target": {"type": "redis_stream", "stream": "humidity"}}))
+            .await;
+        let live = router
+            .subscribe(KEY_A, json!({"criteria": {"devices": ["fan-*"], "value": {"outside": [0, 10]}}, "target": {"type": "live"}}))
+            .await;
+        // The live feed, read as a dashboard would.
+        let sse = reqwest::Client::new()
+            .get(format!("{}/v1/subscriptions/{}/live", router.api, live["id"].as_str().unwrap()))
+            .bearer_auth(KEY_A)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(sse.status(), 200);
+        let live_text = Arc::new(Mutex::new(String::new()));
+        let lt = live_text.clone();
+        tokio::spawn(async move {
+            let mut s = sse.bytes_stream();
+            while let Some(Ok(chunk)) = s.next().await {
+                lt.lock().unwrap().push_str(&String::from_utf8_lossy(&chunk));
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        let b = router
+            .publish("tenant-a", &[
+                ("boiler-1", "temp", 60.0),  // 0: webhook
+                ("boiler-1", "temp", 40.0),  // 1: below threshold
+                ("boiler-2", "press", 90.0), // 2: other metric
+                ("pump-1", "rpm", 5.0),      // 3: amqp
+                ("pump-2", "rpm", 5.0),      // 4: other device
+                ("room", "humid", 55.0),     // 5: redis stream
+                ("room", "humidity", 55.0),  // 6: `?` is one character
+                ("fan-3", "speed", 12.0),    // 7: live
+                ("fan-3", "speed", 5.0),     // 8: inside the range
+            ])
+            .await;
+        // Another tenant's identical readings notify nobody of tenant A.
+        router.publish("tenant-b", &[("boiler-1", "temp", 99.0), ("pump-1", "rpm", 1.0), ("fan-3", "speed", 50.0)]).await;
+
+        assert_eq!(hook.wait_events(1, Duration::from_secs(10)).await, [reading_id(b, 0)]);
+        let got = wait_until(Duration::from_secs(10), || async {
+            ch.basic_get(queue.clone().into(), BasicGetOptions::default()).await.ok().flatten()
+        })
+        .await
+        .expect("AMQP notification");
+        let n: Value = serde_json::from_slice(&got.delivery.data).unwrap();
+        got.delivery.acker.ack(BasicAckOptions::default()).await.unwrap();
+        assert_eq!(ids_of(std::slice::from_ref(&n)), [reading_id(b, 3)]);
+        assert!(n["events"][0].get("value").is_none(), "content ids carries no value: {n}");
+        assert_eq!(got.delivery.properties.message_id().as_ref().map(|s| s.to_string()), n["id"].as_str().map(str::to_owned));
+
+        let client = redis::Client::open(redis_url()).unwrap();
+        let mut rc = client.get_multiplexed_async_connection().await.unwrap();
+        let stream_key = format!("{ns}:notify:tenant-a:humidity");
+        let entries = wait_until(Duration::from_secs(10), || {
+            let mut rc = rc.clone();
+            let key = stream_key.clone();
+            async move {
+                let v: redis::streams::StreamRangeReply =
+                    redis::cmd("XRANGE").arg(&key).arg("-").arg("+").query_async(&mut rc).await.unwrap();
+                (!v.ids.is_empty()).then_some(v)
+            }
+        })
+        .await
+        .expect("stream entry");
+        let json: String = entries.ids[0].get("notification").unwrap();
+        assert_eq!(ids_of(&[serde_json::from_str(&json).unwrap()]), [reading_id(b, 5)]);
+
+        let live_ids = wait_until(Duration::from_secs(10), || async {
+            let text = live_text.lock().unwrap().clone();
+            let ids: Vec<String> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .flat_map(|d| ids_of(&[serde_json::from_str(d.trim()).unwrap()]))
+                .collect();
+            (!ids.is_empty()).then_some(ids)
+        })
+        .await
+        .expect("live notification");
+        assert_eq!(live_ids, [reading_id(b, 7)]);
+
+        // Nothing else arrives.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(hook.event_ids(), [reading_id(b, 0)]);
+        assert!(ch.basic_get(queue.clone().into(), BasicGetOptions::default()).await.unwrap().is_none());
+        let len: usize = redis::cmd("XLEN").arg(&stream_key).query_async(&mut rc).await.unwrap();
+        assert_eq!(len, 1);
+        let _ = conn.close(200, "done".into()).await;
+        router.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn batch_notify_groups_by_count_then_by_duration() {
+    with_namespace(|ns| async move {
+        let router = Router::start(&ns, |_| {}).await;
+        let (hook, url) = Receiver::start().await;
+        router
+            .subscribe(KEY_A, json!({"criteria": {"devices": ["d-*"]}, "policy": {"batch_notify": {"count": 5, "duration": "1500ms"}},
+                                     "target": {"type": "webhook", "url": url}}))
+            .await;
+        let readings: Vec<(String, &str, f64)> = (0..12).map(|i| (format!("d-{i}"), "m", f64::from(i))).collect();
+        let refs: Vec<(&str, &str, f64)> = readings.iter().map(|(d, m, x)| (d.as_str(), *m, *x)).collect();
+        let sent = Instant::now();
+        let b = router.publish("tenant-a", &refs).await;
+        let ids = hook.wait_events(12, Duration::from_secs(10)).await;
+        let expected: BTreeSet<String> = (0..12).map(|i| reading_id(b, i)).collect();
+        assert_eq!(ids.iter().cloned().collect::<BTreeSet<_>>(), expected);
+        let got = hook.got.lock().unwrap().clone();
+        let sizes: Vec<usize> = got.iter().map(|(_, _, n)| n["events"].as_array().unwrap().len()).collect();
+        assert_eq!(sizes, [5, 5, 2], "two full batches, then the rest at the deadline");
+        let rest_after = got[2].0 - sent;
+        assert!(rest_after >= Duration::from_millis(1400), "the partial batch waited for its duration: {rest_after:?}");
+        router.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn rate_limit_holds_pending_and_latest_notify_keeps_only_the_newest() {
+    with_namespace(|ns| async move {
+        let router = Router::start(&ns, |_| {}).await;
+        let (all, all_url) = Receiver::start().await;
+        let (latest, latest_url) = Receiver::start().await;
+        router
+            .subscribe(KEY_A, json!({"criteria": {"devices": ["r-1"]}, "policy": {"rate_limit": {"max": 2, "window": "2s"}},
+                                     "target": {"type": "webhook", "url": all_url}}))
+            .await;
+        router
+            .subscribe(KEY_A, json!({"criteria": {"devices": ["r-2"]}, "policy": {"rate_limit": {"max": 2, "window": "2s", "latest_notify": true}},
+                                     "target": {"type": "webhook", "url": latest_url}}))
+            .await;
+        let readings: Vec<(&str, &str, f64)> = (0..6).flat_map(|i| [("r-1", "m", f64::from(i)), ("r-2", "m", f64::from(i))]).collect();
+        let b = router.publish("tenant-a", &readings).await;
+
+        // Without latest_notify: all six arrive, never more than two in any 2 s window.
+        let ids = all.wait_events(6, Duration::from_secs(20)).await;
+        let expected: BTreeSet<String> = (0..6).map(|i| reading_id(b, 2 * i)).collect();
+        assert_eq!(ids.iter().cloned().collect::<BTreeSet<_>>(), expected);
+        let times: Vec<Instant> = all.got.lock().unwrap().iter().map(|(t, _, _)| *t).collect();
+        for (i, t) in times.iter().enumerate().skip(2) {
+            // Receipt times lag send times a little; allow 150 ms of it.
+            assert!(*t - times[i - 2] >= Duration::from_millis(1850), "3 notifications within one window: {times:?}");
+        }
+
+        // latest_notify: two at once, then only the newest of the four held back.
+        let latest_ids = latest.wait_events(3, Duration::from_secs(10)).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let latest_ids_after = latest.event_ids();
+        assert_eq!(latest_ids_after, latest_ids, "nothing after the newest pending one");
+        assert_eq!(latest_ids.len(), 3, "{latest_ids:?}");
+        assert_eq!(latest_ids[2], reading_id(b, 11), "the newest reading of r-2 is the one kept");
+        router.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn expiration_counter_ends_the_subscription() {
+    with_namespace(|ns| async move {
+        let router = Router::start(&ns, |_| {}).await;
+        let (hook, url) = Receiver::start().await;
+        let sub = router
+            .subscribe(KEY_A, json!({"criteria": {}, "policy": {"expiration_counter": 3}, "target": {"type": "webhook", "url": url}}))
+            .await;
+        router.publish("tenant-a", &[("e", "m", 1.0), ("e", "m", 2.0), ("e", "m", 3.0), ("e", "m", 4.0), ("e", "m", 5.0)]).await;
+        hook.wait_events(3, Duration::from_secs(10)).await;
+        let url = format!("{}/v1/subscriptions/{}", router.api, sub["id"].as_str().unwrap());
+        let gone = wait_until(Duration::from_secs(5), || async {
+            let (s, _) = api(reqwest::Method::GET, &url, KEY_A, None).await;
+            (s == 404).then_some(())
+        })
+        .await;
+        assert!(gone.is_some(), "the subscription is deleted after its last notification");
+        router.publish("tenant-a", &[("e", "m", 6.0)]).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(hook.notifications().len(), 3);
+        router.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn tenants_cannot_read_or_match_each_other() {
+    with_namespace(|ns| async move {
+        let router = Router::start(&ns, |_| {}).await;
+        let (hook_a, url_a) = Receiver::start().await;
+        let (hook_b, url_b) = Receiver::start().await;
+        let sub_a = router.subscribe(KEY_A, json!({"criteria": {}, "target": {"type": "webhook", "url": url_a}})).await;
+        assert_eq!(sub_a["tenant"], "tenant-a");
+        // B subscribes to everything, with the same device names as A's.
+        router.subscribe(KEY_B, json!({"criteria": {"devices": ["*"]}, "target": {"type": "webhook", "url": url_b}})).await;
+        let a_url = format!("{}/v1/subscriptions/{}", router.api, sub_a["id"].as_str().unwrap());
+        assert_eq!(api(reqwest::Method::GET, &a_url, KEY_B, None).await.0, 404);
+        assert_eq!(api(reqwest::Method::DELETE, &a_url, KEY_B, None).await.0, 404);
+        assert_eq!(api(reqwest::Method::GET, &format!("{}/live", a_url), KEY_B, None).await.0, 404);
+        let (s, list_b) = api(reqwest::Method::GET, &format!("{}/v1/subscriptions", router.api), KEY_B, None).await;
+        assert_eq!(s, 200);
+        assert_eq!(list_b.as_array().unwrap().len(), 1);
+        assert_eq!(list_b[0]["tenant"], "tenant-b");
+        // A tenant field in the body is refused: the key names the tenant.
+        let (s, _) = api(reqwest::Method::POST, &format!("{}/v1/subscriptions", router.api), KEY_B,
+            Some(json!({"tenant": "tenant-a", "criteria": {}, "target": {"type": "live"}}))).await;
+        assert_eq!(s, 400);
+        assert_eq!(api(reqwest::Method::GET, &a_url, "wrong-key", None).await.0, 401);
+
+        let ba = router.publish("tenant-a", &[("dev", "m", 1.0)]).await;
+        let bb = router.publish("tenant-b", &[("dev", "m", 2.0)]).await;
+        assert_eq!(hook_a.wait_events(1, Duration::from_secs(10)).await, [reading_id(ba, 0)]);
+        assert_eq!(hook_b.wait_events(1, Duration::from_secs(10)).await, [reading_id(bb, 0)]);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(hook_a.notifications()[0]["tenant"], "tenant-a");
+        assert_eq!(hook_a.event_ids().len(), 1);
+        assert_eq!(hook_b.event_ids().len(), 1);
+        // Still there: B's DELETE did nothing.
+        assert_eq!(api(reqwest::Method::GET, &a_url, KEY_A, None).await.0, 200);
+        router.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn webhook_down_for_10s_then_back_receives_everything() {
+    with_namespace(|ns| async move {
+        // A retry budget longer than the outage: at least (0.5+1+2+3×9)/2 s with jitter.
+        let router = Router::start(&ns, |c| {
+            c.deliver.max_attempts = 12;
+            c.deliver.retry_max = Duration::from_secs(3);
+        })
+        .await;
+        let (hook, url) = Receiver::start().await;
+        *hook.down_until.lock().unwrap() = Some(Instant::now() + Duration::from_secs(10));
+        router
+            .subscribe(
+                KEY_A,
+                json!({"criteria": {}, "target": {"type": "webhook", "url": url}}),
+            )
+            .await;
+        let readings: Vec<(&str, &str, f64)> = (0..20).map(|i| ("w", "m", f64::from(i))).collect();
+        let b = router.publish("tenant-a", &readings).await;
+        let ids = hook.wait_events(20, Duration::from_secs(40)).await;
+        let unique: BTreeSet<String> = ids.iter().cloned().collect();
+        let expected: BTreeSet<String> = (0..20).map(|i| reading_id(b, i)).collect();
+        assert_eq!(unique, expected, "every notification arrives at least once");
+        // Repeats, if any, carry the idempotency key of the first delivery.
+        let mut by_key: BTreeMap<String, Value> = BTreeMap::new();
+        for (_, headers, n) in hook.got.lock().unwrap().iter() {
+            let key = headers["idempotency-key"].to_str().unwrap().to_owned();
+            assert_eq!(n["id"].as_str().unwrap(), key);
+            if let Some(prev) = by_key.insert(key, n["events"].clone()) {
+                assert_eq!(prev, n["events"], "one key, one set of events");
+            }
+        }
+        assert_eq!(by_key.len(), 20);
+        router.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn undeliverable_notifications_end_in_the_dead_letter_queue_with_a_reason() {
+    with_namespace(|ns| async move {
+        let router = Router::start(&ns, |c| c.deliver.max_attempts = 3).await;
+        let (failing, failing_url) = Receiver::start().await;
+        *failing.status.lock().unwrap() = Some(500);
+        let (gone, gone_url) = Receiver::start().await;
+        *gone.status.lock().unwrap() = Some(404);
+        let s1 = router.subscribe(KEY_A, json!({"criteria": {"devices": ["x"]}, "target": {"type": "webhook", "url": failing_url}})).await;
+        let s2 = router.subscribe(KEY_A, json!({"criteria": {"devices": ["y"]}, "target": {"type": "webhook", "url": gone_url}})).await;
+        router.publish("tenant-a", &[("x", "m", 1.0), ("y", "m", 1.0)]).await;
+
+        let conn = Connection::connect(&amqp_addr(), ConnectionProperties::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let mut dead: BTreeMap<String, String> = BTreeMap::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while dead.len() < 2 && Instant::now() < deadline {
+            if let Some(m) = ch.basic_get(format!("{ns}.notify.dead").into(), BasicGetOptions::default()).await.unwrap() {
+                let h = m.delivery.properties.headers().clone().unwrap_or_default();
+                let get = |k: &str| match h.inner().get(k) {
+                    Some(AMQPValue::LongString(s)) => s.to_string(),
+                    other => panic!("header {k}: {other:?}"),
+                };
+                dead.insert(get("x-sluice-subscription"), get("x-sluice-reason"));
+                m.delivery.acker.ack(BasicAckOptions::default()).await.unwrap();
+            } else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        let r1 = &dead[s1["id"].as_str().unwrap()];
+        assert!(r1.contains("gave up after 3 attempts") && r1.contains("500"), "{r1}");
+        let r2 = &dead[s2["id"].as_str().unwrap()];
+        assert!(r2.contains("permanent") && r2.contains("404"), "{r2}");
+        let _ = conn.close(200, "done".into()).await;
+        router.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn derived_events_match_by_kind() {
+    with_namespace(|ns| async move {
+        let router = Router::start(&ns, |_| {}).await;
+        let (faults, faults_url) = Receiver::start().await;
+        let (readings, readings_url) = Receiver::start().await;
+        router.subscribe(KEY_A, json!({"criteria": {"kinds": ["fault"]}, "target": {"type": "webhook", "url": faults_url}})).await;
+        router.subscribe(KEY_A, json!({"criteria": {}, "target": {"type": "webhook", "url": readings_url}})).await;
+        let ev = DerivedEvent {
+            v: FORMAT_VERSION,
+            tenant: "tenant-a".into(),
+            event: Event {
+                id: "fault-1".into(),
+                kind: EventKind::Fault,
+                device: "s-1".into(),
+                metric: "temp".into(),
+                t: now_ns(),
+                value: Some(999.0),
+                detail: Some("spike".into()),
+            },
+        };
+        let outbox = Outbox::new(router.transport.clone(), 2);
+        router
+            .transport
+            .publish_to(&outbox.events_exchange(), "tenant-a.fault", &ev.encode(), BasicProperties::default(), true)
+            .await
+            .unwrap();
+        let b = router.publish("tenant-a", &[("s-1", "temp", 20.0)]).await;
+        assert_eq!(faults.wait_events(1, Duration::from_secs(10)).await, ["fault-1"]);
+        assert_eq!(faults.notifications()[0]["events"][0]["detail"], "spike");
+        assert_eq!(readings.wait_events(1, Duration::from_secs(10)).await, [reading_id(b, 0)]);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(faults.event_ids().len(), 1);
+        assert_eq!(readings.event_ids().len(), 1);
+        router.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_clear_errors() {
+    with_namespace(|ns| async move {
+        let router = Router::start(&ns, |c| c.webhook.allow.clear()).await;
+        let url = format!("{}/v1/subscriptions", router.api);
+        for (body, status, code) in [
+            (json!({"criteria": {"devices": []}, "target": {"type": "live"}}), 422, "invalid_subscription"),
+            (json!({"criteria": {}, "target": {"type": "webhook", "url": "http://127.0.0.1:9/x"}}), 422, "target_refused"),
+            (json!({"criteria": {}, "target": {"type": "webhook", "url": "http://169.254.169.254/latest"}}), 422, "target_refused"),
+            (json!({"criteria": {}, "target": {"type": "webhook", "url": "http://[::1]/x"}}), 422, "target_refused"),
+            (json!({"criteria": {"value": {"above": "hot"}}, "target": {"type": "live"}}), 400, "malformed_body"),
+        ] {
+            let (s, v) = api(reqwest::Method::POST, &url, KEY_A, Some(body.clone())).await;
+            assert_eq!((s, v["error"].as_str().unwrap_or_default()), (status, code), "{body} → {v}");
+            assert!(!v["message"].as_str().unwrap_or_default().is_empty());
+        }
+        // A garbage telemetry message goes to the dead-letter queue with a reason; the
+        // router keeps serving.
+        let conn = Connection::connect(&amqp_addr(), ConnectionProperties::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        ch.basic_publish(format!("{ns}.telemetry").into(), "0".into(), BasicPublishOptions::default(), b"not msgpack", BasicProperties::default())
+            .await
+            .unwrap();
+        let m = wait_until(Duration::from_secs(10), || async {
+            ch.basic_get(format!("{ns}.dead-letter").into(), BasicGetOptions::default()).await.ok().flatten()
+        })
+        .await
+        .expect("dead-lettered");
+        let h = m.delivery.properties.headers().clone().unwrap_or_default();
+        assert!(matches!(h.inner().get("x-sluice-group"), Some(AMQPValue::LongString(g)) if g.to_string() == "router"));
+        assert!(h.inner().contains_key("x-sluice-reason"));
+        assert_eq!(api(reqwest::Method::GET, &url, KEY_A, None).await.0, 200);
+        let _ = conn.close(200, "done".into()).await;
+        router.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_change_reaches_another_instance_within_a_second() {
+    with_namespace(|ns| async move {
+        let one = Router::start(&ns, |_| {}).await;
+        let two = Router::start(&ns, |_| {}).await;
+        let (hook, url) = Receiver::start().await;
+        let created = Instant::now();
+        one.subscribe(
+            KEY_A,
+            json!({"criteria": {"devices": ["z"]}, "target": {"type": "webhook", "url": url}}),
+        )
+        .await;
+        // Stop the first: from now on only the second matches and delivers.
+        one.stop().await;
+        let elapsed = created.elapsed();
+        if elapsed < Duration::from_secs(1) {
+            tokio::time::sleep(Duration::from_secs(1) - elapsed).await;
+        }
+        let b = two.publish("tenant-a", &[("z", "m", 1.0)]).await;
+        assert_eq!(
+            hook.wait_events(1, Duration::from_secs(10)).await,
+            [reading_id(b, 0)]
+        );
+        two.stop().await;
+    })
+    .await;
+}
