@@ -427,12 +427,28 @@ mod broker {
                     .map(|p| format!("{ns}.storage.{p}"))
                     .collect();
                 queues.push(format!("{ns}.dead-letter"));
+                // The router's, when a test ran one.
+                queues.extend((0..PARTITIONS).map(|p| format!("{ns}.router.{p}")));
+                queues.extend((0..4).map(|p| format!("{ns}.notify.{p}")));
+                queues.extend(
+                    sluice_router::outbox::DELAY_TIERS
+                        .iter()
+                        .map(|d| format!("{ns}.notify.delay.{}", d.as_millis())),
+                );
+                queues.extend([format!("{ns}.router.events"), format!("{ns}.notify.dead")]);
                 for q in queues {
                     let _ = ch
                         .queue_delete(q.into(), QueueDeleteOptions::default())
                         .await;
                 }
-                for x in ["telemetry", "dead-letter", "commits"] {
+                for x in [
+                    "telemetry",
+                    "dead-letter",
+                    "commits",
+                    "events",
+                    "notify",
+                    "notify.delay",
+                ] {
                     let _ = ch
                         .exchange_delete(
                             format!("{ns}.{x}").into(),
@@ -1261,5 +1277,147 @@ mod broker {
             files.iter().any(|f| f.contains("part-proc-b-")),
             "{files:?}"
         );
+    }
+
+    /// A webhook receiver on its own thread and runtime: the event ids of every
+    /// notification it accepted, in order (repeats included). Each request takes 20 ms, so
+    /// notifications are in flight when the router is killed.
+    fn webhook_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        use std::sync::{Arc, Mutex};
+        let got: Arc<Mutex<Vec<String>>> = Arc::default();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let g = got.clone();
+        std::thread::spawn(move || {
+            rt().block_on(async move {
+                let app = axum::Router::new().route(
+                    "/hook",
+                    axum::routing::post(move |body: axum::body::Bytes| {
+                        let g = g.clone();
+                        async move {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            let n: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                            let mut got = g.lock().unwrap();
+                            for e in n["events"].as_array().unwrap() {
+                                got.push(e["id"].as_str().unwrap().to_owned());
+                            }
+                            axum::http::StatusCode::NO_CONTENT
+                        }
+                    }),
+                );
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                axum::serve(listener, app).await.unwrap();
+            });
+        });
+        (url, got)
+    }
+
+    impl World {
+        fn router(&self, port: u16) -> Proc {
+            let mut cmd = Command::new(sluice_bin());
+            self.common(&mut cmd);
+            cmd.arg("router")
+                .env("SLUICE_ROUTER_LISTEN", format!("127.0.0.1:{port}"))
+                .env("SLUICE_TENANTS", &self.tenants)
+                .env("SLUICE_REDIS_URL", redis_url())
+                .env("SLUICE_REDIS_PREFIX", &self.ns)
+                .env("SLUICE_WEBHOOK_ALLOW", "127.0.0.1");
+            let p = Proc::spawn("router", &mut cmd);
+            let http = Http::new();
+            wait_until("router /healthz", Duration::from_secs(60), || {
+                http.ready(&format!("http://127.0.0.1:{port}/healthz"))
+            });
+            p
+        }
+    }
+
+    #[test]
+    fn a_router_killed_mid_stream_loses_no_notification() {
+        let w = World::new();
+        let port = free_port();
+        let mut first = w.router(port);
+        let (hook, got) = webhook_receiver();
+        let http = Http::new();
+        let sub = serde_json::json!({
+            "criteria": {"devices": ["k-*"]},
+            "policy": {"batch_notify": {"count": 50, "duration": "200ms"}},
+            "target": {"type": "webhook", "url": hook},
+        });
+        let (status, body) = http.post(
+            &format!("http://127.0.0.1:{port}/v1/subscriptions"),
+            Some("acme-key"),
+            "application/json",
+            sub.to_string().into_bytes(),
+        );
+        assert_eq!(status, 201, "{body}");
+
+        // 40 batches of 250 readings straight to the broker, 10 a second.
+        let (ns, mut expected) = (w.ns.clone(), std::collections::BTreeSet::new());
+        let mut batches = Vec::new();
+        for seq in 0..40u64 {
+            let mut b = BatchBuilder::new("acme", "router-e2e", seq);
+            for i in 0..250 {
+                b.push(&format!("k-{}", i % 25), "m", now_ns(), f64::from(i));
+            }
+            let batch = b.finish(now_ns());
+            expected.extend((0..250).map(|i| format!("{}:{i}", batch.id.simple())));
+            batches.push(batch);
+        }
+        let publisher = std::thread::spawn(move || {
+            rt().block_on(async move {
+                let conn = Connection::connect(&amqp_addr(), ConnectionProperties::default())
+                    .await
+                    .unwrap();
+                let ch = conn.create_channel().await.unwrap();
+                ch.confirm_select(ConfirmSelectOptions::default())
+                    .await
+                    .unwrap();
+                for (i, b) in batches.iter().enumerate() {
+                    let body = codec::encode(b).unwrap();
+                    let key = (i as u32 % PARTITIONS).to_string();
+                    let confirm = ch
+                        .basic_publish(
+                            format!("{ns}.telemetry").into(),
+                            key.into(),
+                            BasicPublishOptions::default(),
+                            &body,
+                            BasicProperties::default().with_delivery_mode(2),
+                        )
+                        .await
+                        .unwrap()
+                        .await
+                        .unwrap();
+                    assert!(confirm.is_ack());
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        });
+        // SIGKILL once some, not all, notifications arrived.
+        wait_until("first notifications", Duration::from_secs(60), || {
+            !got.lock().unwrap().is_empty()
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        first.kill();
+        let before: std::collections::BTreeSet<String> =
+            got.lock().unwrap().iter().cloned().collect();
+        assert!(
+            before.len() < expected.len(),
+            "killed after {} of {} events: not mid-stream",
+            before.len(),
+            expected.len()
+        );
+        let _second = w.router(port);
+        publisher.join().unwrap();
+        wait_until("every event notified", Duration::from_secs(120), || {
+            got.lock()
+                .unwrap()
+                .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+                >= expected.len()
+        });
+        let all: std::collections::BTreeSet<String> = got.lock().unwrap().iter().cloned().collect();
+        assert_eq!(all, expected, "every event at least once, and nothing else");
     }
 }
