@@ -39,6 +39,7 @@ WORKDIR /data
 VOLUME ["/data"]
 ENV SLUICE_DATA_DIR=/data \
     SLUICE_LOG=info
-# 8080: ingest HTTP; 9090: Prometheus /metrics of every service.
-EXPOSE 8080 9090
+# 8080: ingest HTTP; 8090: router subscription API; 9090: Prometheus /metrics of every
+# service.
+EXPOSE 8080 8090 9090
 CMD ["sluice", "--help"]

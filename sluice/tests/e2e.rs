@@ -236,8 +236,8 @@ fn compose_environment_matches_the_binaries_flags() {
         checked += 1;
     }
     assert!(
-        checked >= 3,
-        "expected ingest, processors and loadgen in compose.yaml"
+        checked >= 4,
+        "expected ingest, processors, router and loadgen in compose.yaml"
     );
 }
 
