@@ -1,6 +1,7 @@
 //! `loadgen`: simulated devices pushing telemetry into Sluice over HTTP or straight to the
 //! broker, reporting throughput and HDR latency percentiles (table, `.hgrm`, SVG plot).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,8 +15,9 @@ use sluice_binding::topology::{QueueType, Topology};
 use sluice_binding::transport::Transport;
 use sluice_binding::transport::amqp::{AmqpConfig, AmqpTransport};
 use sluice_ingest::producer::{Producer, ProducerConfig};
+use sluice_loadgen::notify::{NotifyConfig, NotifySession};
 use sluice_loadgen::profile::Profile;
-use sluice_loadgen::run::{BodyFormat, LoadConfig, Target, run, write_outputs};
+use sluice_loadgen::run::{BodyFormat, LoadConfig, Observers, Target, run_observed, write_outputs};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum TargetKind {
@@ -53,6 +55,8 @@ fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
 ///
 /// The end-to-end latency (device timestamp → committed in storage) is measured from the
 /// commit receipts storage publishes; it needs --amqp-url (the broker the processors use).
+/// With --notify-listen, loadgen also subscribes to its devices through the router and
+/// measures device timestamp → notification received.
 #[derive(Debug, Parser)]
 #[command(name = "loadgen", version, about)]
 struct Cli {
@@ -136,9 +140,35 @@ struct Cli {
     /// Added to every value (values are deterministic; see the docs).
     #[arg(long, env = "LOADGEN_SEED", default_value_t = 0)]
     seed: u64,
-    /// How long to wait after sending for storage to commit everything accepted.
+    /// How long to wait after sending for storage to commit (and, with --notify-listen, the
+    /// router to notify) everything accepted.
     #[arg(long, env = "LOADGEN_DRAIN_TIMEOUT", default_value = "60s", value_parser = duration)]
     drain_timeout: Duration,
+    /// Measure device → notified latency: receive the router's webhook notifications on this
+    /// address (`POST /notify`, e.g. 0.0.0.0:8099) and, for the length of the run, subscribe
+    /// to the run's devices (--device-prefix) through the router's API at --router-url with
+    /// --api-key, whose tenant must be the readings' tenant. Unset: no subscription.
+    #[arg(long, env = "LOADGEN_NOTIFY_LISTEN")]
+    notify_listen: Option<SocketAddr>,
+    /// URL the router posts notifications to [default: http://{--notify-listen}/notify, with
+    /// 0.0.0.0 or :: replaced by loopback]. The router must allow its address: loopback and
+    /// private addresses need `sluice router --webhook-allow`.
+    #[arg(long, env = "LOADGEN_NOTIFY_URL", requires = "notify_listen")]
+    notify_url: Option<String>,
+    /// Base URL of the router's subscription API (`sluice router`), used with --notify-listen.
+    #[arg(
+        long,
+        env = "LOADGEN_ROUTER_URL",
+        default_value = "http://127.0.0.1:8090"
+    )]
+    router_url: String,
+    /// Events per notification: the subscription's batch_notify count (1 to 1000).
+    #[arg(long, env = "LOADGEN_NOTIFY_BATCH", default_value_t = 500)]
+    notify_batch: u32,
+    /// Longest the router holds a batch before notifying: the subscription's batch_notify
+    /// duration. It is part of the measured notify latency.
+    #[arg(long, env = "LOADGEN_NOTIFY_BATCH_WAIT", default_value = "100ms", value_parser = duration)]
+    notify_batch_wait: Duration,
     /// Directory for summary.json, .hgrm files, latency.svg and timeline.csv.
     #[arg(long, env = "LOADGEN_OUT", default_value = "results")]
     out: PathBuf,
@@ -174,6 +204,19 @@ impl Cli {
                 factor: self.burst_factor,
             },
         }
+    }
+
+    /// The router subscription the flags describe, if --notify-listen is given.
+    fn notify_config(&self) -> Option<NotifyConfig> {
+        Some(NotifyConfig {
+            listen: self.notify_listen?,
+            notify_url: self.notify_url.clone(),
+            router_url: self.router_url.clone(),
+            api_key: self.api_key.clone(),
+            device_prefix: self.device_prefix.clone(),
+            batch_count: self.notify_batch,
+            batch_wait: self.notify_batch_wait,
+        })
     }
 }
 
@@ -231,6 +274,21 @@ async fn main_async(cli: Cli) -> Result<()> {
         Some(t) => Some(t.subscribe_receipts(1024).await?),
         None => None,
     };
+    // Last before sending, so that a failure to connect elsewhere leaves no subscription.
+    let notify = match cli.notify_config() {
+        Some(cfg) => {
+            let session = NotifySession::start(&cfg).await?;
+            eprintln!(
+                "subscribed to {}* through {} (subscription {}); notifications to {}",
+                cli.device_prefix,
+                cli.router_url,
+                session.subscription(),
+                session.url()
+            );
+            Some(session)
+        }
+        None => None,
+    };
     let cfg = LoadConfig {
         devices: cli.devices,
         metrics: cli.metrics,
@@ -246,7 +304,18 @@ async fn main_async(cli: Cli) -> Result<()> {
         drain_timeout: cli.drain_timeout,
         progress: !cli.quiet,
     };
-    let summary = run(cfg, target, receipts, stop).await?;
+    let observers = Observers {
+        receipts,
+        notifications: notify.as_ref().map(|n| n.receiver().clone()),
+    };
+    // The run ends on Ctrl-C and SIGTERM too; its errors wait until the subscription is gone.
+    let summary = run_observed(cfg, target, observers, stop).await;
+    if let Some(n) = notify
+        && let Err(e) = n.close().await
+    {
+        eprintln!("warning: {e:#}");
+    }
+    let summary = summary?;
     if let Some(t) = &transport {
         t.close().await;
     }
@@ -274,6 +343,48 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn notify_flags_make_the_subscription_config() {
+        assert!(parse(&[]).notify_config().is_none());
+        let cfg = parse(&["--notify-listen", "0.0.0.0:8099", "--device-prefix", "m-"])
+            .notify_config()
+            .unwrap();
+        assert_eq!(cfg.listen, "0.0.0.0:8099".parse().unwrap());
+        assert_eq!(cfg.notify_url, None);
+        assert_eq!(cfg.router_url, "http://127.0.0.1:8090");
+        assert_eq!(cfg.api_key, "demo-key-change-me");
+        assert_eq!(cfg.device_prefix, "m-");
+        assert_eq!(
+            (cfg.batch_count, cfg.batch_wait),
+            (500, Duration::from_millis(100))
+        );
+        let cfg = parse(&[
+            "--notify-listen",
+            "127.0.0.1:0",
+            "--notify-url",
+            "http://10.0.0.5:8099/notify",
+            "--router-url",
+            "http://router:8090",
+            "--notify-batch",
+            "50",
+            "--notify-batch-wait",
+            "1s",
+        ])
+        .notify_config()
+        .unwrap();
+        assert_eq!(
+            cfg.notify_url.as_deref(),
+            Some("http://10.0.0.5:8099/notify")
+        );
+        assert_eq!(cfg.router_url, "http://router:8090");
+        assert_eq!(
+            (cfg.batch_count, cfg.batch_wait),
+            (50, Duration::from_secs(1))
+        );
+        // A notify URL alone would subscribe nobody.
+        assert!(Cli::try_parse_from(["loadgen", "--notify-url", "http://a/notify"]).is_err());
     }
 
     #[test]

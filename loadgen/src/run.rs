@@ -6,7 +6,9 @@
 //! corrected send→accept latency and the end-to-end latency count any time a request spent
 //! waiting behind slow ones (coordinated omission). End-to-end latency is measured by
 //! storage itself: each commit receipt carries the HDR histogram of `committed − device
-//! timestamp` over its rows, and the run merges the receipts of its tenant.
+//! timestamp` over its rows, and the run merges the receipts of its tenant. With a
+//! [`NotifyReceiver`] (see [`crate::notify`]), the latency to the router's notification is
+//! measured the same way, from the same device timestamps, by the receiver.
 //!
 //! Readings are deterministic: reading `r` of the run belongs to series
 //! `r mod (devices × metrics)` (device-major) and has value `seed + 1000·device + metric +
@@ -24,10 +26,12 @@ use sluice_binding::shutdown::CancellationToken;
 use sluice_ingest::producer::Producer;
 use tokio::sync::{Semaphore, mpsc};
 
+use crate::notify::NotifyReceiver;
 use crate::profile::Profile;
 use crate::report::{
-    Counters, LatencyRecorder, LatencyReport, NANOS_PER_MILLI, OpenLoopLatency, Progress,
-    SERIES_CORRECTED, SERIES_END_TO_END, SERIES_SERVICE_TIME, Summary, Timeline, write_hgrm,
+    Counters, CountersSnapshot, LatencyRecorder, LatencyReport, NANOS_PER_MILLI, NotifySummary,
+    OpenLoopLatency, Progress, SERIES_CORRECTED, SERIES_END_TO_END, SERIES_NOTIFIED,
+    SERIES_SERVICE_TIME, Summary, Timeline, write_hgrm,
 };
 
 /// Body encoding of HTTP requests.
@@ -81,7 +85,8 @@ pub struct LoadConfig {
     pub device_prefix: String,
     /// Added to every value (see the module docs).
     pub seed: u64,
-    /// After the last request, how long to wait for storage to commit what was accepted.
+    /// After the last request, how long to wait for storage to commit (and the router to
+    /// notify) what was accepted.
     pub drain_timeout: Duration,
     /// Show a live progress line.
     pub progress: bool,
@@ -163,6 +168,15 @@ struct JsonBody<'a> {
     readings: Vec<JsonReading<'a>>,
 }
 
+/// What a run observes beyond the answers to its requests.
+#[derive(Debug, Default)]
+pub struct Observers {
+    /// Commit receipts: the stored count and latency.
+    pub receipts: Option<mpsc::Receiver<Receipt>>,
+    /// The receiver of the router's notifications: the notified count and latency.
+    pub notifications: Option<NotifyReceiver>,
+}
+
 /// Runs the load until its duration or count is reached (or `shutdown`), waits for the
 /// outstanding requests and, with `receipts`, for storage to commit what was accepted.
 pub async fn run(
@@ -171,6 +185,25 @@ pub async fn run(
     receipts: Option<mpsc::Receiver<Receipt>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Summary> {
+    let observers = Observers {
+        receipts,
+        notifications: None,
+    };
+    run_observed(cfg, target, observers, shutdown).await
+}
+
+/// [`run`], also waiting (within the same drain timeout) for the router to notify every
+/// accepted reading when `observers.notifications` is set, and reporting the notify latency.
+pub async fn run_observed(
+    cfg: LoadConfig,
+    target: Target,
+    observers: Observers,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Summary> {
+    let Observers {
+        receipts,
+        notifications,
+    } = observers;
     anyhow::ensure!(cfg.rate > 0.0, "rate must be positive");
     anyhow::ensure!(cfg.batch_size > 0, "batch size must be positive");
     anyhow::ensure!(
@@ -184,6 +217,7 @@ pub async fn run(
     let latency = Arc::new(Mutex::new(OpenLoopLatency::new()));
     let end_to_end = Arc::new(Mutex::new(LatencyRecorder::new()));
     let observe_commits = receipts.is_some();
+    let snapshot = || observed(&counters, notifications.as_ref());
     let timeline = Arc::new(Mutex::new(Timeline::new(observe_commits)));
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(cfg.concurrency)
@@ -229,7 +263,7 @@ pub async fn run(
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(intended.into()) => break,
-                _ = tick.tick() => progress.update(&counters.snapshot()),
+                _ = tick.tick() => progress.update(&snapshot()),
                 _ = shutdown.cancelled() => break,
             }
         }
@@ -283,16 +317,19 @@ pub async fn run(
     loop {
         tokio::select! {
             p = slots.acquire_many(all) => { drop(p?); break; }
-            _ = tick.tick() => progress.update(&counters.snapshot()),
+            _ = tick.tick() => progress.update(&snapshot()),
         }
     }
     let duration = start.elapsed();
 
-    if observe_commits {
+    // One drain for both: the timeout bounds the wait after sending, whatever is awaited.
+    if observe_commits || notifications.is_some() {
         let drain_until = Instant::now() + cfg.drain_timeout;
         loop {
-            let s = counters.snapshot();
-            if s.committed.unwrap_or(0) >= s.accepted || Instant::now() >= drain_until {
+            let s = snapshot();
+            let stored = !observe_commits || s.committed.unwrap_or(0) >= s.accepted;
+            let notified = s.notified.is_none_or(|n| n >= s.accepted);
+            if (stored && notified) || Instant::now() >= drain_until {
                 break;
             }
             tokio::select! {
@@ -301,7 +338,7 @@ pub async fn run(
             }
         }
     }
-    progress.update(&counters.snapshot());
+    progress.update(&snapshot());
     progress.finish();
     if let Some(t) = receipt_task {
         t.abort();
@@ -320,7 +357,25 @@ pub async fn run(
         counts.committed = None;
     }
     let timeline = std::mem::take(&mut *lock(&timeline));
-    Ok(Summary::new(&counts, duration, report).with_timeline(timeline))
+    let mut summary = Summary::new(&counts, duration, report).with_timeline(timeline);
+    if let Some(n) = &notifications {
+        let (c, latency) = n.finish();
+        summary.latency.push(SERIES_NOTIFIED, latency);
+        summary = summary.with_notify(NotifySummary {
+            notified: c.notified,
+            repeats: c.repeats,
+            missing: counts.accepted.saturating_sub(c.notified),
+            ignored: c.ignored,
+        });
+    }
+    Ok(summary)
+}
+
+/// The counters, with the notified count when the run subscribes.
+fn observed(counters: &Counters, notifications: Option<&NotifyReceiver>) -> CountersSnapshot {
+    let mut s = counters.snapshot();
+    s.notified = notifications.map(|n| n.counts().notified);
+    s
 }
 
 /// Locks a report shared with the sender tasks; a panicked sender leaves counts, not a

@@ -57,3 +57,49 @@ fn a_storm_that_cannot_catch_up_is_refused_before_sending() {
     assert!(err.contains("storm"), "{err}");
     assert!(err.contains("factor"), "{err}");
 }
+
+#[test]
+fn help_lists_the_notify_flags() {
+    let out = loadgen().arg("--help").output().unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    for flag in [
+        "--notify-listen <NOTIFY_LISTEN>",
+        "--notify-url <NOTIFY_URL>",
+        "--router-url <ROUTER_URL>",
+        "--notify-batch <NOTIFY_BATCH>",
+        "--notify-batch-wait <NOTIFY_BATCH_WAIT>",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+    }
+}
+
+#[test]
+fn an_unreachable_router_fails_quickly_before_sending() {
+    // Bound, then closed: nothing listens there.
+    let router = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("results");
+    let started = std::time::Instant::now();
+    let out = loadgen()
+        .args(["--notify-listen", "127.0.0.1:0"])
+        .args(["--router-url", &format!("http://{router}")])
+        .args(["--url", "http://127.0.0.1:9", "--quiet"])
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach the router"), "{err}");
+    assert!(err.contains(&router.to_string()), "{err}");
+    assert!(err.contains("--router-url"), "{err}");
+    assert!(!out_dir.exists(), "nothing was run, nothing written");
+}

@@ -54,10 +54,10 @@ pub use recorder::{
     HIGHEST_TRACKABLE_NS, LOWEST_DISCERNIBLE_NS, LatencyRecorder, NANOS_PER_MILLI, OpenLoopLatency,
     SIGNIFICANT_DIGITS,
 };
-pub use summary::Summary;
+pub use summary::{NotifySummary, Summary};
 pub use table::{
     LatencyReport, LatencySeries, LatencyStats, SERIES_CORRECTED, SERIES_END_TO_END,
-    SERIES_SERVICE_TIME,
+    SERIES_NOTIFIED, SERIES_SERVICE_TIME,
 };
 pub use timeline::{Timeline, TimelineSecond};
 

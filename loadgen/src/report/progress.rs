@@ -61,6 +61,7 @@ impl Counters {
                 .load(Ordering::Relaxed)
                 .then(|| get(&self.committed)),
             in_flight: get(&self.in_flight),
+            notified: None,
         }
     }
 }
@@ -82,6 +83,10 @@ pub struct CountersSnapshot {
     pub committed: Option<u64>,
     /// Batches awaiting an answer.
     pub in_flight: u64,
+    /// Distinct readings notified by the router, `None` unless the run subscribes
+    /// (filled from the notification receiver, not from [`Counters`]).
+    #[serde(default)]
+    pub notified: Option<u64>,
 }
 
 /// How often the plain (non-terminal) display prints a line.
@@ -248,6 +253,9 @@ fn status(s: &CountersSnapshot, rate: f64) -> String {
     if let Some(c) = s.committed {
         let _ = write!(line, " | committed {c}");
     }
+    if let Some(n) = s.notified {
+        let _ = write!(line, " | notified {n}");
+    }
     line
 }
 
@@ -349,6 +357,7 @@ mod tests {
                 batches: 4_000,
                 committed: None,
                 in_flight: 0,
+                notified: None,
             }
         );
     }
@@ -385,7 +394,7 @@ mod tests {
     }
 
     #[test]
-    fn lines_show_every_counter_and_committed_only_when_known() {
+    fn lines_show_every_counter_and_committed_and_notified_only_when_known() {
         let mut s = CountersSnapshot {
             sent: 1_200,
             accepted: 1_190,
@@ -394,6 +403,7 @@ mod tests {
             batches: 12,
             committed: None,
             in_flight: 4,
+            notified: None,
         };
         let line = status(&s, 1_234.4);
         assert_eq!(
@@ -402,6 +412,9 @@ mod tests {
         );
         s.committed = Some(1_100);
         assert!(status(&s, 0.0).ends_with(" | committed 1100"));
+        s.notified = Some(1_050);
+        assert!(status(&s, 0.0).ends_with(" | committed 1100 | notified 1050"));
+        s.notified = None;
 
         let plain = plain_line(Duration::from_secs(3_725), Some(2_400), &s, 0.0);
         assert!(

@@ -46,6 +46,24 @@ pub struct Summary {
     /// before it existed, which read back with an empty one.
     #[serde(default)]
     pub timeline: Timeline,
+    /// What the router notified, when the run subscribed (`--notify-listen`); the latency
+    /// is the series [`SERIES_NOTIFIED`](super::SERIES_NOTIFIED). Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<NotifySummary>,
+}
+
+/// Counts of the readings the router notified to the run's webhook.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotifySummary {
+    /// Distinct readings notified (each recorded once in the latency series).
+    pub notified: u64,
+    /// Receipts of readings already notified (at-least-once delivery), not recorded again.
+    pub repeats: u64,
+    /// Accepted readings not notified when the run ended (drain timeout or Ctrl-C).
+    pub missing: u64,
+    /// Events received that were not this run's (another subscription, or device timestamps
+    /// before the run).
+    pub ignored: u64,
 }
 
 impl Summary {
@@ -70,12 +88,19 @@ impl Summary {
             batches_per_sec: per_sec(counts.batches),
             latency,
             timeline: Timeline::default(),
+            notify: None,
         }
     }
 
     /// The same summary with its per-second timeline.
     pub fn with_timeline(mut self, timeline: Timeline) -> Self {
         self.timeline = timeline;
+        self
+    }
+
+    /// The same summary with the notification counts.
+    pub fn with_notify(mut self, notify: NotifySummary) -> Self {
+        self.notify = Some(notify);
         self
     }
 
@@ -128,6 +153,31 @@ impl fmt::Display for Summary {
             Some(c) => writeln!(f, "committed   {c:>12} readings{}", share(c))?,
             None => writeln!(f, "committed   {:>12}", "unknown")?,
         }
+        if let Some(n) = &self.notify {
+            writeln!(
+                f,
+                "notified    {:>12} readings{}",
+                n.notified,
+                share(n.notified)
+            )?;
+            writeln!(
+                f,
+                "  repeats   {:>12} readings notified again (at-least-once delivery)",
+                n.repeats
+            )?;
+            writeln!(
+                f,
+                "  missing   {:>12} accepted readings not notified at the end",
+                n.missing
+            )?;
+            if n.ignored > 0 {
+                writeln!(
+                    f,
+                    "  ignored   {:>12} events not from this run (other subscription, older readings)",
+                    n.ignored
+                )?;
+            }
+        }
         if self.in_flight_at_end > 0 {
             writeln!(
                 f,
@@ -149,7 +199,9 @@ impl fmt::Display for Summary {
 mod tests {
     use super::*;
     use crate::report::recorder::LatencyRecorder;
-    use crate::report::table::{SERIES_CORRECTED, SERIES_END_TO_END, SERIES_SERVICE_TIME};
+    use crate::report::table::{
+        SERIES_CORRECTED, SERIES_END_TO_END, SERIES_NOTIFIED, SERIES_SERVICE_TIME,
+    };
 
     fn sample() -> Summary {
         let mut corrected = LatencyRecorder::new();
@@ -166,6 +218,7 @@ mod tests {
             batches: 1_000,
             committed: Some(99_000),
             in_flight: 0,
+            notified: None,
         };
         let latency = LatencyReport::new()
             .with(SERIES_CORRECTED, corrected)
@@ -237,5 +290,49 @@ mod tests {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
         assert!(!text.contains("in flight"), "no abandoned batches, no line");
+        assert!(
+            !text.contains("notified"),
+            "no subscription, no notify lines"
+        );
+    }
+
+    #[test]
+    fn notify_counts_are_printed_and_written_only_when_the_run_subscribed() {
+        let plain = sample();
+        let v: serde_json::Value = serde_json::from_str(&plain.to_json().unwrap()).unwrap();
+        assert!(
+            v.get("notify").is_none(),
+            "unchanged JSON without the feature"
+        );
+
+        let mut notified = LatencyRecorder::new();
+        notified.record_n(Duration::from_millis(120), 98_000);
+        let mut s = sample().with_notify(NotifySummary {
+            notified: 98_000,
+            repeats: 12,
+            missing: 1_990,
+            ignored: 0,
+        });
+        s.latency.push(SERIES_NOTIFIED, notified);
+        let text = s.to_string();
+        for want in [
+            "notified           98000 readings (98.000%)",
+            "  repeats             12 readings notified again",
+            "  missing           1990 accepted readings not notified",
+            SERIES_NOTIFIED,
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        assert!(!text.contains("ignored"), "{text}");
+
+        let json = s.to_json().unwrap();
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            v["notify"],
+            serde_json::json!({"notified": 98_000, "repeats": 12, "missing": 1_990, "ignored": 0})
+        );
+        assert_eq!(v["latency"][3]["name"], SERIES_NOTIFIED);
+        assert!(v["latency"][3]["stats"]["p999_ms"].as_f64().unwrap() > 119.0);
+        assert_eq!(Summary::from_json(&json).unwrap().notify, s.notify);
     }
 }

@@ -14,6 +14,9 @@ pub const SERIES_CORRECTED: &str = "send→accept (corrected)";
 pub const SERIES_SERVICE_TIME: &str = "send→accept (service time)";
 /// Series name for device timestamp → committed to storage.
 pub const SERIES_END_TO_END: &str = "end-to-end device→committed";
+/// Series name for device timestamp → notification received from the router (first receipt
+/// of each reading).
+pub const SERIES_NOTIFIED: &str = "end-to-end device→notified";
 
 /// The numbers one table row shows, in milliseconds. Zero when the histogram is empty.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
