@@ -29,7 +29,8 @@ impl std::str::FromStr for QueueType {
 }
 
 impl QueueType {
-    fn as_str(self) -> &'static str {
+    /// The `x-queue-type` value.
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Quorum => "quorum",
             Self::Classic => "classic",

@@ -27,12 +27,12 @@ use axum::{Json, Router};
 use futures::{Stream, StreamExt};
 use serde::Serialize;
 use sluice_binding::TenantId;
+use sluice_binding::model::now_ns;
 use sluice_ingest::Tenants;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::notify::webhook::WebhookNotifier;
-use crate::route::now_ns;
 use crate::store::{Store, StoreError};
 use crate::subscription::{NewSubscription, Subscription, Target};
 

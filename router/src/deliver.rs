@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use lapin::BasicProperties;
+use sluice_binding::model::now_ns;
 use sluice_binding::transport::{Acker, Consumer, PublishError, TransportError};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
@@ -36,7 +37,6 @@ use crate::event::{self, Event, Job, Notification, Stage};
 use crate::matching::SubRef;
 use crate::notify::webhook::{self, WebhookError, WebhookNotifier};
 use crate::outbox::Outbox;
-use crate::route::now_ns;
 use crate::store::{Expiration, Store};
 use crate::subscription::Target;
 use crate::sync::SharedIndex;
@@ -237,14 +237,12 @@ impl Ready {
     }
 
     fn job(&self, stage: Stage) -> Job {
-        Job {
-            v: event::FORMAT_VERSION,
-            tenant: self.sub.tenant.to_string(),
-            subscription: self.sub.id,
+        Job::new(
+            self.sub.tenant.as_str(),
+            self.sub.id,
             stage,
-            oldest: self.events.iter().map(|e| e.t).min().unwrap_or(0),
-            events: self.events.clone(),
-        }
+            self.events.clone(),
+        )
     }
 }
 
@@ -484,8 +482,8 @@ async fn send(ctx: &Ctx, mut ready: Ready, back: &mpsc::UnboundedSender<Back>) {
         sent: now_ns(),
     };
     let json = serde_json::to_string(&notification).expect("a notification always serialises");
-    // Keep the unshaped events for a retry (its key must stay the same).
-    ready.events = notification.events.clone();
+    // A retry carries the shaped events; its key depends on the event ids only.
+    ready.events = notification.events;
     let target = ready.sub.target.kind();
     match deliver(ctx, &ready.sub, &ready.key, json).await {
         Ok(()) => {

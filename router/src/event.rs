@@ -111,6 +111,18 @@ pub struct Job {
 }
 
 impl Job {
+    /// A job of `events` for `subscription`, at `stage`.
+    pub fn new(tenant: &str, subscription: Uuid, stage: Stage, events: Vec<Event>) -> Self {
+        Self {
+            v: FORMAT_VERSION,
+            tenant: tenant.to_owned(),
+            subscription,
+            stage,
+            oldest: events.iter().map(|e| e.t).min().unwrap_or(0),
+            events,
+        }
+    }
+
     /// Encodes as a MessagePack map.
     pub fn encode(&self) -> Vec<u8> {
         rmp_serde::to_vec_named(self).expect("a job always serialises")

@@ -122,13 +122,9 @@ impl Outbox {
 
     fn queue_args(&self) -> FieldTable {
         let mut args = FieldTable::default();
-        let qt = match self.queue_type {
-            QueueType::Quorum => "quorum",
-            QueueType::Classic => "classic",
-        };
         args.insert(
             ShortString::from("x-queue-type"),
-            AMQPValue::LongString(qt.into()),
+            AMQPValue::LongString(self.queue_type.as_str().into()),
         );
         args
     }

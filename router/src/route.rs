@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::try_join_all;
 use sluice_binding::codec;
+use sluice_binding::model::now_ns;
 use sluice_binding::transport::{Consumer, DeadLetter, Delivery, Transport};
 use sluice_binding::validate::{self, Limits};
 use tokio::task::JoinSet;
@@ -180,7 +181,7 @@ impl Worker {
                         }
                     })
                     .collect();
-                jobs.push(job(view.tenant, sub.id, events));
+                jobs.push(Job::new(view.tenant, sub.id, Stage::Fresh, events));
             }
         }
         Ok(jobs)
@@ -221,7 +222,7 @@ impl Worker {
         };
         Ok(subs
             .into_iter()
-            .map(|s| job(&ev.tenant, s.id, vec![ev.event.clone()]))
+            .map(|s| Job::new(&ev.tenant, s.id, Stage::Fresh, vec![ev.event.clone()]))
             .collect())
     }
 
@@ -245,23 +246,4 @@ impl Worker {
             }
         }
     }
-}
-
-fn job(tenant: &str, subscription: uuid::Uuid, events: Vec<Event>) -> Job {
-    let oldest = events.iter().map(|e| e.t).min().unwrap_or(0);
-    Job {
-        v: event::FORMAT_VERSION,
-        tenant: tenant.to_owned(),
-        subscription,
-        stage: Stage::Fresh,
-        oldest,
-        events,
-    }
-}
-
-pub(crate) fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
 }

@@ -19,6 +19,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::{Value, json};
+use sluice_binding::model::now_ns;
 use sluice_binding::transport::amqp::{AmqpConfig, AmqpTransport};
 use sluice_binding::transport::{Outgoing, Transport};
 use sluice_binding::{Batch, Topology, codec};
@@ -48,14 +49,6 @@ fn tenants() -> Tenants {
          [[tenant]]\nid = \"tenant-b\"\napi_keys = [\"{KEY_B}\"]\n"
     ))
     .expect("tenants")
-}
-
-/// 2026-11-22T10:00:00Z, ns.
-fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as i64
 }
 
 /// One running router with its API, on a namespace of its own.
