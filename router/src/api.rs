@@ -35,6 +35,7 @@ use uuid::Uuid;
 use crate::notify::webhook::WebhookNotifier;
 use crate::store::{Store, StoreError};
 use crate::subscription::{NewSubscription, Subscription, Target};
+use crate::sync::{self, SharedIndex};
 
 /// Largest request body.
 const MAX_BODY: usize = 64 * 1024;
@@ -50,18 +51,21 @@ struct Inner {
     tenants: Tenants,
     store: Store,
     webhook: WebhookNotifier,
+    /// This instance's index: a change applies to it before the API answers.
+    index: SharedIndex,
     /// Ends live feeds, which would otherwise hold graceful shutdown open forever.
     shutdown: CancellationToken,
 }
 
 impl ApiState {
     /// The API over `store`, authenticating with `tenants`, checking webhook targets with
-    /// `webhook`'s address rules.
+    /// `webhook`'s address rules, and applying each change to `index` before answering.
     /// Live feeds end at `shutdown`.
     pub fn new(
         tenants: Tenants,
         store: Store,
         webhook: WebhookNotifier,
+        index: SharedIndex,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
@@ -69,6 +73,7 @@ impl ApiState {
                 tenants,
                 store,
                 webhook,
+                index,
                 shutdown,
             }),
         }
@@ -217,6 +222,9 @@ async fn create(
     }
     let sub = new.into_subscription(Uuid::now_v7(), tenant, now_ns());
     state.inner.store.create(&sub).await?;
+    // Read-your-writes on this instance: readings published after the 201 match here.
+    // A failed reload is not the client's problem; the sync retries it.
+    let _ = sync::reload_tenant(&state.inner.store, &state.inner.index, sub.tenant.as_str()).await;
     tracing::info!(tenant = %sub.tenant, id = %sub.id, target = sub.target.kind(), "subscription created");
     let location = format!("/v1/subscriptions/{}", sub.id);
     let mut r = (StatusCode::CREATED, Json(sub)).into_response();
@@ -255,6 +263,7 @@ async fn delete(
     let tenant = tenant(&state, &headers)?;
     let id = parse_id(&id)?;
     if state.inner.store.delete(&tenant, id).await? {
+        let _ = sync::reload_tenant(&state.inner.store, &state.inner.index, tenant.as_str()).await;
         tracing::info!(%tenant, %id, "subscription deleted");
         Ok(StatusCode::NO_CONTENT)
     } else {

@@ -512,14 +512,12 @@ async fn send(ctx: &Ctx, mut ready: Ready, back: &mpsc::UnboundedSender<Back>) {
                     Err(pe) => park_failed(&ready, &pe),
                 }
             } else {
-                let wait = e.retry_after().unwrap_or_else(|| {
-                    webhook::backoff(
-                        attempt,
-                        ctx.cfg.retry_initial,
-                        ctx.cfg.retry_max,
-                        &mut rand::rng(),
-                    )
-                });
+                let wait = e.retry_wait(webhook::backoff(
+                    attempt,
+                    ctx.cfg.retry_initial,
+                    ctx.cfg.retry_max,
+                    &mut rand::rng(),
+                ));
                 tracing::debug!(%tenant, subscription = %id, target, attempt, ?wait, %reason, "delivery failed; retrying");
                 let job = ready.job(Stage::Retry { attempt });
                 match ctx.outbox.delay(&job, &ready.key, wait).await {
@@ -577,11 +575,22 @@ impl DeliverError {
         }
     }
 
-    fn retry_after(&self) -> Option<Duration> {
+    /// How long to wait before the next attempt, given the backoff schedule's `backoff`.
+    ///
+    /// A target's `Retry-After` is honoured as given. An open circuit counts as an attempt
+    /// but never shortens the schedule: the breaker's next trial may be sooner than the
+    /// backoff, and retrying at every trial would spend the whole attempt budget within a
+    /// few `breaker_open_for` periods of an outage the budget was sized to outlast.
+    fn retry_wait(&self, backoff: Duration) -> Duration {
         match self {
-            DeliverError::Webhook(WebhookError::Retryable { retry_after, .. }) => *retry_after,
-            DeliverError::Webhook(WebhookError::CircuitOpen { retry_in, .. }) => Some(*retry_in),
-            _ => None,
+            DeliverError::Webhook(WebhookError::Retryable {
+                retry_after: Some(after),
+                ..
+            }) => *after,
+            DeliverError::Webhook(WebhookError::CircuitOpen { retry_in, .. }) => {
+                (*retry_in).max(backoff)
+            }
+            _ => backoff,
         }
     }
 }
@@ -642,4 +651,47 @@ fn count_dropped(tenant: &str, reason: &'static str, events: usize) {
     tracing::debug!(%tenant, reason, events, "notification dropped by policy");
     metrics::counter!("sluice_notifications_dropped_total", "tenant" => tenant.to_owned(), "reason" => reason)
         .increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn webhook(e: WebhookError) -> DeliverError {
+        DeliverError::Webhook(e)
+    }
+
+    #[test]
+    fn an_open_circuit_never_shortens_the_backoff_schedule() {
+        let backoff = Duration::from_secs(3);
+        let open = |retry_in| {
+            webhook(WebhookError::CircuitOpen {
+                target: "http://t:80".into(),
+                retry_in,
+            })
+        };
+        assert_eq!(
+            open(Duration::from_millis(200)).retry_wait(backoff),
+            backoff
+        );
+        assert_eq!(
+            open(Duration::from_secs(20)).retry_wait(backoff),
+            Duration::from_secs(20)
+        );
+    }
+
+    #[test]
+    fn retry_after_is_honoured_and_other_failures_back_off() {
+        let backoff = Duration::from_secs(3);
+        let asked = webhook(WebhookError::Retryable {
+            reason: "429".into(),
+            retry_after: Some(Duration::from_millis(100)),
+        });
+        assert_eq!(asked.retry_wait(backoff), Duration::from_millis(100));
+        let plain = webhook(WebhookError::Retryable {
+            reason: "503".into(),
+            retry_after: None,
+        });
+        assert_eq!(plain.retry_wait(backoff), backoff);
+    }
 }

@@ -130,6 +130,7 @@ pub async fn run(
             tenants,
             store.clone(),
             webhook.clone(),
+            index.clone(),
             shutdown.clone(),
         ));
         let stop = shutdown.clone();

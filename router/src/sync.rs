@@ -74,18 +74,12 @@ pub async fn run(
                     let Ok(tenant) = msg.get_payload::<String>() else { continue };
                     let before = version;
                     let now = store.version().await.unwrap_or(before);
-                    match store.list(&tenant).await {
-                        Ok(subs) => {
-                            let mut ix = index.write().unwrap_or_else(|p| p.into_inner());
-                            ix.replace_tenant(&tenant, subs);
-                            metrics::gauge!("sluice_router_subscriptions").set(ix.len() as f64);
-                            known.insert(tenant);
-                            // Exactly this change: no full reload needed.
-                            if now == before + 1 {
-                                version = now;
-                            }
+                    if reload_tenant(&store, &index, &tenant).await.is_ok() {
+                        known.insert(tenant);
+                        // Exactly this change: no full reload needed.
+                        if now == before + 1 {
+                            version = now;
                         }
-                        Err(e) => tracing::warn!(error = %e, %tenant, "cannot reload subscriptions"),
                     }
                 }
                 _ = tick.tick() => {
@@ -96,6 +90,28 @@ pub async fn run(
                     }
                 }
             }
+        }
+    }
+}
+
+/// Replaces one tenant's subscriptions in `index` with those in Redis now. The API calls it
+/// after a change, so the instance that answered sees its own write at once; the others
+/// follow through [`run`].
+pub async fn reload_tenant(
+    store: &Store,
+    index: &SharedIndex,
+    tenant: &str,
+) -> Result<(), StoreError> {
+    match store.list(tenant).await {
+        Ok(subs) => {
+            let mut ix = index.write().unwrap_or_else(|p| p.into_inner());
+            ix.replace_tenant(tenant, subs);
+            metrics::gauge!("sluice_router_subscriptions").set(ix.len() as f64);
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, %tenant, "cannot reload subscriptions");
+            Err(e)
         }
     }
 }
