@@ -34,6 +34,14 @@ pub enum StoreError {
     /// Redis failed or is unreachable.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// The first connection failed.
+    #[error("cannot connect to Redis at {url}: {source}")]
+    Connect {
+        /// The URL tried, without credentials.
+        url: String,
+        /// Cause.
+        source: redis::RedisError,
+    },
     /// A stored subscription is not valid JSON of the current shape.
     #[error("stored subscription {key} is unreadable: {source}")]
     Corrupt {
@@ -108,8 +116,14 @@ impl Store {
     /// Connects to `url`; keys live under `ns`; a tenant may hold `max_per_tenant`
     /// subscriptions. The connection manager reconnects by itself after failures.
     pub async fn connect(url: &str, ns: &str, max_per_tenant: usize) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url)?;
-        let conn = ConnectionManager::new(client.clone()).await?;
+        let connect_error = |source| StoreError::Connect {
+            url: sluice_binding::transport::amqp::redact(url),
+            source,
+        };
+        let client = redis::Client::open(url).map_err(connect_error)?;
+        let conn = ConnectionManager::new(client.clone())
+            .await
+            .map_err(connect_error)?;
         Ok(Self {
             client,
             conn,

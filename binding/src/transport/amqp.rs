@@ -95,7 +95,8 @@ impl std::fmt::Debug for AmqpTransport {
     }
 }
 
-/// `amqp://user:pass@host/vhost` → `amqp://host/vhost`.
+/// A URL without its credentials: `amqp://user:pass@host/vhost` → `amqp://host/vhost`
+/// (any `scheme://…@` URL, e.g. `redis://`).
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => format!("{}{}", &url[..s + 3], &url[at + 1..]),
