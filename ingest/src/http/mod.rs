@@ -20,7 +20,7 @@ pub mod error;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -29,11 +29,12 @@ use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
+use futures::StreamExt;
 use serde_json::json;
 use sluice_binding::TenantId;
 use sluice_binding::model::now_ns;
 use sluice_binding::transport::PublishError;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::batcher::{BatchError, Batcher, BatcherConfig, Chunk};
@@ -47,6 +48,9 @@ pub use error::{ApiError, Detail, ErrorCode};
 /// Bodies larger than this are parsed on the blocking pool rather than on an async worker,
 /// so a multi-megabyte parse does not delay other requests' confirms.
 const PARSE_INLINE_MAX_BYTES: usize = 256 * 1024;
+
+/// Longest a refused request's body is read before the connection is closed on it.
+const DISCARD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Everything the handlers share; cheap to clone.
 #[derive(Clone, Debug)]
@@ -217,34 +221,14 @@ async fn ingest(
     tenant_out: &mut Option<TenantId>,
 ) -> Result<usize, ApiError> {
     let s = &*state.inner;
-    let tenant = s
-        .tenants
-        .lookup(api_key(req.headers())?)
-        .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "unknown API key"))?
-        .clone();
-    *tenant_out = Some(tenant.clone());
-
-    let format = content_type(req.headers())?;
-    let precision = Precision::from_query(req.uri().query())?;
-
+    let (tenant, format, precision, _permit) = match admit(s, &req, tenant_out) {
+        Ok(admitted) => admitted,
+        Err(e) => {
+            discard_body(req, s.cfg.max_body_bytes).await;
+            return Err(e);
+        }
+    };
     let retry_after = s.cfg.retry_after_secs;
-    if let Some(reason) = s.producer.transport().blocked() {
-        return Err(
-            ApiError::new(ErrorCode::Unavailable, format!("broker blocked: {reason}"))
-                .retry_after(retry_after),
-        );
-    }
-    let _permit = s.inflight.clone().try_acquire_owned().map_err(|_| {
-        ApiError::new(
-            ErrorCode::Overloaded,
-            format!(
-                "{} requests are already in flight; retry later",
-                s.cfg.max_inflight_requests
-            ),
-        )
-        .retry_after(retry_after)
-    })?;
-
     let body = read_body(req, s.cfg.max_body_bytes).await?;
     let opts = body::ParseOptions {
         format,
@@ -351,6 +335,70 @@ fn content_type(headers: &HeaderMap) -> Result<Format, ApiError> {
             "missing Content-Type: send application/json or application/msgpack",
         )),
     }
+}
+
+/// The checks made before the body is read: the key, the content type, the precision,
+/// the broker's state and the in-flight limit, whose permit the caller holds.
+fn admit(
+    s: &Inner,
+    req: &Request,
+    tenant_out: &mut Option<TenantId>,
+) -> Result<(TenantId, Format, Precision, OwnedSemaphorePermit), ApiError> {
+    let tenant = s
+        .tenants
+        .lookup(api_key(req.headers())?)
+        .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "unknown API key"))?
+        .clone();
+    *tenant_out = Some(tenant.clone());
+
+    let format = content_type(req.headers())?;
+    let precision = Precision::from_query(req.uri().query())?;
+
+    let retry_after = s.cfg.retry_after_secs;
+    if let Some(reason) = s.producer.transport().blocked() {
+        return Err(
+            ApiError::new(ErrorCode::Unavailable, format!("broker blocked: {reason}"))
+                .retry_after(retry_after),
+        );
+    }
+    let permit = s.inflight.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            ErrorCode::Overloaded,
+            format!(
+                "{} requests are already in flight; retry later",
+                s.cfg.max_inflight_requests
+            ),
+        )
+        .retry_after(retry_after)
+    })?;
+    Ok((tenant, format, precision, permit))
+}
+
+/// Reads and drops the body of a request refused before its body was read. Closing the
+/// connection with unread data makes the kernel reset it, and a client still sending the
+/// body then sees a broken pipe instead of the error; hyper does no lingering close. A
+/// body over `max` (declared or read) or slower than [`DISCARD_TIMEOUT`] is left unread:
+/// the connection closes on it, as it would anyway.
+async fn discard_body(req: Request, max: usize) {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return;
+    }
+    let mut frames = req.into_body().into_data_stream();
+    let _ = tokio::time::timeout(DISCARD_TIMEOUT, async {
+        let mut read = 0;
+        while let Some(Ok(chunk)) = frames.next().await {
+            read += chunk.len();
+            if read > max {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 async fn read_body(req: Request, max: usize) -> Result<Bytes, ApiError> {

@@ -525,3 +525,66 @@ async fn serve_finishes_inflight_requests_and_flushes_on_shutdown() {
     assert_eq!(got[0].value, 42.0);
     assert_eq!(got[0].tenant, TenantId::new("demo").unwrap().as_str());
 }
+
+#[tokio::test]
+async fn a_request_refused_before_its_body_is_read_keeps_its_connection() {
+    // Refused on its key, a 1 MB body is never parsed. Left unread, the server would close
+    // on it (hyper drains only what has already arrived): the kernel resets a connection
+    // closed with unread data, and a client still sending sees a broken pipe instead of
+    // the 401. Drained, the answer arrives and the connection serves the next request.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = transport(64);
+    t.declare(&["storage"]).await.unwrap();
+    let cfg = IngestConfig::default();
+    let producer = Producer::new(t.clone(), cfg.producer.clone());
+    let state = AppState::new(cfg, tenants(), producer);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, state, async {
+        let _ = stopped.await;
+    }));
+    let request = |key: &str, ctype: &str, body: &[u8]| {
+        let mut r = format!(
+            "POST /v1/telemetry HTTP/1.1\r\nHost: sluice\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: {ctype}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(body);
+        r
+    };
+    let good = json!({"readings": [reading("d1", ts(), 1.0)]}).to_string();
+    let (mut rd, mut wr) = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap()
+        .into_split();
+    let mut sent = request("wrong-key", "application/json", &vec![b' '; 1 << 20]);
+    sent.extend(request(DEMO_KEY, "application/json", good.as_bytes()));
+    // Written from another task: the first answer comes while the body is still going.
+    let writer = tokio::spawn(async move { wr.write_all(&sent).await.map(|()| wr) });
+    let mut got = Vec::new();
+    let mut buf = vec![0; 64 * 1024];
+    let answered = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let text = String::from_utf8_lossy(&got);
+            if text.matches("HTTP/1.1 ").count() >= 2 && text.trim_end().ends_with('}') {
+                return Ok(text.into_owned());
+            }
+            match rd.read(&mut buf).await {
+                Ok(0) => return Err(format!("closed after: {text}")),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(format!("{e} after: {text}")),
+            }
+        }
+    })
+    .await
+    .expect("both answers within 10 s");
+    let text = answered.expect("the connection stays open for the second request");
+    let statuses: Vec<&str> = text.split("HTTP/1.1 ").skip(1).map(|r| &r[..3]).collect();
+    assert_eq!(statuses, ["401", "202"], "{text}");
+    assert!(text.contains("unknown API key"), "{text}");
+    writer.await.unwrap().expect("the whole body was taken");
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
