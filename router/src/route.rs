@@ -8,6 +8,7 @@
 //! One task per consumer, each with its own [`Matcher`]: with device-hash partitioning a
 //! series always reaches the same matcher, which keeps `changed_by` exact.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use futures::future::try_join_all;
@@ -101,53 +102,41 @@ struct Worker {
 }
 
 impl Worker {
+    /// Matching is sequential: the matcher remembers each series' last value, and batch
+    /// order keeps `changed_by` exact. Publishing a delivery's jobs and waiting for the
+    /// broker's confirms is not: every delivery the prefetch lets in awaits its confirms at
+    /// once, so a partition moves at the broker's rate rather than one confirm round trip
+    /// per batch. Acks may come out of order, which AMQP allows; the prefetch bounds the
+    /// deliveries in flight.
     async fn run(mut self, mut consumer: Consumer, shutdown: CancellationToken) {
+        let mut settling = JoinSet::new();
         loop {
             let delivery = tokio::select! {
                 () = shutdown.cancelled() => break,
+                Some(_) = settling.join_next(), if !settling.is_empty() => continue,
                 d = consumer.next() => d,
             };
             let Some(delivery) = delivery else { break };
-            self.handle(delivery).await;
+            settling.spawn(self.handle(delivery));
         }
+        // Whatever was matched is settled (acked or requeued) before the consumer goes.
+        while settling.join_next().await.is_some() {}
         consumer.cancel().await;
     }
 
-    async fn handle(&mut self, d: Delivery) {
+    /// Matches one delivery now; the returned future publishes its jobs and settles it.
+    fn handle(&mut self, d: Delivery) -> impl Future<Output = ()> + Send + 'static {
         let started = Instant::now();
         let jobs = match self.source {
             Source::Telemetry => self.match_batch(&d.body),
             Source::Events => self.match_derived(&d.body),
         };
-        let jobs = match jobs {
-            Ok(jobs) => jobs,
-            Err((error, reason)) => {
-                self.refuse(d, error, &reason).await;
-                return;
-            }
-        };
-        let outbox = &self.outbox;
-        let published = try_join_all(jobs.iter().map(|job| {
-            let key = event::idempotency_key(job.subscription, &job.events);
-            async move { outbox.enqueue(job, &key).await }
-        }))
-        .await;
-        match published {
-            Ok(_) => {
-                let events: usize = jobs.iter().map(|j| j.events.len()).sum();
-                metrics::counter!("sluice_router_jobs_total").increment(jobs.len() as u64);
-                metrics::counter!("sluice_router_matched_events_total").increment(events as u64);
-                metrics::histogram!("sluice_router_match_seconds")
-                    .record(started.elapsed().as_secs_f64());
-                if let Err(e) = d.acker.ack().await {
-                    tracing::warn!(error = %e, "ack failed; the delivery will come again");
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, queue = %d.queue, "cannot publish notification jobs; requeueing the delivery");
-                metrics::counter!("sluice_router_requeued_total").increment(1);
-                tokio::time::sleep(self.cfg.requeue_delay).await;
-                let _ = d.acker.requeue().await;
+        let (outbox, transport) = (self.outbox.clone(), self.transport.clone());
+        let requeue_delay = self.cfg.requeue_delay;
+        async move {
+            match jobs {
+                Ok(jobs) => publish(&outbox, d, &jobs, started, requeue_delay).await,
+                Err((error, reason)) => refuse(&transport, d, error, &reason, requeue_delay).await,
             }
         }
     }
@@ -225,25 +214,66 @@ impl Worker {
             .map(|s| Job::new(&ev.tenant, s.id, Stage::Fresh, vec![ev.event.clone()]))
             .collect())
     }
+}
 
-    async fn refuse(&self, d: Delivery, error: &'static str, reason: &str) {
-        tracing::warn!(queue = %d.queue, error, reason, "refusing a delivery to the dead-letter queue");
-        metrics::counter!("sluice_router_refused_total", "error" => error).increment(1);
-        let dl = DeadLetter {
-            body: &d.body,
-            reason,
-            error,
-            group: GROUP,
-        };
-        match self.transport.dead_letter(dl).await {
-            Ok(()) => {
-                let _ = d.acker.ack().await;
+/// Publishes a delivery's jobs to the outbox, then acks it; requeues it if any job was not
+/// confirmed.
+async fn publish(
+    outbox: &Outbox,
+    d: Delivery,
+    jobs: &[Job],
+    started: Instant,
+    requeue_delay: Duration,
+) {
+    let published = try_join_all(jobs.iter().map(|job| {
+        let key = event::idempotency_key(job.subscription, &job.events);
+        async move { outbox.enqueue(job, &key).await }
+    }))
+    .await;
+    match published {
+        Ok(_) => {
+            let events: usize = jobs.iter().map(|j| j.events.len()).sum();
+            metrics::counter!("sluice_router_jobs_total").increment(jobs.len() as u64);
+            metrics::counter!("sluice_router_matched_events_total").increment(events as u64);
+            metrics::histogram!("sluice_router_match_seconds")
+                .record(started.elapsed().as_secs_f64());
+            if let Err(e) = d.acker.ack().await {
+                tracing::warn!(error = %e, "ack failed; the delivery will come again");
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot dead-letter; requeueing");
-                tokio::time::sleep(self.cfg.requeue_delay).await;
-                let _ = d.acker.requeue().await;
-            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, queue = %d.queue, "cannot publish notification jobs; requeueing the delivery");
+            metrics::counter!("sluice_router_requeued_total").increment(1);
+            tokio::time::sleep(requeue_delay).await;
+            let _ = d.acker.requeue().await;
+        }
+    }
+}
+
+/// Moves an unusable delivery to the dead-letter queue with the reason.
+async fn refuse(
+    transport: &Transport,
+    d: Delivery,
+    error: &'static str,
+    reason: &str,
+    requeue_delay: Duration,
+) {
+    tracing::warn!(queue = %d.queue, error, reason, "refusing a delivery to the dead-letter queue");
+    metrics::counter!("sluice_router_refused_total", "error" => error).increment(1);
+    let dl = DeadLetter {
+        body: &d.body,
+        reason,
+        error,
+        group: GROUP,
+    };
+    match transport.dead_letter(dl).await {
+        Ok(()) => {
+            let _ = d.acker.ack().await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot dead-letter; requeueing");
+            tokio::time::sleep(requeue_delay).await;
+            let _ = d.acker.requeue().await;
         }
     }
 }
