@@ -356,10 +356,17 @@ pub async fn run_observed(
     if !observe_commits {
         counts.committed = None;
     }
-    let timeline = std::mem::take(&mut *lock(&timeline));
+    let mut timeline = std::mem::take(&mut *lock(&timeline));
+    let notified = notifications.as_ref().map(|n| {
+        let (c, latency, arrivals) = n.finish();
+        for (ms, readings) in arrivals {
+            let since_start = u64::try_from(ms * 1_000_000 - start_wall).unwrap_or(0);
+            timeline.notify(Duration::from_nanos(since_start), readings);
+        }
+        (c, latency)
+    });
     let mut summary = Summary::new(&counts, duration, report).with_timeline(timeline);
-    if let Some(n) = &notifications {
-        let (c, latency) = n.finish();
+    if let Some((c, latency)) = notified {
         summary.latency.push(SERIES_NOTIFIED, latency);
         summary = summary.with_notify(NotifySummary {
             notified: c.notified,

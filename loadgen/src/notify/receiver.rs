@@ -10,7 +10,7 @@
 //! receiver itself issues no requests, so it cannot coordinate with the system under test.
 //! The router's `batch_notify` hold is part of what is measured, by design.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -78,6 +78,9 @@ struct ReceiverState {
     seen: Seen,
     latency: LatencyRecorder,
     counts: NotifyCounts,
+    /// Readings first notified, by arrival (whole milliseconds since the epoch), for the
+    /// run's timeline.
+    arrivals: BTreeMap<i64, u64>,
 }
 
 impl NotifyReceiver {
@@ -123,7 +126,9 @@ impl NotifyReceiver {
             seen,
             latency,
             counts,
+            arrivals,
         } = &mut *s;
+        let first_before = counts.notified;
         for e in &n.events {
             if !ours || e.t < self.inner.since {
                 counts.ignored += 1;
@@ -135,6 +140,9 @@ impl NotifyReceiver {
             } else {
                 counts.repeats += 1;
             }
+        }
+        if counts.notified > first_before {
+            *arrivals.entry(received / 1_000_000).or_default() += counts.notified - first_before;
         }
     }
 
@@ -148,11 +156,16 @@ impl NotifyReceiver {
         std::mem::take(&mut self.lock().latency)
     }
 
-    /// The counts and the latency histogram, read together (end of the run); the histogram
-    /// is left empty.
-    pub fn finish(&self) -> (NotifyCounts, LatencyRecorder) {
+    /// The counts and the latency histogram, read together (end of the run), and the
+    /// readings first notified per arrival millisecond (since the epoch); the histogram
+    /// and arrivals are left empty.
+    pub fn finish(&self) -> (NotifyCounts, LatencyRecorder, BTreeMap<i64, u64>) {
         let mut s = self.lock();
-        (s.counts, std::mem::take(&mut s.latency))
+        (
+            s.counts,
+            std::mem::take(&mut s.latency),
+            std::mem::take(&mut s.arrivals),
+        )
     }
 
     /// A panicked handler leaves counts, not a broken invariant: a poisoned lock is usable.
@@ -347,6 +360,18 @@ mod tests {
         receiver.record(&later, t + MS);
         assert_eq!(receiver.counts().ignored, 3);
         assert_eq!(receiver.take_latency().count(), 1);
+    }
+
+    #[test]
+    fn arrivals_count_first_notifications_by_millisecond() {
+        let receiver = NotifyReceiver::since(0);
+        let n: Notification = serde_json::from_str(&notification(10 * MS)).unwrap();
+        receiver.record(&n, 2_000 * MS + 7);
+        // A repeat a second later adds no arrival.
+        receiver.record(&n, 3_000 * MS);
+        let (counts, _, arrivals) = receiver.finish();
+        assert_eq!((counts.notified, counts.repeats), (2, 2));
+        assert_eq!(arrivals.into_iter().collect::<Vec<_>>(), [(2_000, 2)]);
     }
 
     #[test]

@@ -15,6 +15,9 @@ pub struct TimelineSecond {
     pub accepted: u64,
     /// Readings whose commit receipt arrived in this second.
     pub committed: u64,
+    /// Readings first notified by the router in this second.
+    #[serde(default)]
+    pub notified: u64,
 }
 
 /// Per-second counts from the start of the run (second 0 is [0 s, 1 s)).
@@ -26,6 +29,8 @@ pub struct TimelineSecond {
 pub struct Timeline {
     seconds: Vec<TimelineSecond>,
     commits_known: bool,
+    #[serde(default)]
+    notifications_known: bool,
 }
 
 impl Timeline {
@@ -35,6 +40,7 @@ impl Timeline {
         Self {
             seconds: Vec::new(),
             commits_known,
+            notifications_known: false,
         }
     }
 
@@ -54,6 +60,12 @@ impl Timeline {
         self.second(at).committed += readings;
     }
 
+    /// Counts `readings` first notified at offset `at` (and marks notifications as known).
+    pub fn notify(&mut self, at: Duration, readings: u64) {
+        self.notifications_known = true;
+        self.second(at).notified += readings;
+    }
+
     /// Whether the committed column holds data.
     pub fn commits_known(&self) -> bool {
         self.commits_known
@@ -64,15 +76,23 @@ impl Timeline {
         &self.seconds
     }
 
-    /// CSV with a header, one row per second: `second,offered,accepted,committed`; the
-    /// committed field is empty when commits are unknown.
+    /// CSV with a header, one row per second: `second,offered,accepted,committed` and, when
+    /// the run subscribed to notifications, `notified`; the committed field is empty when
+    /// commits are unknown.
     pub fn to_csv(&self) -> String {
-        let mut csv = String::from("second,offered,accepted,committed\n");
+        let mut csv = String::from("second,offered,accepted,committed");
+        if self.notifications_known {
+            csv.push_str(",notified");
+        }
+        csv.push('\n');
         for (i, s) in self.seconds.iter().enumerate() {
             // Writing to a String cannot fail.
             let _ = write!(csv, "{i},{},{},", s.offered, s.accepted);
             if self.commits_known {
                 let _ = write!(csv, "{}", s.committed);
+            }
+            if self.notifications_known {
+                let _ = write!(csv, ",{}", s.notified);
             }
             csv.push('\n');
         }
@@ -110,6 +130,17 @@ mod tests {
         assert_eq!(
             t.to_csv(),
             "second,offered,accepted,committed\n0,200,0,0\n1,50,200,0\n2,0,0,0\n3,0,0,150\n"
+        );
+    }
+
+    #[test]
+    fn notifications_add_their_column() {
+        let mut t = Timeline::new(false);
+        t.offer(Duration::from_millis(0), 7);
+        t.notify(Duration::from_millis(1_500), 5);
+        assert_eq!(
+            t.to_csv(),
+            "second,offered,accepted,committed,notified\n0,7,0,,0\n1,0,0,,5\n"
         );
     }
 
