@@ -380,12 +380,7 @@ fn admit(
 /// body over `max` (declared or read) or slower than [`DISCARD_TIMEOUT`] is left unread:
 /// the connection closes on it, as it would anyway.
 async fn discard_body(req: Request, max: usize) {
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
+    if declared_length(req.headers()).is_some_and(|n| n > max as u64) {
         return;
     }
     let mut frames = req.into_body().into_data_stream();
@@ -401,6 +396,14 @@ async fn discard_body(req: Request, max: usize) {
     .await;
 }
 
+/// The body length the client declared (`Content-Length`), if any.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
 async fn read_body(req: Request, max: usize) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
@@ -410,12 +413,7 @@ async fn read_body(req: Request, max: usize) -> Result<Bytes, ApiError> {
             ),
         )
     };
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
+    if declared_length(req.headers()).is_some_and(|n| n > max as u64) {
         return Err(too_large());
     }
     // The limit itself comes from the DefaultBodyLimit layer of `app`.
