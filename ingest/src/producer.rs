@@ -7,9 +7,9 @@
 //!   single-device batch under device hash) and kept across retries.
 //! - A batch that failed with a timeout, a connection error or a nack is published again
 //!   with **the same bytes** (same batch id, which consumers deduplicate), up to
-//!   [`ProducerConfig::retries`] more times with doubling backoff. A blocked broker is never
-//!   retried (the caller answers 503 at once), nor is an unroutable message (a topology
-//!   error that a retry does not fix).
+//!   [`ProducerConfig::retries`] more times with doubling backoff. A blocked broker, or no
+//!   broker connected, is never retried (the caller answers 503 at once), nor is an
+//!   unroutable message (a topology error that a retry does not fix).
 //! - The producer does not run the consumer's validation rules on what it sends: the HTTP
 //!   front end validated every reading before batching, and loadgen deliberately sends
 //!   broken batches to exercise dead-lettering.
@@ -111,8 +111,8 @@ pub enum SendError {
 }
 
 impl SendError {
-    /// A stable name for metrics: `blocked`, `nacked`, `unroutable`, `timeout`,
-    /// `connection`, `closed`, `not_single_device`, `encode`, `too_large`.
+    /// A stable name for metrics: `blocked`, `unavailable`, `nacked`, `unroutable`,
+    /// `timeout`, `connection`, `closed`, `not_single_device`, `encode`, `too_large`.
     pub fn kind(&self) -> &'static str {
         match self {
             SendError::NotSingleDevice(_) => "not_single_device",
@@ -133,6 +133,7 @@ impl SendError {
 pub fn publish_error_kind(e: &PublishError) -> &'static str {
     match e {
         PublishError::Blocked(_) => "blocked",
+        PublishError::Unavailable(_) => "unavailable",
         PublishError::Nacked => "nacked",
         PublishError::Unroutable(_) => "unroutable",
         PublishError::Timeout(_) => "timeout",

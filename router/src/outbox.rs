@@ -129,84 +129,86 @@ impl Outbox {
         args
     }
 
-    /// Declares every object of the outbox on every broker (idempotent).
+    /// Declares every object of the outbox on every broker (idempotent), now and again
+    /// on every new connection to a broker.
     pub async fn declare(&self) -> Result<(), TransportError> {
+        let this = self.clone();
+        self.transport
+            .declare_with("router-outbox", move |ch| {
+                let this = this.clone();
+                Box::pin(async move { this.declare_on(&ch).await })
+            })
+            .await
+    }
+
+    async fn declare_on(&self, ch: &lapin::Channel) -> Result<(), lapin::Error> {
         let topic = ExchangeKind::Topic;
         let durable = ExchangeDeclareOptions {
             durable: true,
             ..ExchangeDeclareOptions::default()
         };
-        let bind = |ch: &lapin::Channel, q: String, x: String, key: String| {
-            let ch = ch.clone();
-            async move {
-                ch.queue_bind(
-                    q.into(),
-                    x.into(),
-                    key.into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-            }
+        let bind = |q: String, x: String, key: String| {
+            ch.queue_bind(
+                q.into(),
+                x.into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
         };
-        for ch in self.transport.open_channels().await? {
-            for x in [
-                self.events_exchange(),
-                self.notify_exchange(),
-                self.delay_exchange(),
-            ] {
-                ch.exchange_declare(x.into(), topic.clone(), durable, FieldTable::default())
-                    .await?;
-            }
-            let q = QueueDeclareOptions::durable();
-            ch.queue_declare(self.events_queue().into(), q, self.queue_args())
+        for x in [
+            self.events_exchange(),
+            self.notify_exchange(),
+            self.delay_exchange(),
+        ] {
+            ch.exchange_declare(x.into(), topic.clone(), durable, FieldTable::default())
                 .await?;
-            bind(&ch, self.events_queue(), self.events_exchange(), "#".into()).await?;
-            for p in 0..self.partitions {
-                ch.queue_declare(self.notify_queue(p).into(), q, self.queue_args())
-                    .await?;
-                bind(
-                    &ch,
-                    self.notify_queue(p),
-                    self.notify_exchange(),
-                    format!("*.{p}"),
-                )
-                .await?;
-            }
-            for tier in DELAY_TIERS {
-                let mut args = self.queue_args();
-                args.insert(
-                    ShortString::from("x-message-ttl"),
-                    AMQPValue::LongLongInt(tier.as_millis() as i64),
-                );
-                args.insert(
-                    ShortString::from("x-dead-letter-exchange"),
-                    AMQPValue::LongString(self.notify_exchange().into()),
-                );
-                if self.queue_type == QueueType::Quorum {
-                    args.insert(
-                        ShortString::from("x-dead-letter-strategy"),
-                        AMQPValue::LongString("at-least-once".into()),
-                    );
-                    args.insert(
-                        ShortString::from("x-overflow"),
-                        AMQPValue::LongString("reject-publish".into()),
-                    );
-                }
-                let queue = self.delay_queue(tier);
-                ch.queue_declare(queue.clone().into(), q, args).await?;
-                bind(
-                    &ch,
-                    queue,
-                    self.delay_exchange(),
-                    format!("{}.*", tier.as_millis()),
-                )
-                .await?;
-            }
-            ch.queue_declare(self.dead_queue().into(), q, self.queue_args())
-                .await?;
-            let _ = ch.close(200, "declared".into()).await;
         }
+        let q = QueueDeclareOptions::durable();
+        ch.queue_declare(self.events_queue().into(), q, self.queue_args())
+            .await?;
+        bind(self.events_queue(), self.events_exchange(), "#".into()).await?;
+        for p in 0..self.partitions {
+            ch.queue_declare(self.notify_queue(p).into(), q, self.queue_args())
+                .await?;
+            bind(
+                self.notify_queue(p),
+                self.notify_exchange(),
+                format!("*.{p}"),
+            )
+            .await?;
+        }
+        for tier in DELAY_TIERS {
+            let mut args = self.queue_args();
+            args.insert(
+                ShortString::from("x-message-ttl"),
+                AMQPValue::LongLongInt(tier.as_millis() as i64),
+            );
+            args.insert(
+                ShortString::from("x-dead-letter-exchange"),
+                AMQPValue::LongString(self.notify_exchange().into()),
+            );
+            if self.queue_type == QueueType::Quorum {
+                args.insert(
+                    ShortString::from("x-dead-letter-strategy"),
+                    AMQPValue::LongString("at-least-once".into()),
+                );
+                args.insert(
+                    ShortString::from("x-overflow"),
+                    AMQPValue::LongString("reject-publish".into()),
+                );
+            }
+            let queue = self.delay_queue(tier);
+            ch.queue_declare(queue.clone().into(), q, args).await?;
+            bind(
+                queue,
+                self.delay_exchange(),
+                format!("{}.*", tier.as_millis()),
+            )
+            .await?;
+        }
+        ch.queue_declare(self.dead_queue().into(), q, self.queue_args())
+            .await?;
         Ok(())
     }
 

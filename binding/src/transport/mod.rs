@@ -2,7 +2,7 @@
 //!
 //! Two implementations of one contract:
 //! - [`amqp`]: RabbitMQ over AMQP 0-9-1 (lapin) — publisher confirms on every publish,
-//!   manual acks, automatic connection recovery; the production transport;
+//!   manual acks, supervised connections that replace themselves; the production transport;
 //! - [`inproc`]: bounded in-process queues — the embedded default, one process, no broker.
 //!
 //! The contract: [`Transport::publish`] returns only once the message is safely queued
@@ -57,8 +57,12 @@ pub struct DeadLetter<'a> {
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     /// The broker blocked publishing (memory or disk alarm).
-    #[error("broker blocked publishing: {0}")]
+    #[error("{0}")]
     Blocked(String),
+    /// No broker connection is up (the transport is reconnecting); said at once rather
+    /// than waited out.
+    #[error("{0}")]
+    Unavailable(String),
     /// The broker refused the message.
     #[error("broker nacked the message")]
     Nacked,
@@ -68,8 +72,9 @@ pub enum PublishError {
     /// No confirm arrived in time.
     #[error("no publisher confirm within {0:?}")]
     Timeout(std::time::Duration),
-    /// The connection failed and did not recover.
-    #[error("broker connection failed: {0}")]
+    /// The channel or the connection failed under the publish (a channel the broker
+    /// closed, e.g. for an exchange that does not exist, or a lost connection).
+    #[error("broker channel or connection failed: {0}")]
     Connection(#[from] lapin::Error),
     /// The transport was closed.
     #[error("transport closed")]
@@ -80,13 +85,27 @@ pub enum PublishError {
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     /// Could not connect to a broker within the connect timeout.
-    #[error("cannot connect to {url}: {source}")]
+    #[error("cannot connect to {url}: {reason}")]
     Connect {
         /// Broker URL, credentials removed.
         url: String,
-        /// Cause.
-        source: lapin::Error,
+        /// The last attempt's failure.
+        reason: String,
     },
+    /// A broker URL that does not parse.
+    #[error("invalid broker URL {url}: {reason}")]
+    InvalidUrl {
+        /// Broker URL, credentials removed.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No connection to a broker is up now.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The transport was closed.
+    #[error("transport closed")]
+    Closed,
     /// A broker operation failed.
     #[error("broker error: {0}")]
     Amqp(#[from] lapin::Error),
@@ -190,7 +209,8 @@ impl Transport {
         }
     }
 
-    /// Why publishing is refused right now, if it is (broker memory/disk alarm).
+    /// Why publishing is refused right now, if it is: every broker blocked (memory or disk
+    /// alarm) or not connected.
     pub fn blocked(&self) -> Option<String> {
         match self {
             Transport::Amqp(t) => t.blocked(),

@@ -4,7 +4,7 @@
 //! 1. authentication: `Authorization: Bearer <key>` or `X-Api-Key: <key>` names the tenant
 //!    (401 otherwise); the body never does;
 //! 2. the cheap checks: `Content-Type` (415), query string (400);
-//! 3. admission: 503 at once when the broker blocked publishing, or when
+//! 3. admission: 503 at once when the broker blocked publishing or no broker is connected, or when
 //!    `max_inflight_requests` requests are already in flight (no queue of waiting requests);
 //! 4. the body, at most `max_body_bytes` (413), parsed and validated ([`body`]): any bad
 //!    reading refuses the whole request, nothing of it is published;
@@ -159,7 +159,7 @@ async fn healthz() -> Json<serde_json::Value> {
 
 async fn readyz(State(state): State<AppState>) -> Response {
     if let Some(reason) = state.inner.producer.transport().blocked() {
-        return ApiError::new(ErrorCode::Unavailable, format!("broker blocked: {reason}"))
+        return ApiError::new(ErrorCode::Unavailable, reason)
             .retry_after(state.inner.cfg.retry_after_secs)
             .into_response();
     }
@@ -268,7 +268,7 @@ async fn ingest(
 fn unavailable_message(e: &SendError) -> String {
     match e {
         SendError::Publish { source, .. } => match source {
-            PublishError::Blocked(reason) => format!("broker blocked: {reason}"),
+            PublishError::Blocked(reason) | PublishError::Unavailable(reason) => reason.clone(),
             PublishError::Nacked => "broker nacked".to_owned(),
             PublishError::Unroutable(p) => {
                 format!("unroutable: no queue is bound to partition {p} (topology not declared?)")
@@ -356,10 +356,7 @@ fn admit(
 
     let retry_after = s.cfg.retry_after_secs;
     if let Some(reason) = s.producer.transport().blocked() {
-        return Err(
-            ApiError::new(ErrorCode::Unavailable, format!("broker blocked: {reason}"))
-                .retry_after(retry_after),
-        );
+        return Err(ApiError::new(ErrorCode::Unavailable, reason).retry_after(retry_after));
     }
     let permit = s.inflight.clone().try_acquire_owned().map_err(|_| {
         ApiError::new(
