@@ -4,7 +4,14 @@
 //! [[tenant]]
 //! id = "demo"
 //! api_keys = ["demo-key-change-me"]
+//! # Optional: the AMQP exchanges this tenant's subscriptions may publish notifications to.
+//! amqp_exchanges = ["demo.alerts"]
 //! ```
+//!
+//! AMQP notification targets are confined to the exchanges the operator grants a tenant
+//! here: none by default, never the default exchange (it reaches every queue by name) nor
+//! an `amq.*` one, and never one granted to another tenant (a tenant could otherwise forge
+//! the other's notifications).
 //!
 //! An HTTP request authenticates with one key; the key names the tenant of every reading
 //! the request carries (`docs/binding.md` section 6).
@@ -57,6 +64,26 @@ pub enum TenantsError {
         /// Position of the key in the tenant's `api_keys` (from 1).
         index: usize,
     },
+    /// An `amqp_exchanges` entry that may not be granted.
+    #[error("tenant {tenant}: amqp_exchanges entry {name:?}: {why}")]
+    BadExchange {
+        /// The tenant.
+        tenant: TenantId,
+        /// The entry.
+        name: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// One exchange is granted to two tenants.
+    #[error("exchange {name:?} is granted to tenants {first} and {second}; grant it to one")]
+    SharedExchange {
+        /// The exchange.
+        name: String,
+        /// The tenant that listed it first.
+        first: TenantId,
+        /// The tenant that listed it again.
+        second: TenantId,
+    },
     /// One key is listed under two tenants (or twice under one); the key itself is not
     /// repeated in the message, which ends up in logs.
     #[error("an API key of tenant {second} is already a key of tenant {first}")]
@@ -79,6 +106,8 @@ struct File {
 struct Entry {
     id: TenantId,
     api_keys: Vec<String>,
+    #[serde(default)]
+    amqp_exchanges: Vec<String>,
 }
 
 /// The tenants an ingest process serves, and the key → tenant map.
@@ -86,6 +115,8 @@ struct Entry {
 pub struct Tenants {
     by_key_digest: HashMap<[u8; 32], TenantId>,
     ids: Vec<TenantId>,
+    /// Exchange → the tenant it is granted to.
+    exchanges: HashMap<String, TenantId>,
 }
 
 impl std::fmt::Debug for Tenants {
@@ -122,6 +153,7 @@ impl Tenants {
         let mut ids = Vec::with_capacity(file.tenant.len());
         let mut seen = HashSet::new();
         let mut by_key_digest = HashMap::new();
+        let mut exchanges: HashMap<String, TenantId> = HashMap::new();
         for entry in file.tenant {
             if !seen.insert(entry.id.clone()) {
                 return Err(TenantsError::DuplicateTenant(entry.id));
@@ -143,9 +175,43 @@ impl Tenants {
                     });
                 }
             }
+            for name in entry.amqp_exchanges {
+                let why = if name.is_empty() {
+                    Some("the default exchange is never granted")
+                } else if name.len() > 255 {
+                    Some("longer than 255 bytes")
+                } else if name.starts_with("amq.") {
+                    Some("amq.* exchanges are the broker's own")
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    return Err(TenantsError::BadExchange {
+                        tenant: entry.id,
+                        name,
+                        why,
+                    });
+                }
+                match exchanges.get(&name) {
+                    Some(first) if *first != entry.id => {
+                        return Err(TenantsError::SharedExchange {
+                            name,
+                            first: first.clone(),
+                            second: entry.id,
+                        });
+                    }
+                    _ => {
+                        exchanges.insert(name, entry.id.clone());
+                    }
+                }
+            }
             ids.push(entry.id);
         }
-        Ok(Self { by_key_digest, ids })
+        Ok(Self {
+            by_key_digest,
+            ids,
+            exchanges,
+        })
     }
 
     /// A single tenant with the given keys (tests, embedded mode).
@@ -153,7 +219,20 @@ impl Tenants {
         Self {
             by_key_digest: api_keys.iter().map(|k| (digest(k), id.clone())).collect(),
             ids: vec![id],
+            exchanges: HashMap::new(),
         }
+    }
+
+    /// Grants `tenant` the AMQP exchange `name` (tests, embedded mode); the same rules as
+    /// the file's `amqp_exchanges` are the caller's to keep.
+    pub fn grant_exchange(mut self, tenant: &TenantId, name: &str) -> Self {
+        self.exchanges.insert(name.to_owned(), tenant.clone());
+        self
+    }
+
+    /// Whether `tenant` may publish notifications to the AMQP exchange `name`.
+    pub fn may_publish_to(&self, tenant: &TenantId, name: &str) -> bool {
+        self.exchanges.get(name) == Some(tenant)
     }
 
     /// The tenant a key belongs to.
@@ -242,6 +321,31 @@ mod tests {
         );
         assert_eq!(dup, "an API key of tenant b is already a key of tenant a");
         assert!(!dup.contains("shared"));
+    }
+
+    #[test]
+    fn exchanges_are_granted_to_one_tenant_each() {
+        let t = Tenants::from_toml_str(
+            "[[tenant]]\nid = \"a\"\napi_keys = [\"k\"]\namqp_exchanges = [\"a.alerts\"]\n\
+             [[tenant]]\nid = \"b\"\napi_keys = [\"j\"]\n",
+        )
+        .unwrap();
+        let (a, b) = (TenantId::new("a").unwrap(), TenantId::new("b").unwrap());
+        assert!(t.may_publish_to(&a, "a.alerts"));
+        assert!(!t.may_publish_to(&b, "a.alerts"));
+        assert!(!t.may_publish_to(&a, ""));
+        assert!(!t.may_publish_to(&a, "a.other"));
+        let shared = err(
+            "[[tenant]]\nid = \"a\"\napi_keys = [\"k\"]\namqp_exchanges = [\"x\"]\n\
+             [[tenant]]\nid = \"b\"\napi_keys = [\"j\"]\namqp_exchanges = [\"x\"]\n",
+        );
+        assert!(shared.contains("granted to tenants a and b"), "{shared}");
+        for (name, why) in [("", "default exchange"), ("amq.topic", "broker's own")] {
+            let e = err(&format!(
+                "[[tenant]]\nid = \"a\"\napi_keys = [\"k\"]\namqp_exchanges = [\"{name}\"]\n"
+            ));
+            assert!(e.contains(why), "{e}");
+        }
     }
 
     #[test]

@@ -32,6 +32,7 @@ use sluice_ingest::Tenants;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::notify::amqp::AmqpNotifier;
 use crate::notify::webhook::WebhookNotifier;
 use crate::store::{Store, StoreError};
 use crate::subscription::{NewSubscription, Subscription, Target};
@@ -51,6 +52,7 @@ struct Inner {
     tenants: Tenants,
     store: Store,
     webhook: WebhookNotifier,
+    amqp: AmqpNotifier,
     /// This instance's index: a change applies to it before the API answers.
     index: SharedIndex,
     /// Ends live feeds, which would otherwise hold graceful shutdown open forever.
@@ -59,12 +61,13 @@ struct Inner {
 
 impl ApiState {
     /// The API over `store`, authenticating with `tenants`, checking webhook targets with
-    /// `webhook`'s address rules, and applying each change to `index` before answering.
-    /// Live feeds end at `shutdown`.
+    /// `webhook`'s address rules and AMQP targets against `amqp`'s grants, and applying
+    /// each change to `index` before answering. Live feeds end at `shutdown`.
     pub fn new(
         tenants: Tenants,
         store: Store,
         webhook: WebhookNotifier,
+        amqp: AmqpNotifier,
         index: SharedIndex,
         shutdown: CancellationToken,
     ) -> Self {
@@ -73,6 +76,7 @@ impl ApiState {
                 tenants,
                 store,
                 webhook,
+                amqp,
                 index,
                 shutdown,
             }),
@@ -219,6 +223,19 @@ async fn create(
                 format!("target.url: {}", e.reason()),
             )
         })?;
+    }
+    if let Target::Amqp { exchange, .. } = &new.target {
+        state
+            .inner
+            .amqp
+            .check_target(&tenant, exchange)
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "target_refused",
+                    format!("target.exchange: {e}"),
+                )
+            })?;
     }
     let sub = new.into_subscription(Uuid::now_v7(), tenant, now_ns());
     state.inner.store.create(&sub).await?;

@@ -35,6 +35,7 @@ use uuid::Uuid;
 
 use crate::event::{self, Event, Job, Notification, Stage};
 use crate::matching::SubRef;
+use crate::notify::amqp::{AmqpError, AmqpNotifier};
 use crate::notify::webhook::{self, WebhookError, WebhookNotifier};
 use crate::outbox::Outbox;
 use crate::store::{Expiration, Store};
@@ -77,6 +78,7 @@ pub async fn run(
     store: Store,
     index: SharedIndex,
     webhook: WebhookNotifier,
+    amqp: AmqpNotifier,
     cfg: DeliverConfig,
     shutdown: CancellationToken,
 ) -> Result<(), TransportError> {
@@ -98,6 +100,7 @@ pub async fn run(
         outbox,
         store,
         webhook,
+        amqp,
         cfg: cfg.clone(),
         sends: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
         tracker: tracker.clone(),
@@ -210,6 +213,7 @@ struct Ctx {
     outbox: Outbox,
     store: Store,
     webhook: WebhookNotifier,
+    amqp: AmqpNotifier,
     cfg: DeliverConfig,
     sends: Arc<Semaphore>,
     tracker: TaskTracker,
@@ -549,19 +553,23 @@ fn park_failed(ready: &Ready, e: &PublishError) {
 #[derive(Debug)]
 enum DeliverError {
     Webhook(WebhookError),
-    Amqp(PublishError),
+    Amqp(AmqpError),
     Redis(crate::store::StoreError),
 }
 
 impl DeliverError {
     fn is_permanent(&self) -> bool {
-        matches!(self, DeliverError::Webhook(e) if e.is_permanent())
+        match self {
+            DeliverError::Webhook(e) => e.is_permanent(),
+            DeliverError::Amqp(e) => e.is_permanent(),
+            DeliverError::Redis(_) => false,
+        }
     }
 
     fn reason(&self) -> String {
         match self {
             DeliverError::Webhook(e) => e.reason(),
-            DeliverError::Amqp(e) => format!("amqp: {e}"),
+            DeliverError::Amqp(e) => e.to_string(),
             DeliverError::Redis(e) => e.to_string(),
         }
     }
@@ -570,6 +578,7 @@ impl DeliverError {
         match self {
             DeliverError::Webhook(e) if e.is_permanent() => "webhook-permanent",
             DeliverError::Webhook(_) => "webhook-retries-exhausted",
+            DeliverError::Amqp(AmqpError::Forbidden { .. }) => "forbidden",
             DeliverError::Amqp(_) => "amqp",
             DeliverError::Redis(_) => "redis",
         }
@@ -606,17 +615,11 @@ async fn deliver(ctx: &Ctx, sub: &SubRef, key: &str, json: String) -> Result<(),
         Target::Amqp {
             exchange,
             routing_key,
-        } => {
-            let props = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type("application/json".into())
-                .with_message_id(key.into());
-            ctx.outbox
-                .transport()
-                .publish_to(exchange, routing_key, json.as_bytes(), props, true)
-                .await
-                .map_err(DeliverError::Amqp)
-        }
+        } => ctx
+            .amqp
+            .send(&sub.tenant, exchange, routing_key, key, &json)
+            .await
+            .map_err(DeliverError::Amqp),
         Target::RedisStream { stream, maxlen } => ctx
             .store
             .xadd(tenant, stream, *maxlen, key, &json)

@@ -109,6 +109,7 @@ pub async fn run(
     )
     .await?;
     let webhook = WebhookNotifier::new(cfg.webhook.clone())?;
+    let amqp = notify::amqp::AmqpNotifier::new(transport.clone(), tenants.clone());
     let outbox = outbox::Outbox::new(transport.clone(), cfg.notify_partitions);
     let generic = Transport::Amqp(transport.clone());
     generic.declare(&[route::GROUP]).await?;
@@ -130,6 +131,7 @@ pub async fn run(
             tenants,
             store.clone(),
             webhook.clone(),
+            amqp.clone(),
             index.clone(),
             shutdown.clone(),
         ));
@@ -148,6 +150,7 @@ pub async fn run(
         store.clone(),
         index.clone(),
         webhook,
+        amqp,
         cfg.deliver.clone(),
         shutdown.clone(),
     ));

@@ -237,14 +237,14 @@ pub enum Target {
         /// refused unless the router's allow-list names them.
         url: String,
     },
-    /// AMQP publish (persistent, confirmed) to an exchange the subscriber names, or to a
-    /// queue through the default exchange.
+    /// AMQP publish (persistent, confirmed, mandatory) to an exchange the operator granted
+    /// the tenant (tenants file, `amqp_exchanges`); see [`crate::notify::amqp`].
     Amqp {
-        /// Exchange; empty or absent = the default exchange (then `routing_key` is the
-        /// queue name).
-        #[serde(default)]
+        /// One of the tenant's granted exchanges; never the default exchange, `amq.*` or
+        /// Sluice's own namespace.
         exchange: String,
-        /// Routing key, or the queue name with the default exchange.
+        /// Routing key.
+        #[serde(default)]
         routing_key: String,
     },
     /// `XADD` to a Redis stream.
@@ -320,10 +320,10 @@ impl NewSubscription {
                         "exchange and routing_key: at most 255 bytes",
                     ));
                 }
-                if exchange.is_empty() && routing_key.is_empty() {
+                if exchange.is_empty() {
                     return Err(invalid(
-                        "target.routing_key",
-                        "required (the queue name) when no exchange is given",
+                        "target.exchange",
+                        "required: one of the exchanges the operator granted this tenant",
                     ));
                 }
                 if exchange.starts_with("amq.") || exchange.starts_with("sluice.") {

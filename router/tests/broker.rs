@@ -13,18 +13,18 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use futures::{FutureExt, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ExchangeDeclareOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 use serde_json::{Value, json};
 use sluice_binding::model::now_ns;
 use sluice_binding::transport::amqp::{AmqpConfig, AmqpTransport};
 use sluice_binding::transport::{Outgoing, Transport};
 use sluice_binding::{Batch, Topology, codec};
 use sluice_ingest::Tenants;
-use sluice_router::event::{DerivedEvent, Event, FORMAT_VERSION};
+use sluice_router::event::{DerivedEvent, Event, FORMAT_VERSION, Job};
 use sluice_router::outbox::{DELAY_TIERS, Outbox};
 use sluice_router::subscription::EventKind;
 use sluice_router::{RouterConfig, WebhookConfig};
@@ -43,12 +43,51 @@ fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }
 
-fn tenants() -> Tenants {
+/// Tenant A is granted the exchanges `{ns}-a` and `{ns}-a-gone` (never declared) and,
+/// by operator error, `{ns}.telemetry`; tenant B `{ns}-b`.
+fn tenants(ns: &str) -> Tenants {
     Tenants::from_toml_str(&format!(
         "[[tenant]]\nid = \"tenant-a\"\napi_keys = [\"{KEY_A}\"]\n\
-         [[tenant]]\nid = \"tenant-b\"\napi_keys = [\"{KEY_B}\"]\n"
+         amqp_exchanges = [\"{ns}-a\", \"{ns}-a-gone\", \"{ns}.telemetry\"]\n\
+         [[tenant]]\nid = \"tenant-b\"\napi_keys = [\"{KEY_B}\"]\n\
+         amqp_exchanges = [\"{ns}-b\"]\n"
     ))
     .expect("tenants")
+}
+
+/// Declares the fanout exchange `exchange` and a queue `{exchange}.q` bound to it; returns
+/// the queue's name.
+async fn target_exchange(ch: &lapin::Channel, exchange: &str) -> String {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    ch.exchange_declare(
+        exchange.into(),
+        ExchangeKind::Fanout,
+        durable,
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let queue = format!("{exchange}.q");
+    ch.queue_declare(
+        queue.clone().into(),
+        QueueDeclareOptions::durable(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        queue.clone().into(),
+        exchange.into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    queue
 }
 
 /// One running router with its API, on a namespace of its own.
@@ -95,8 +134,9 @@ impl Router {
         let api = format!("http://{}", listener.local_addr().unwrap());
         let stop = CancellationToken::new();
         let (t, s) = (transport.clone(), stop.clone());
+        let ns_owned = ns.to_owned();
         let task = tokio::spawn(async move {
-            sluice_router::run(t, Some(listener), tenants(), cfg, s)
+            sluice_router::run(t, Some(listener), tenants(&ns_owned), cfg, s)
                 .await
                 .expect("router runs");
         });
@@ -199,6 +239,12 @@ where
     F: FnOnce(String) -> Fut,
     Fut: Future<Output = ()>,
 {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
     let ns = format!("rt-{}", &Uuid::new_v4().simple().to_string()[..12]);
     let outcome = AssertUnwindSafe(test(ns.clone())).catch_unwind().await;
     cleanup(&ns).await;
@@ -219,7 +265,8 @@ async fn cleanup(ns: &str) {
         queues.extend([
             format!("{ns}.router.events"),
             format!("{ns}.notify.dead"),
-            format!("{ns}.amqp-target"),
+            format!("{ns}-a.q"),
+            format!("{ns}-b.q"),
         ]);
         queues.extend((0..2).map(|p| format!("{ns}.notify.{p}")));
         queues.extend(
@@ -242,6 +289,11 @@ async fn cleanup(ns: &str) {
         ] {
             let _ = ch
                 .exchange_delete(format!("{ns}.{x}").into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+        for x in [format!("{ns}-a"), format!("{ns}-b")] {
+            let _ = ch
+                .exchange_delete(x.into(), ExchangeDeleteOptions::default())
                 .await;
         }
         let _ = conn.close(200, "cleanup".into()).await;
@@ -362,14 +414,13 @@ async fn each_notifier_delivers_what_matched_and_nothing_else() {
             .subscribe(KEY_A, json!({"criteria": {"devices": ["boiler-*"], "metrics": ["temp"], "value": {"above": 50}},
                                      "target": {"type": "webhook", "url": url}}))
             .await;
-        // AMQP target: a queue of the subscriber's.
+        // AMQP target: an exchange granted to the tenant, with a queue of the subscriber's.
         let conn = Connection::connect(&amqp_addr(), ConnectionProperties::default()).await.unwrap();
         let ch = conn.create_channel().await.unwrap();
-        let queue = format!("{ns}.amqp-target");
-        ch.queue_declare(queue.clone().into(), QueueDeclareOptions::durable(), FieldTable::default()).await.unwrap();
+        let queue = target_exchange(&ch, &format!("{ns}-a")).await;
         router
             .subscribe(KEY_A, json!({"criteria": {"devices": ["pump-1"]}, "policy": {"content": "ids"},
-                                     "target": {"type": "amqp", "routing_key": queue}}))
+                                     "target": {"type": "amqp", "exchange": format!("{ns}-a"), "routing_key": "pumps"}}))
             .await;
         router
             .subscribe(KEY_A, json!({"criteria": {"metrics": ["hum?d"]},
@@ -773,6 +824,113 @@ async fn a_change_reaches_another_instance_within_a_second() {
             [reading_id(b, 0)]
         );
         two.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn amqp_targets_reach_only_the_exchanges_granted_to_their_tenant() {
+    with_namespace(|ns| async move {
+        let router = Router::start(&ns, |_| {}).await;
+        let url = format!("{}/v1/subscriptions", router.api);
+        let amqp = |exchange: &str, key: &str| json!({"criteria": {}, "target": {"type": "amqp", "exchange": exchange, "routing_key": key}});
+        for (key, body, status, code) in [
+            // The default exchange reaches every queue by name: Sluice's own included.
+            (KEY_A, json!({"criteria": {}, "target": {"type": "amqp", "routing_key": format!("{ns}.storage.0")}}), 400, "malformed_body"),
+            (KEY_A, amqp("", &format!("{ns}.storage.0")), 422, "invalid_subscription"),
+            (KEY_A, amqp("amq.topic", "x"), 422, "invalid_subscription"),
+            // Granted by the operator, but Sluice's own namespace is never reachable.
+            (KEY_A, amqp(&format!("{ns}.telemetry"), "0"), 422, "target_refused"),
+            // Another tenant's exchange, and one granted to nobody.
+            (KEY_B, amqp(&format!("{ns}-a"), ""), 422, "target_refused"),
+            (KEY_A, amqp(&format!("{ns}-b"), ""), 422, "target_refused"),
+            (KEY_A, amqp(&format!("{ns}-other"), ""), 422, "target_refused"),
+        ] {
+            let (s, v) = api(reqwest::Method::POST, &url, key, Some(body.clone())).await;
+            assert_eq!((s, v["error"].as_str().unwrap_or_default()), (status, code), "{body} → {v}");
+            assert!(v["message"].as_str().unwrap_or_default().contains("exchange"), "{v}");
+        }
+        let (s, v) = api(reqwest::Method::POST, &url, KEY_A, Some(amqp(&format!("{ns}-a"), "k"))).await;
+        assert_eq!(s, 201, "{v}");
+        assert_eq!(api(reqwest::Method::GET, &url, KEY_A, None).await.1.as_array().map(Vec::len), Some(1));
+        router.stop().await;
+    })
+    .await;
+}
+
+/// Tenant A's AMQP target names a granted exchange that does not exist: every publish to
+/// it makes the broker close the channel. Tenant B's AMQP and webhook notifications and
+/// A's own webhook ones all arrive; A's AMQP notifications take their own retries and end
+/// in the dead-letter queue with the broker's reason.
+#[tokio::test]
+async fn a_target_the_broker_refuses_fails_alone() {
+    with_namespace(|ns| async move {
+        let router = Router::start(&ns, |c| c.deliver.max_attempts = 2).await;
+        let conn = Connection::connect(&amqp_addr(), ConnectionProperties::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let b_queue = target_exchange(&ch, &format!("{ns}-b")).await;
+        let (hook_a, url_a) = Receiver::start().await;
+        let (hook_b, url_b) = Receiver::start().await;
+        let broken = router
+            .subscribe(KEY_A, json!({"criteria": {}, "target": {"type": "amqp", "exchange": format!("{ns}-a-gone")}}))
+            .await;
+        router.subscribe(KEY_A, json!({"criteria": {}, "target": {"type": "webhook", "url": url_a}})).await;
+        router.subscribe(KEY_B, json!({"criteria": {}, "target": {"type": "amqp", "exchange": format!("{ns}-b")}})).await;
+        router.subscribe(KEY_B, json!({"criteria": {}, "target": {"type": "webhook", "url": url_b}})).await;
+
+        const ROUNDS: u32 = 20;
+        let (mut want_a, mut want_b) = (BTreeSet::new(), BTreeSet::new());
+        for i in 0..ROUNDS {
+            let a = router.publish("tenant-a", &[("dev", "m", f64::from(i))]).await;
+            let b = router.publish("tenant-b", &[("dev", "m", f64::from(i))]).await;
+            want_a.insert(reading_id(a, 0));
+            want_b.insert(reading_id(b, 0));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let n = ROUNDS as usize;
+        let got_a: BTreeSet<String> = hook_a.wait_events(n, Duration::from_secs(20)).await.into_iter().collect();
+        let got_b: BTreeSet<String> = hook_b.wait_events(n, Duration::from_secs(20)).await.into_iter().collect();
+        assert_eq!(got_a, want_a, "tenant A's webhook");
+        assert_eq!(got_b, want_b, "tenant B's webhook");
+        let mut amqp_b = BTreeSet::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while amqp_b.len() < n && Instant::now() < deadline {
+            match ch.basic_get(b_queue.clone().into(), BasicGetOptions::default()).await.unwrap() {
+                Some(m) => {
+                    let v: Value = serde_json::from_slice(&m.delivery.data).unwrap();
+                    amqp_b.extend(ids_of(std::slice::from_ref(&v)));
+                    m.delivery.acker.ack(BasicAckOptions::default()).await.unwrap();
+                }
+                None => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        assert_eq!(amqp_b, want_b, "tenant B's AMQP target");
+
+        // A's AMQP notifications: dead-lettered after their own attempts, with the reason.
+        let mut dead = BTreeSet::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while dead.len() < n && Instant::now() < deadline {
+            match ch.basic_get(format!("{ns}.notify.dead").into(), BasicGetOptions::default()).await.unwrap() {
+                Some(m) => {
+                    let h = m.delivery.properties.headers().clone().unwrap_or_default();
+                    let get = |k: &str| match h.inner().get(k) {
+                        Some(AMQPValue::LongString(s)) => s.to_string(),
+                        other => panic!("header {k}: {other:?}"),
+                    };
+                    assert_eq!(get("x-sluice-subscription"), broken["id"].as_str().unwrap());
+                    assert_eq!(get("x-sluice-tenant"), "tenant-a");
+                    let reason = get("x-sluice-reason");
+                    assert!(reason.contains("NOT_FOUND"), "{reason}");
+                    let job = Job::decode(&m.delivery.data).expect("a dead letter holds the job");
+                    dead.extend(job.events.into_iter().map(|e| e.id));
+                    m.delivery.acker.ack(BasicAckOptions::default()).await.unwrap();
+                }
+                None => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        assert_eq!(dead, want_a, "every AMQP notification of tenant A is dead-lettered, none lost");
+        let _ = conn.close(200, "done".into()).await;
+        router.stop().await;
     })
     .await;
 }

@@ -1,3 +1,4 @@
 //! Notifiers: deliver a prepared notification to its target.
 
+pub mod amqp;
 pub mod webhook;

@@ -1,0 +1,108 @@
+//! The AMQP notifier: publishes a notification (persistent, confirmed, mandatory) to an
+//! exchange the operator granted the subscription's tenant.
+//!
+//! Two rules keep one tenant's target from reaching or stalling anything else:
+//! - **Confinement.** A target names an exchange from its tenant's `amqp_exchanges` in the
+//!   tenants file, checked when the subscription is created and again at every delivery
+//!   (the file may have changed since). The default exchange (every queue by name),
+//!   `amq.*` and Sluice's own namespace are never reachable, whatever the file says.
+//! - **Isolation.** Each tenant's notifications go on a channel lane of that tenant's own
+//!   ([`AmqpTransport::publish_in_lane`]). A publish the broker refuses by closing the
+//!   channel (the exchange was deleted, the router's user may not write to it) fails only
+//!   that tenant's publishes in flight; the lane opens a new channel for its next one, and
+//!   the failure takes the subscription's own retry schedule and dead letter.
+
+use lapin::BasicProperties;
+use sluice_binding::TenantId;
+use sluice_binding::transport::PublishError;
+use sluice_binding::transport::amqp::AmqpTransport;
+use sluice_ingest::Tenants;
+
+/// Why an AMQP notification was not published.
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    /// The exchange is not (or no longer) granted to the tenant: permanent.
+    #[error("exchange {exchange:?} is not granted to tenant {tenant}{why}")]
+    Forbidden {
+        /// The tenant.
+        tenant: String,
+        /// The exchange named by the target.
+        exchange: String,
+        /// More on why, if the grant is not simply missing.
+        why: &'static str,
+    },
+    /// The broker did not confirm it: retried on the subscription's schedule.
+    #[error("amqp: {0}")]
+    Publish(#[from] PublishError),
+}
+
+impl AmqpError {
+    /// Whether retrying cannot help.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, AmqpError::Forbidden { .. })
+    }
+}
+
+/// Publishes AMQP notifications. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct AmqpNotifier {
+    transport: AmqpTransport,
+    tenants: Tenants,
+    /// `{namespace}.`: Sluice's own exchanges and queues.
+    reserved: String,
+}
+
+impl AmqpNotifier {
+    /// A notifier over `transport`, with the grants of `tenants`.
+    pub fn new(transport: AmqpTransport, tenants: Tenants) -> Self {
+        let reserved = format!("{}.", transport.topology().namespace);
+        Self {
+            transport,
+            tenants,
+            reserved,
+        }
+    }
+
+    /// Whether `tenant` may send notifications to `exchange`.
+    pub fn check_target(&self, tenant: &TenantId, exchange: &str) -> Result<(), AmqpError> {
+        let forbidden = |why| AmqpError::Forbidden {
+            tenant: tenant.to_string(),
+            exchange: exchange.to_owned(),
+            why,
+        };
+        if exchange.is_empty() {
+            return Err(forbidden(": the default exchange is never reachable"));
+        }
+        if exchange.starts_with("amq.") || exchange.starts_with(&self.reserved) {
+            return Err(forbidden(": reserved name"));
+        }
+        if !self.tenants.may_publish_to(tenant, exchange) {
+            return Err(forbidden(
+                " (the operator grants exchanges in the tenants file, amqp_exchanges)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Publishes `json` to `exchange` with `routing_key`, on `tenant`'s lane; returns once
+    /// the broker confirmed it.
+    pub async fn send(
+        &self,
+        tenant: &TenantId,
+        exchange: &str,
+        routing_key: &str,
+        key: &str,
+        json: &str,
+    ) -> Result<(), AmqpError> {
+        self.check_target(tenant, exchange)?;
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(key.into());
+        let lane = format!("tenant:{tenant}");
+        self.transport
+            .publish_in_lane(&lane, exchange, routing_key, json.as_bytes(), props, true)
+            .await?;
+        Ok(())
+    }
+}
