@@ -1,0 +1,399 @@
+//! What the end-to-end and fault tests share: the binaries, child processes that die with
+//! the test, polling, row counts through DataFusion, and (with `broker-tests`) one test's
+//! isolated world on the broker, in Redis and on disk.
+#![allow(dead_code, unreachable_pub)] // each test binary uses its own part
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sluice_sinks::query::TenantQuery;
+
+pub fn sluice_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_sluice"))
+}
+
+/// loadgen is another package's binary: `cargo test --workspace` builds it because that
+/// package has integration tests of its own (loadgen/tests/cli.rs).
+pub fn loadgen_bin() -> PathBuf {
+    let p = sluice_bin().with_file_name(format!("loadgen{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        p.exists(),
+        "{} missing: run the tests with `cargo test --workspace` (scripts/test.sh)",
+        p.display()
+    );
+    p
+}
+
+/// A child process killed (SIGKILL) when dropped, so a failing test leaves nothing behind.
+pub struct Proc {
+    pub child: Child,
+    pub name: &'static str,
+}
+
+impl Proc {
+    pub fn spawn(name: &'static str, cmd: &mut Command) -> Self {
+        let child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc { child, name }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let ok = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(ok.success());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not stop on SIGTERM",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill();
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn count_rows(data: &Path, tenant: &str, sql: &str) -> u64 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let q = TenantQuery::new(data, tenant).unwrap();
+        let rows = q.sql_json(sql).await.unwrap();
+        rows.first()
+            .and_then(|r| r.values().next())
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0)
+    })
+}
+
+pub fn total_rows(data: &Path, tenant: &str) -> u64 {
+    count_rows(data, tenant, "SELECT count(*) AS n FROM readings")
+}
+
+pub fn distinct_rows(data: &Path, tenant: &str) -> u64 {
+    count_rows(
+        data,
+        tenant,
+        "SELECT count(*) AS n FROM (SELECT DISTINCT device, metric, ts FROM readings)",
+    )
+}
+
+pub fn output_ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The loadgen summary JSON (the last JSON document on stdout).
+pub fn summary(stdout: &str) -> serde_json::Value {
+    let start = stdout.find('{').expect("summary JSON on stdout");
+    serde_json::from_str(&stdout[start..]).expect("summary JSON")
+}
+
+#[cfg(feature = "broker-tests")]
+pub mod broker {
+    //! The world of a test against real RabbitMQ and Redis.
+
+    use super::*;
+    use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+    use lapin::types::FieldTable;
+    use lapin::{Connection, ConnectionProperties};
+    use sluice_sinks::latest::RedisLatest;
+
+    pub const PARTITIONS: u32 = 4;
+
+    pub fn amqp_addr() -> String {
+        std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://127.0.0.1:5672/%2f".to_owned())
+    }
+
+    pub fn redis_url() -> String {
+        std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+    }
+
+    /// One test's isolated world: namespace on the broker, Redis prefix, data directory.
+    pub struct World {
+        pub ns: String,
+        pub dir: tempfile::TempDir,
+        pub tenants: PathBuf,
+    }
+
+    impl World {
+        pub fn new() -> Self {
+            let ns = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+            let dir = tempfile::tempdir().unwrap();
+            let tenants = dir.path().join("tenants.toml");
+            std::fs::write(
+                &tenants,
+                "[[tenant]]\nid = \"acme\"\napi_keys = [\"acme-key\"]\n\n[[tenant]]\nid = \"other\"\napi_keys = [\"other-key\"]\n",
+            )
+            .unwrap();
+            World { ns, dir, tenants }
+        }
+
+        pub fn data(&self) -> PathBuf {
+            self.dir.path().join("data")
+        }
+
+        pub fn common(&self, cmd: &mut Command) {
+            cmd.env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .env("SLUICE_AMQP_URL", amqp_addr())
+                .env("SLUICE_NAMESPACE", &self.ns)
+                .env("SLUICE_PARTITIONS", PARTITIONS.to_string())
+                .env("SLUICE_METRICS_LISTEN", "")
+                .env("SLUICE_ADMIN_LISTEN", "")
+                .env("SLUICE_LOG", "warn");
+        }
+
+        pub fn processors(&self) -> Proc {
+            self.processors_with(&[])
+        }
+
+        pub fn processors_with(&self, extra: &[(&str, &str)]) -> Proc {
+            let mut cmd = Command::new(sluice_bin());
+            self.common(&mut cmd);
+            cmd.arg("process")
+                .env("SLUICE_DATA_DIR", self.data())
+                .env("SLUICE_REDIS_URL", redis_url())
+                .env("SLUICE_REDIS_PREFIX", &self.ns)
+                .env("SLUICE_FLUSH_INTERVAL", "200ms")
+                .env("SLUICE_PREFETCH", "200");
+            for (k, v) in extra {
+                cmd.env(k, v);
+            }
+            let p = Proc::spawn("processors", &mut cmd);
+            self.wait_for_queues();
+            p
+        }
+
+        pub fn ingest(&self, extra: &[(&str, &str)]) -> (Proc, String) {
+            let port = free_port();
+            let mut cmd = Command::new(sluice_bin());
+            self.common(&mut cmd);
+            cmd.arg("ingest")
+                .env("SLUICE_LISTEN", format!("127.0.0.1:{port}"))
+                .env("SLUICE_TENANTS", &self.tenants);
+            for (k, v) in extra {
+                cmd.env(k, v);
+            }
+            let p = Proc::spawn("ingest", &mut cmd);
+            let url = format!("http://127.0.0.1:{port}");
+            let http = Http::new();
+            wait_until("ingest /readyz", Duration::from_secs(60), || {
+                http.ready(&format!("{url}/readyz"))
+            });
+            (p, url)
+        }
+
+        pub fn loadgen(&self, args: &[&str]) -> serde_json::Value {
+            let out = Command::new(loadgen_bin())
+                .args(["--amqp-url", &amqp_addr(), "--namespace", &self.ns])
+                .args(["--partitions", &PARTITIONS.to_string(), "--json", "--quiet"])
+                .arg("--out")
+                .arg(self.dir.path().join("results"))
+                .args(args)
+                .output()
+                .unwrap();
+            summary(&output_ok(&out, "loadgen"))
+        }
+
+        /// Waits until the processors declared the partition queues.
+        pub fn wait_for_queues(&self) {
+            let queue = format!("{}.storage.{}", self.ns, PARTITIONS - 1);
+            rt().block_on(async {
+                let conn = Connection::connect(&amqp_addr(), ConnectionProperties::default())
+                    .await
+                    .unwrap();
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    let ch = conn.create_channel().await.unwrap();
+                    let passive = QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    };
+                    if ch
+                        .queue_declare(queue.clone().into(), passive, FieldTable::default())
+                        .await
+                        .is_ok()
+                    {
+                        break;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "queues of {} never declared",
+                        self.ns
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+        }
+
+        pub fn wait_for_rows(&self, tenant: &str, n: u64, timeout: Duration) {
+            let data = self.data();
+            wait_until(&format!("{n} rows of {tenant}"), timeout, || {
+                data.join(format!("tenant={tenant}")).exists() && total_rows(&data, tenant) >= n
+            });
+        }
+
+        pub fn latest(&self, tenant: &str, device: &str) -> Vec<(String, i64, f64)> {
+            rt().block_on(async {
+                let r = RedisLatest::connect(&redis_url(), self.ns.clone())
+                    .await
+                    .unwrap();
+                let mut v: Vec<_> = sluice_sinks::latest::LatestStore::Redis(r)
+                    .get(tenant, device)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|l| (l.metric, l.ts_ns, l.value))
+                    .collect();
+                v.sort_by(|a, b| a.0.cmp(&b.0));
+                v
+            })
+        }
+    }
+
+    impl Drop for World {
+        fn drop(&mut self) {
+            // Leave the broker as we found it.
+            let ns = self.ns.clone();
+            rt().block_on(async move {
+                let Ok(conn) =
+                    Connection::connect(&amqp_addr(), ConnectionProperties::default()).await
+                else {
+                    return;
+                };
+                let Ok(ch) = conn.create_channel().await else {
+                    return;
+                };
+                let mut queues: Vec<String> = (0..PARTITIONS)
+                    .map(|p| format!("{ns}.storage.{p}"))
+                    .collect();
+                queues.push(format!("{ns}.dead-letter"));
+                // The router's, when a test ran one.
+                queues.extend((0..PARTITIONS).map(|p| format!("{ns}.router.{p}")));
+                queues.extend((0..4).map(|p| format!("{ns}.notify.{p}")));
+                queues.extend(
+                    sluice_router::outbox::DELAY_TIERS
+                        .iter()
+                        .map(|d| format!("{ns}.notify.delay.{}", d.as_millis())),
+                );
+                queues.extend([format!("{ns}.router.events"), format!("{ns}.notify.dead")]);
+                for q in queues {
+                    let _ = ch
+                        .queue_delete(q.into(), QueueDeleteOptions::default())
+                        .await;
+                }
+                for x in [
+                    "telemetry",
+                    "dead-letter",
+                    "commits",
+                    "events",
+                    "notify",
+                    "notify.delay",
+                ] {
+                    let _ = ch
+                        .exchange_delete(
+                            format!("{ns}.{x}").into(),
+                            ExchangeDeleteOptions::default(),
+                        )
+                        .await;
+                }
+                let _ = conn.close(200, "done".into()).await;
+            });
+        }
+    }
+
+    pub fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// Blocking HTTP for these synchronous tests (a private runtime per call site).
+    pub struct Http {
+        pub rt: tokio::runtime::Runtime,
+        pub client: reqwest::Client,
+    }
+
+    impl Http {
+        pub fn new() -> Self {
+            Http {
+                rt: rt(),
+                client: reqwest::Client::new(),
+            }
+        }
+
+        pub fn ready(&self, url: &str) -> bool {
+            self.rt
+                .block_on(self.client.get(url).send())
+                .is_ok_and(|r| r.status().is_success())
+        }
+
+        pub fn post(
+            &self,
+            url: &str,
+            key: Option<&str>,
+            ctype: &str,
+            body: Vec<u8>,
+        ) -> (u16, String) {
+            self.rt.block_on(async {
+                let mut r = self
+                    .client
+                    .post(url)
+                    .header("content-type", ctype)
+                    .body(body);
+                if let Some(k) = key {
+                    r = r.bearer_auth(k);
+                }
+                let resp = r.send().await.unwrap();
+                let status = resp.status().as_u16();
+                (status, resp.text().await.unwrap())
+            })
+        }
+    }
+}
