@@ -1,0 +1,324 @@
+//! Fault tests: the real `sluice` binaries under load while the broker is stopped and
+//! started (`rabbitmqctl stop_app` / `start_app`, so this needs the local node the test
+//! command starts, and root). They prove by counting that every reading answered 202 is
+//! stored exactly once, and they measure how long the pipeline takes to accept again.
+//!
+//! The tests of this binary take turns: each stops the broker every other test uses. Other
+//! test binaries run before or after this one (cargo runs binaries one at a time).
+//!
+//! `SLUICE_FAULT_RESTARTS=10 cargo test -p sluice --features broker-tests --test faults --
+//! --nocapture` repeats the restart as often as asked and prints each recovery time (the
+//! figures in BENCHMARKS.md).
+#![cfg(feature = "broker-tests")]
+
+mod support;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::broker::*;
+use support::*;
+
+/// Held by each test: only one at a time stops the shared broker.
+static BROKER: Mutex<()> = Mutex::new(());
+
+/// Readings per request; each request has a device of its own, so a row count per device
+/// tells which requests were stored and how often.
+const PER_REQUEST: usize = 50;
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "rabbitmqctl {args:?}: {e} (the fault tests need the local RabbitMQ node and root)"
+            )
+        });
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether the broker completes an AMQP handshake now.
+fn broker_accepts(rt: &tokio::runtime::Runtime) -> bool {
+    let addr = amqp_addr();
+    rt.block_on(async {
+        let connect = lapin::Connection::connect(&addr, lapin::ConnectionProperties::default());
+        match tokio::time::timeout(Duration::from_secs(2), connect).await {
+            Ok(Ok(c)) => {
+                let _ = c.close(200, "probe".into()).await;
+                true
+            }
+            _ => false,
+        }
+    })
+}
+
+/// Restarts the broker's application and returns the instant it accepted AMQP connections
+/// again.
+fn restart_broker(down_for: Duration) -> Instant {
+    rabbitmqctl(&["stop_app"]);
+    std::thread::sleep(down_for);
+    rabbitmqctl(&["start_app"]);
+    let rt = rt();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if broker_accepts(&rt) {
+            return Instant::now();
+        }
+        assert!(Instant::now() < deadline, "the broker did not come back");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One request's fate.
+#[derive(Clone, Debug)]
+struct Sent {
+    at: Instant,
+    status: u16,
+}
+
+/// HTTP load on `url`: one request of [`PER_REQUEST`] readings every `every`, each with a
+/// device of its own (`r{n}`), until `stop`.
+fn http_load(
+    url: String,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<HashMap<String, Sent>> {
+    std::thread::spawn(move || {
+        let http = Http::new();
+        let mut sent = HashMap::new();
+        let base = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i64;
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let device = format!("r{n}");
+            let readings: Vec<String> = (0..PER_REQUEST)
+                .map(|i| {
+                    format!(
+                        r#"{{"device":"{device}","metric":"m","ts":{},"value":{i}}}"#,
+                        base + i as i64
+                    )
+                })
+                .collect();
+            let body = format!(r#"{{"readings":[{}]}}"#, readings.join(","));
+            let started = Instant::now();
+            let (status, _) = http.post(
+                &format!("{url}/v1/telemetry"),
+                Some("acme-key"),
+                "application/json",
+                body.into_bytes(),
+            );
+            sent.insert(
+                device,
+                Sent {
+                    at: Instant::now(),
+                    status,
+                },
+            );
+            n += 1;
+            if let Some(rest) = every.checked_sub(started.elapsed()) {
+                std::thread::sleep(rest);
+            }
+        }
+        sent
+    })
+}
+
+/// Rows per device of `tenant`.
+fn rows_per_device(w: &World, tenant: &str) -> HashMap<String, u64> {
+    let rt = rt();
+    rt.block_on(async {
+        let q = sluice_sinks::query::TenantQuery::new(w.data(), tenant).unwrap();
+        q.sql_json("SELECT device, count(*) AS n FROM readings GROUP BY device")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| {
+                (
+                    r["device"].as_str().unwrap().to_owned(),
+                    r["n"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    })
+}
+
+/// Every accepted request's readings are stored exactly once; a refused one is stored
+/// once or not at all (its batch may have reached the broker before the connection broke),
+/// never in part twice. Returns (accepted requests, refused ones stored anyway).
+fn check_stored_once(w: &World, sent: &HashMap<String, Sent>) -> (usize, usize) {
+    let accepted: Vec<&String> = sent
+        .iter()
+        .filter(|(_, s)| s.status == 202)
+        .map(|(d, _)| d)
+        .collect();
+    let want = (accepted.len() * PER_REQUEST) as u64;
+    let data = w.data();
+    wait_until(
+        &format!("{want} accepted readings stored"),
+        Duration::from_secs(120),
+        || {
+            let rows = rows_per_device(w, "acme");
+            accepted
+                .iter()
+                .all(|d| rows.get(*d) == Some(&(PER_REQUEST as u64)))
+        },
+    );
+    std::thread::sleep(Duration::from_millis(600)); // one more flush: nothing extra arrives
+    let rows = rows_per_device(w, "acme");
+    let mut refused_stored = 0;
+    for (device, n) in &rows {
+        let s = sent
+            .get(device)
+            .unwrap_or_else(|| panic!("rows of unknown device {device}"));
+        assert!(
+            *n <= PER_REQUEST as u64,
+            "{device}: {n} rows, {PER_REQUEST} sent: duplicates"
+        );
+        if s.status == 202 {
+            assert_eq!(
+                *n, PER_REQUEST as u64,
+                "{device}: accepted, {n} rows stored"
+            );
+        } else {
+            refused_stored += 1;
+        }
+    }
+    assert_eq!(
+        distinct_rows(&data, "acme"),
+        total_rows(&data, "acme"),
+        "a row stored twice"
+    );
+    (accepted.len(), refused_stored)
+}
+
+#[test]
+fn ingest_and_storage_heal_after_every_broker_restart() {
+    let _turn = BROKER.lock().unwrap_or_else(|p| p.into_inner());
+    let restarts: usize = std::env::var("SLUICE_FAULT_RESTARTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let w = World::new();
+    let _processors = w.processors();
+    let (_ingest, url) = w.ingest(&[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = http_load(url.clone(), Duration::from_millis(10), stop.clone());
+    let readyz = Http::new();
+
+    let mut up_at = Vec::new();
+    let mut saw_unready = false;
+    for _ in 0..restarts {
+        std::thread::sleep(Duration::from_secs(2));
+        // While the broker is down, /readyz says so.
+        let probe_stop = Arc::new(AtomicBool::new(false));
+        let probe = {
+            let (url, stop) = (url.clone(), probe_stop.clone());
+            std::thread::spawn(move || {
+                let http = Http::new();
+                let mut unready = false;
+                while !stop.load(Ordering::Relaxed) {
+                    unready |= !http.ready(&format!("{url}/readyz"));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                unready
+            })
+        };
+        up_at.push(restart_broker(Duration::from_secs(2)));
+        probe_stop.store(true, Ordering::Relaxed);
+        saw_unready |= probe.join().unwrap();
+    }
+    // Load goes on until the last recovery can be seen, then stops.
+    std::thread::sleep(Duration::from_secs(5));
+    wait_until("ingest ready again", Duration::from_secs(30), || {
+        readyz.ready(&format!("{url}/readyz"))
+    });
+    stop.store(true, Ordering::Relaxed);
+    let sent = load.join().unwrap();
+
+    // Time from "the broker accepts connections" to the first 202 answered after it.
+    let mut recoveries = Vec::new();
+    for up in &up_at {
+        let first = sent
+            .values()
+            .filter(|s| s.status == 202 && s.at > *up)
+            .map(|s| s.at)
+            .min()
+            .expect("a request accepted after the broker came back");
+        recoveries.push(first.duration_since(*up));
+    }
+    let (accepted, refused_stored) = check_stored_once(&w, &sent);
+    let refused = sent.values().filter(|s| s.status != 202).count();
+    eprintln!(
+        "broker restarts: {restarts}; requests {} ({} readings each): accepted {accepted}, \
+         refused {refused} (of them stored anyway {refused_stored}); time from broker up to \
+         the next 202: {recoveries:?}",
+        sent.len(),
+        PER_REQUEST
+    );
+    assert!(saw_unready, "/readyz never reported the broker down");
+    assert!(
+        refused > 0,
+        "the broker was down: some requests must have been refused"
+    );
+    // A liveness bound, not a performance figure: a pipeline that does not reconnect
+    // would never accept again (the figures are in BENCHMARKS.md).
+    for r in &recoveries {
+        assert!(
+            *r < Duration::from_secs(20),
+            "ingest took {r:?} to accept again"
+        );
+    }
+}
+
+#[test]
+fn ingest_answers_and_stops_in_bounded_time_while_the_broker_is_down() {
+    let _turn = BROKER.lock().unwrap_or_else(|p| p.into_inner());
+    let w = World::new();
+    let (ingest, url) = w.ingest(&[]);
+    let http = Http::new();
+    rabbitmqctl(&["stop_app"]);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let body = br#"{"readings":[{"device":"d","metric":"m","ts":1000,"value":1}]}"#.to_vec();
+        let started = Instant::now();
+        let (status, text) = http.post(
+            &format!("{url}/v1/telemetry"),
+            Some("acme-key"),
+            "application/json",
+            body,
+        );
+        assert_eq!(status, 503, "{text}");
+        assert!(text.contains("broker"), "{text}");
+        assert!(
+            started.elapsed() < Duration::from_secs(12),
+            "503 after {:?}",
+            started.elapsed()
+        );
+        assert!(!http.ready(&format!("{url}/readyz")));
+        let started = Instant::now();
+        let status = ingest.terminate();
+        assert!(status.success(), "ingest exited with {status}");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "SIGTERM took {:?}",
+            started.elapsed()
+        );
+    }));
+    rabbitmqctl(&["start_app"]);
+    let rt = rt();
+    wait_until("the broker back", Duration::from_secs(60), || {
+        broker_accepts(&rt)
+    });
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
