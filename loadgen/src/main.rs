@@ -144,6 +144,12 @@ struct Cli {
     /// router to notify) everything accepted.
     #[arg(long, env = "LOADGEN_DRAIN_TIMEOUT", default_value = "60s", value_parser = duration)]
     drain_timeout: Duration,
+    /// Longest the whole run may take, sending and draining. At the deadline the run is
+    /// stopped as by Ctrl-C, what was measured is reported, and loadgen exits with an
+    /// error; a run still not ended 10 s later is abandoned. [default: --duration +
+    /// --drain-timeout + 30s]
+    #[arg(long, env = "LOADGEN_DEADLINE", value_parser = duration)]
+    deadline: Option<Duration>,
     /// Measure device → notified latency: receive the router's webhook notifications on this
     /// address (`POST /notify`, e.g. 0.0.0.0:8099) and, for the length of the run, subscribe
     /// to the run's devices (--device-prefix) through the router's API at --router-url with
@@ -308,8 +314,32 @@ async fn main_async(cli: Cli) -> Result<()> {
         receipts,
         notifications: notify.as_ref().map(|n| n.receiver().clone()),
     };
-    // The run ends on Ctrl-C and SIGTERM too; its errors wait until the subscription is gone.
-    let summary = run_observed(cfg, target, observers, stop).await;
+    // The run ends on Ctrl-C and SIGTERM too, and at the deadline; its errors wait until
+    // the subscription is gone.
+    let deadline = cli
+        .deadline
+        .unwrap_or(cli.duration + cli.drain_timeout + Duration::from_secs(30));
+    let run_stop = stop.child_token();
+    let timer = {
+        let t = run_stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(deadline).await;
+            eprintln!("the run reached its deadline of {deadline:?}; stopping it");
+            t.cancel();
+        })
+    };
+    let summary = tokio::time::timeout(
+        deadline + DEADLINE_GRACE,
+        run_observed(cfg, target, observers, run_stop.clone()),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(anyhow::anyhow!(
+            "the run did not end within {DEADLINE_GRACE:?} of its deadline ({deadline:?}); abandoned"
+        ))
+    });
+    let deadline_hit = run_stop.is_cancelled() && !stop.is_cancelled();
+    timer.abort();
     if let Some(n) = notify
         && let Err(e) = n.close().await
     {
@@ -327,8 +357,15 @@ async fn main_async(cli: Cli) -> Result<()> {
     if cli.json {
         println!("{}", summary.to_json()?);
     }
+    anyhow::ensure!(
+        !deadline_hit,
+        "the run reached its deadline of {deadline:?} (--deadline)"
+    );
     Ok(())
 }
+
+/// How long a run stopped at its deadline may take to end.
+const DEADLINE_GRACE: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {

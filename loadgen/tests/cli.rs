@@ -103,3 +103,40 @@ fn an_unreachable_router_fails_quickly_before_sending() {
     assert!(err.contains("--router-url"), "{err}");
     assert!(!out_dir.exists(), "nothing was run, nothing written");
 }
+
+#[test]
+fn a_run_against_an_ingest_that_never_answers_ends_at_its_deadline() {
+    // Accepts connections and reads, never answers: requests hang until the deadline.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in silent.incoming().flatten() {
+            held.push(conn);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let out = loadgen()
+        .args([
+            "--url",
+            &format!("http://{addr}"),
+            "--quiet",
+            "--rate",
+            "1000",
+        ])
+        .args(["--duration", "60s", "--deadline", "2s"])
+        .arg("--out")
+        .arg(dir.path().join("results"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "exit 0 at a deadline:\n{err}");
+    assert!(err.contains("deadline"), "{err}");
+    // The deadline, the grace for the run to end, and start-up: well under a minute.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+}
