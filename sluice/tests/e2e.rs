@@ -812,7 +812,9 @@ mod broker {
         let w = World::new();
         // Queue a backlog before any processor runs: ingest declares the partitions.
         let (ingest, _url) = w.ingest(&[]);
-        let load = background_load(&w, 100_000, 100_000, 100);
+        // Small batches: enough messages that the pool cannot drain them between two
+        // decisions of the autoscaler (the backlog is counted in messages).
+        let load = background_load(&w, 100_000, 100_000, 25);
         let s = summary(&output_ok(&load.join().unwrap(), "loadgen"));
         assert_eq!(s["accepted"], 100_000, "{s}");
         drop(ingest);
@@ -823,7 +825,7 @@ mod broker {
         wait_until("admin endpoint", Duration::from_secs(30), || {
             http.ready(&format!("{admin}/healthz"))
         });
-        // 1 000 messages queued, target 20 a worker: up to the maximum, a step at a time.
+        // 4 000 messages queued, target 20 a worker: up to the maximum, a step at a time.
         let up = watch_workers(&http, &admin, Duration::from_secs(60), |s| {
             s.last() == Some(&3)
         });
