@@ -3,7 +3,9 @@
 //! - `GET /v1/workers` → [`WorkersStatus`]
 //! - `PUT /v1/workers` with `{"workers": N}` pins N workers; with `{"autoscale": true}`
 //!   hands the count back to the autoscaler → the new [`WorkersStatus`]
-//! - `GET /healthz` → 200 while the pool runs
+//! - `GET /livez` (also `/healthz`) → 200 while the pool runs
+//! - `GET /readyz` → 200 while the pool runs, its broker connections are up and every
+//!   consumer is subscribed; 503 with the problems otherwise
 //!
 //! Errors are `{"error": code, "message": text}` with 400 (bad body or count), 409 (no
 //! autoscaler) or 503 (pool stopped). It is an operator interface: bind it to a private
@@ -16,6 +18,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+
+use sluice_binding::transport::Transport;
 
 use crate::control::{ControlError, PoolControl, WorkersStatus};
 
@@ -48,38 +52,67 @@ fn error(status: StatusCode, code: &'static str, message: impl ToString) -> Resp
         .into_response()
 }
 
-/// The admin routes over `control`.
-pub fn router(control: PoolControl) -> Router {
+#[derive(Clone)]
+struct AdminState {
+    control: PoolControl,
+    transport: Transport,
+}
+
+/// The admin routes over `control`, with readiness from `transport`.
+pub fn router(control: PoolControl, transport: Transport) -> Router {
     Router::new()
         .route("/v1/workers", get(status).put(set))
         .route("/healthz", get(health))
-        .with_state(control)
+        .route("/livez", get(health))
+        .route("/readyz", get(ready))
+        .with_state(AdminState { control, transport })
 }
 
-async fn status(State(c): State<PoolControl>) -> Json<WorkersStatus> {
-    Json(c.status())
+async fn status(State(s): State<AdminState>) -> Json<WorkersStatus> {
+    Json(s.control.status())
 }
 
-async fn health(State(c): State<PoolControl>) -> Response {
-    if c.status().workers > 0 {
+fn not_running() -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not_running",
+        "the pool is not running",
+    )
+}
+
+async fn health(State(s): State<AdminState>) -> Response {
+    if s.control.status().workers > 0 {
         (StatusCode::OK, "ok").into_response()
+    } else {
+        not_running()
+    }
+}
+
+async fn ready(State(s): State<AdminState>) -> Response {
+    if s.control.status().workers == 0 {
+        return not_running();
+    }
+    let readiness = s.transport.readiness();
+    if readiness.is_ready() {
+        Json(readiness).into_response()
     } else {
         error(
             StatusCode::SERVICE_UNAVAILABLE,
-            "not_running",
-            "the pool is not running",
+            "not_ready",
+            readiness.problems.join("; "),
         )
     }
 }
 
 async fn set(
-    State(c): State<PoolControl>,
+    State(s): State<AdminState>,
     body: Result<Json<WorkersRequest>, JsonRejection>,
 ) -> Response {
     let req = match body {
         Ok(Json(r)) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, "malformed_body", e.body_text()),
     };
+    let c = &s.control;
     let result = match (req.workers, req.autoscale) {
         (Some(n), None) => c.set_workers(n),
         (None, Some(true)) => c.resume_autoscale(),
@@ -101,5 +134,52 @@ async fn set(
         Err(e @ ControlError::OutOfRange(_)) => error(StatusCode::BAD_REQUEST, "out_of_range", e),
         Err(e @ ControlError::NoAutoscaler) => error(StatusCode::CONFLICT, "no_autoscaler", e),
         Err(e @ ControlError::Stopped) => error(StatusCode::SERVICE_UNAVAILABLE, "not_running", e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::Request;
+    use sluice_binding::Topology;
+    use sluice_binding::transport::inproc::InProcessTransport;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    fn app(running: usize) -> Router {
+        let control = PoolControl::new("storage", 2, None);
+        control.running(running);
+        let transport = Transport::InProcess(InProcessTransport::new(Topology::new("t", 2), 8));
+        router(control, transport)
+    }
+
+    async fn get(app: Router, path: &str) -> (StatusCode, String) {
+        let r = app
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = r.status();
+        let body = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn live_and_ready_while_the_pool_runs() {
+        for path in ["/livez", "/healthz"] {
+            assert_eq!(get(app(2), path).await.0, StatusCode::OK, "{path}");
+        }
+        let (status, body) = get(app(2), "/readyz").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body.contains("\"problems\":[]"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn neither_live_nor_ready_once_the_pool_stopped() {
+        for path in ["/livez", "/readyz"] {
+            let (status, body) = get(app(0), path).await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{path}");
+            assert!(body.contains("not_running"), "{path}: {body}");
+        }
     }
 }

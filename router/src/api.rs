@@ -9,7 +9,8 @@
 //! | `GET /v1/subscriptions/{id}` | one |
 //! | `DELETE /v1/subscriptions/{id}` | delete (204) |
 //! | `GET /v1/subscriptions/{id}/live` | the live feed of a `live` subscription (server-sent events) |
-//! | `GET /healthz` | liveness |
+//! | `GET /livez` (also `/healthz`) | liveness: the process answers |
+//! | `GET /readyz` | readiness: broker connections up, consumers subscribed, Redis answers (503 with the problems otherwise) |
 //!
 //! Errors are `{"error": code, "message": text}` with the status of the code.
 
@@ -28,6 +29,7 @@ use futures::{Stream, StreamExt};
 use serde::Serialize;
 use sluice_binding::TenantId;
 use sluice_binding::model::now_ns;
+use sluice_binding::transport::Transport;
 use sluice_ingest::Tenants;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -53,6 +55,8 @@ struct Inner {
     store: Store,
     webhook: WebhookNotifier,
     amqp: AmqpNotifier,
+    /// The router's broker connections, for `/readyz`.
+    transport: Transport,
     /// This instance's index: a change applies to it before the API answers.
     index: SharedIndex,
     /// Ends live feeds, which would otherwise hold graceful shutdown open forever.
@@ -62,12 +66,14 @@ struct Inner {
 impl ApiState {
     /// The API over `store`, authenticating with `tenants`, checking webhook targets with
     /// `webhook`'s address rules and AMQP targets against `amqp`'s grants, and applying
-    /// each change to `index` before answering. Live feeds end at `shutdown`.
+    /// each change to `index` before answering. `/readyz` asks `transport` and Redis.
+    /// Live feeds end at `shutdown`.
     pub fn new(
         tenants: Tenants,
         store: Store,
         webhook: WebhookNotifier,
         amqp: AmqpNotifier,
+        transport: Transport,
         index: SharedIndex,
         shutdown: CancellationToken,
     ) -> Self {
@@ -77,6 +83,7 @@ impl ApiState {
                 store,
                 webhook,
                 amqp,
+                transport,
                 index,
                 shutdown,
             }),
@@ -91,6 +98,8 @@ pub fn app(state: ApiState) -> Router {
         .route("/v1/subscriptions/{id}", get(get_one).delete(delete))
         .route("/v1/subscriptions/{id}/live", get(live))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
@@ -177,6 +186,29 @@ fn tenant(state: &ApiState, headers: &HeaderMap) -> Result<TenantId, ApiError> {
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
     // A malformed id cannot name a subscription: 404, like any unknown one.
     Uuid::parse_str(id).map_err(|_| ApiError::not_found())
+}
+
+/// Ready while the broker connections are up, every consumer is subscribed and Redis
+/// answers; 503 with the problems otherwise.
+async fn ready(State(state): State<ApiState>) -> Response {
+    let mut readiness = state.inner.transport.readiness();
+    match tokio::time::timeout(Duration::from_secs(2), state.inner.store.version()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => readiness.problems.push(format!("Redis: {e}")),
+        Err(_) => readiness
+            .problems
+            .push("Redis: no answer within 2 s".to_owned()),
+    }
+    if readiness.is_ready() {
+        Json(readiness).into_response()
+    } else {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            readiness.problems.join("; "),
+        )
+        .into_response()
+    }
 }
 
 async fn create(

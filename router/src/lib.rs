@@ -132,6 +132,7 @@ pub async fn run(
             store.clone(),
             webhook.clone(),
             amqp.clone(),
+            generic.clone(),
             index.clone(),
             shutdown.clone(),
         ));

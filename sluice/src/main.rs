@@ -183,10 +183,10 @@ async fn run_process(args: ProcessArgs, broker: BrokerArgs, ops: OpsArgs) -> Res
     if let Some(addr) = args.admin_listen.0 {
         let listener = bind(addr).await?;
         let (app, stop) = (
-            sluice_processors::admin::router(control.clone()),
+            sluice_processors::admin::router(control.clone(), transport.clone()),
             shutdown.clone(),
         );
-        tracing::info!(%addr, "serving the admin endpoint (/v1/workers)");
+        tracing::info!(%addr, "serving the admin endpoint (/v1/workers, /livez, /readyz)");
         tokio::spawn(async move {
             let served = axum::serve(listener, app)
                 .with_graceful_shutdown(async move { stop.cancelled().await })

@@ -209,25 +209,29 @@ fn ingest_and_storage_heal_after_every_broker_restart() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(2);
     let w = World::new();
-    let _processors = w.processors();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let _processors = w.processors_with(&[("SLUICE_ADMIN_LISTEN", admin.as_str())]);
     let (_ingest, url) = w.ingest(&[]);
     let stop = Arc::new(AtomicBool::new(false));
     let load = http_load(url.clone(), Duration::from_millis(10), stop.clone());
     let readyz = Http::new();
 
     let mut up_at = Vec::new();
-    let mut saw_unready = false;
+    let mut saw_unready = [false, false];
     for _ in 0..restarts {
         std::thread::sleep(Duration::from_secs(2));
-        // While the broker is down, /readyz says so.
+        // While the broker is down, ingest's and the storage pool's /readyz say so.
         let probe_stop = Arc::new(AtomicBool::new(false));
         let probe = {
-            let (url, stop) = (url.clone(), probe_stop.clone());
+            let urls = [format!("{url}/readyz"), format!("http://{admin}/readyz")];
+            let stop = probe_stop.clone();
             std::thread::spawn(move || {
                 let http = Http::new();
-                let mut unready = false;
+                let mut unready = [false, false];
                 while !stop.load(Ordering::Relaxed) {
-                    unready |= !http.ready(&format!("{url}/readyz"));
+                    for (u, seen) in urls.iter().zip(unready.iter_mut()) {
+                        *seen |= !http.ready(u);
+                    }
                     std::thread::sleep(Duration::from_millis(100));
                 }
                 unready
@@ -235,13 +239,17 @@ fn ingest_and_storage_heal_after_every_broker_restart() {
         };
         up_at.push(restart_broker(Duration::from_secs(2)));
         probe_stop.store(true, Ordering::Relaxed);
-        saw_unready |= probe.join().unwrap();
+        let unready = probe.join().unwrap();
+        saw_unready[0] |= unready[0];
+        saw_unready[1] |= unready[1];
     }
     // Load goes on until the last recovery can be seen, then stops.
     std::thread::sleep(Duration::from_secs(5));
-    wait_until("ingest ready again", Duration::from_secs(30), || {
-        readyz.ready(&format!("{url}/readyz"))
-    });
+    for ready in [format!("{url}/readyz"), format!("http://{admin}/readyz")] {
+        wait_until(&format!("{ready} again"), Duration::from_secs(30), || {
+            readyz.ready(&ready)
+        });
+    }
     stop.store(true, Ordering::Relaxed);
     let sent = load.join().unwrap();
 
@@ -265,7 +273,11 @@ fn ingest_and_storage_heal_after_every_broker_restart() {
         sent.len(),
         PER_REQUEST
     );
-    assert!(saw_unready, "/readyz never reported the broker down");
+    assert_eq!(
+        saw_unready,
+        [true, true],
+        "/readyz of (ingest, storage) reported the broker down"
+    );
     assert!(
         refused > 0,
         "the broker was down: some requests must have been refused"

@@ -218,11 +218,38 @@ impl Transport {
         }
     }
 
+    /// Whether the transport can do its work now (for `/readyz`): every broker connection
+    /// up and every consumer subscribed. The in-process transport is always ready.
+    pub fn readiness(&self) -> Readiness {
+        match self {
+            Transport::Amqp(t) => t.readiness(),
+            Transport::InProcess(_) => Readiness::default(),
+        }
+    }
+
     /// Closes connections (AMQP) after in-flight work settled.
     pub async fn close(&self) {
         if let Transport::Amqp(t) = self {
             t.close().await;
         }
+    }
+}
+
+/// What [`Transport::readiness`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Readiness {
+    /// What keeps the transport from its work; empty when ready.
+    pub problems: Vec<String>,
+    /// Consumers opened.
+    pub consumers: usize,
+    /// Of them, subscribed now (the others are waiting for a connection or the queue).
+    pub consumers_attached: usize,
+}
+
+impl Readiness {
+    /// No problem found.
+    pub fn is_ready(&self) -> bool {
+        self.problems.is_empty()
     }
 }
 

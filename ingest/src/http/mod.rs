@@ -1,4 +1,5 @@
-//! The HTTP front end (axum): `POST /v1/telemetry`, `GET /healthz`, `GET /readyz`.
+//! The HTTP front end (axum): `POST /v1/telemetry`, `GET /livez` (also `/healthz`: the
+//! process answers), `GET /readyz` (the broker connections are up, no alarm, not stopping).
 //!
 //! A telemetry request goes through, in order:
 //! 1. authentication: `Authorization: Bearer <key>` or `X-Api-Key: <key>` names the tenant
@@ -119,6 +120,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/v1/telemetry", post(post_telemetry))
         .route("/healthz", get(healthz))
+        .route("/livez", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -157,9 +159,11 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// Ready while the broker connections are up (no alarm) and ingest is not stopping.
 async fn readyz(State(state): State<AppState>) -> Response {
-    if let Some(reason) = state.inner.producer.transport().blocked() {
-        return ApiError::new(ErrorCode::Unavailable, reason)
+    let readiness = state.inner.producer.transport().readiness();
+    if !readiness.is_ready() {
+        return ApiError::new(ErrorCode::Unavailable, readiness.problems.join("; "))
             .retry_after(state.inner.cfg.retry_after_secs)
             .into_response();
     }

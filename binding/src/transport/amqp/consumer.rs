@@ -8,6 +8,7 @@
 //! broker redelivers them, flagged `redelivered`, and consumers deduplicate.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,6 +27,23 @@ use crate::transport::{Acker, Delivery};
 /// Wait before subscribing again after the broker refused or cancelled a consumer.
 const RESUBSCRIBE_BACKOFF: Duration = Duration::from_millis(500);
 
+/// How many consumers a transport has, and how many are subscribed now.
+#[derive(Debug, Default)]
+pub(super) struct ConsumerCounts {
+    total: AtomicUsize,
+    attached: AtomicUsize,
+}
+
+impl ConsumerCounts {
+    /// (consumers, subscribed).
+    pub(super) fn get(&self) -> (usize, usize) {
+        (
+            self.total.load(Ordering::Relaxed),
+            self.attached.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// Consumer of one queue on one broker.
 #[derive(Debug)]
 pub(in crate::transport) struct AmqpConsumer {
@@ -34,6 +52,14 @@ pub(in crate::transport) struct AmqpConsumer {
     prefetch: u16,
     current: Option<Subscription>,
     cancelled: bool,
+    counts: Arc<ConsumerCounts>,
+}
+
+impl Drop for AmqpConsumer {
+    fn drop(&mut self) {
+        self.set_current(None);
+        self.counts.total.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug)]
@@ -49,19 +75,37 @@ impl AmqpConsumer {
         link: Link,
         queue: &str,
         prefetch: u16,
+        counts: Arc<ConsumerCounts>,
     ) -> Result<Self, lapin::Error> {
+        counts.total.fetch_add(1, Ordering::Relaxed);
         let mut c = Self {
             link,
             queue: queue.to_owned(),
             prefetch,
             current: None,
             cancelled: false,
+            counts,
         };
         if let Some(session) = c.link.current() {
-            c.current =
-                Some(subscribe(&session.conn, session.generation, &c.queue, prefetch).await?);
+            let sub = subscribe(&session.conn, session.generation, &c.queue, prefetch).await?;
+            c.set_current(Some(sub));
         }
         Ok(c)
+    }
+
+    /// Replaces the subscription, keeping the attached count.
+    fn set_current(&mut self, sub: Option<Subscription>) {
+        let attached = &self.counts.attached;
+        match (self.current.is_some(), sub.is_some()) {
+            (false, true) => {
+                attached.fetch_add(1, Ordering::Relaxed);
+            }
+            (true, false) => {
+                attached.fetch_sub(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        self.current = sub;
     }
 
     pub(in crate::transport) async fn next(&mut self, queue: Arc<str>) -> Option<Delivery> {
@@ -86,7 +130,7 @@ impl AmqpConsumer {
                         tracing::info!(%queue, broker = self.link.broker(), "consumer subscribed again");
                         metrics::counter!("sluice_consumer_resubscribed_total", "queue" => queue.to_string())
                             .increment(1);
-                        self.current = Some(s);
+                        self.set_current(Some(s));
                     }
                     Err(e) => {
                         tracing::warn!(%queue, broker = self.link.broker(), error = %e, "cannot subscribe; retrying");
@@ -112,14 +156,14 @@ impl AmqpConsumer {
                     });
                 }
                 Some(Err(e)) => {
-                    self.current = None;
+                    self.set_current(None);
                     if self.cancelled {
                         return None;
                     }
                     tracing::warn!(%queue, broker = self.link.broker(), error = %e, "consumer lost its channel; subscribing again");
                 }
                 None => {
-                    self.current = None;
+                    self.set_current(None);
                     if self.cancelled {
                         return None;
                     }
@@ -143,7 +187,7 @@ impl AmqpConsumer {
                 .await
             {
                 tracing::debug!(error = %e, "basic.cancel");
-                self.current = None;
+                self.set_current(None);
             }
         }
     }

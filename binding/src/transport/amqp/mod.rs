@@ -33,9 +33,12 @@ use lapin::{BasicProperties, Channel, Confirmation};
 use tokio::sync::{OnceCell, mpsc};
 
 pub(super) use consumer::AmqpConsumer;
+use consumer::ConsumerCounts;
 use link::{Declarations, Link, LinkState, Role};
 
-use super::{Consumer, ConsumerInner, DeadLetter, Outgoing, PublishError, TransportError};
+use super::{
+    Consumer, ConsumerInner, DeadLetter, Outgoing, PublishError, Readiness, TransportError,
+};
 use crate::codec::CONTENT_TYPE;
 use crate::receipt::Receipt;
 use crate::topology::Topology;
@@ -102,6 +105,7 @@ struct Inner {
     consume: OnceCell<Vec<Link>>,
     declarations: Declarations,
     next_broker: AtomicUsize,
+    consumers: Arc<ConsumerCounts>,
 }
 
 impl std::fmt::Debug for AmqpTransport {
@@ -147,6 +151,7 @@ impl AmqpTransport {
                 consume: OnceCell::new(),
                 declarations,
                 next_broker: AtomicUsize::new(0),
+                consumers: Arc::default(),
             }),
         })
     }
@@ -247,6 +252,27 @@ impl AmqpTransport {
                 problem: l.refusal(),
             })
             .collect()
+    }
+
+    /// Every connection up (alarms included: a blocked broker takes no publishes) and
+    /// every consumer subscribed.
+    pub fn readiness(&self) -> Readiness {
+        let mut problems: Vec<String> = self
+            .health()
+            .into_iter()
+            .filter_map(|l| l.problem)
+            .collect();
+        let (consumers, attached) = self.inner.consumers.get();
+        if attached < consumers {
+            problems.push(format!(
+                "{attached} of {consumers} consumers subscribed; the others are waiting for their queue or connection"
+            ));
+        }
+        Readiness {
+            problems,
+            consumers,
+            consumers_attached: attached,
+        }
     }
 
     /// Publishes any message with a confirm, like the batches: to `exchange` with routing
@@ -429,7 +455,13 @@ impl AmqpTransport {
         let mut out = Vec::new();
         for link in self.consume_links().await? {
             for queue in queues {
-                let c = AmqpConsumer::start(link.clone(), queue, prefetch).await?;
+                let c = AmqpConsumer::start(
+                    link.clone(),
+                    queue,
+                    prefetch,
+                    self.inner.consumers.clone(),
+                )
+                .await?;
                 out.push(Consumer {
                     queue: Arc::from(queue.as_str()),
                     inner: ConsumerInner::Amqp(Box::new(c)),
