@@ -449,8 +449,7 @@ async fn send(ctx: &Ctx, mut ready: Ready, back: &mpsc::UnboundedSender<Back>) {
                     return;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "rate limit check failed; requeueing");
-                    fail_all(&ready.holds);
+                    hold_back(ctx, &ready, "rate limit check", &e).await;
                     return;
                 }
             }
@@ -464,8 +463,7 @@ async fn send(ctx: &Ctx, mut ready: Ready, back: &mpsc::UnboundedSender<Back>) {
                     return;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "expiration counter failed; requeueing");
-                    fail_all(&ready.holds);
+                    hold_back(ctx, &ready, "expiration counter", &e).await;
                     return;
                 }
             }
@@ -541,6 +539,25 @@ async fn send(ctx: &Ctx, mut ready: Ready, back: &mpsc::UnboundedSender<Back>) {
             }
             Err(e) => tracing::warn!(error = %e, "cannot delete an expired subscription"),
         }
+    }
+}
+
+/// A policy check needing Redis failed: the notification waits `retry_initial` on the
+/// delay queue and comes back unchanged (no attempt counted). A requeue would come back at
+/// once, spin for as long as Redis is out, and count broker redeliveries, which RabbitMQ
+/// 4's quorum queues turn into drops past their delivery limit.
+async fn hold_back(ctx: &Ctx, ready: &Ready, check: &str, e: &crate::store::StoreError) {
+    let wait = ctx.cfg.retry_initial;
+    tracing::warn!(error = %e, check, ?wait, "Redis failed a policy check; the notification waits on the delay queue");
+    let job = ready.job(ready.stage);
+    match ctx.outbox.delay(&job, &ready.key, wait).await {
+        Ok(()) => count(
+            ready.sub.tenant.as_str(),
+            ready.sub.target.kind(),
+            "deferred",
+            ready.events.len(),
+        ),
+        Err(pe) => park_failed(ready, &pe),
     }
 }
 
@@ -639,8 +656,8 @@ async fn deliver(ctx: &Ctx, sub: &SubRef, key: &str, json: String) -> Result<(),
     }
 }
 
-/// Notifications by tenant, target and outcome (`sent`, `retry`, `pending`, `dead`), and
-/// the events they carried.
+/// Notifications by tenant, target and outcome (`sent`, `retry`, `pending`, `deferred`,
+/// `dead`), and the events they carried.
 fn count(tenant: &str, target: &'static str, outcome: &'static str, events: usize) {
     metrics::counter!("sluice_notifications_total", "tenant" => tenant.to_owned(), "target" => target, "outcome" => outcome)
         .increment(1);
