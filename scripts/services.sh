@@ -4,6 +4,7 @@
 #   - RabbitMQ on 127.0.0.1:5672 (user guest/guest, vhost /)
 #   - Redis    on 127.0.0.1:6379
 #   - a Python venv at .venv with the example publisher's requirements (pika, msgpack)
+#   - docker-compose, to check compose.yaml (Debian's package; no Docker engine)
 #
 # Idempotent: whatever is already running (a local node, or the `docker compose` services
 # with their ports published) is reused; only what is missing is installed or started.
@@ -264,10 +265,26 @@ ensure_python() {
     "$py" -c 'import pika, msgpack' || die "pika/msgpack still not importable in $venv"
 }
 
+# ------------------------------------------------------- docker-compose
+# Not a service: the checker of compose.yaml (`docker-compose config`) that the test
+# command runs. Debian's package is the Python one; no Docker engine is needed for it.
+ensure_compose() {
+    if have docker-compose || docker compose version >/dev/null 2>&1; then
+        return
+    fi
+    if have apt-get && { [[ $(id -u) -eq 0 ]] || have sudo; }; then
+        say "docker-compose: not installed (checks compose.yaml)"
+        apt_install docker-compose
+    else
+        say "docker-compose: not installed and cannot be; compose.yaml will not be checked"
+    fi
+}
+
 [[ -f $requirements ]] || die "missing $requirements"
 ensure_redis
 ensure_rabbitmq
 ensure_python
+ensure_compose
 
 say "ready. Environment for the tests:"
 # Shell-quoted, so that `eval` and scripts/test.sh can read them back.
