@@ -912,56 +912,6 @@ mod broker {
     /// A webhook receiver on its own thread and runtime: the event ids of every
     /// notification it accepted, in order (repeats included). Each request takes 20 ms, so
     /// notifications are in flight when the router is killed.
-    fn webhook_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
-        use std::sync::{Arc, Mutex};
-        let got: Arc<Mutex<Vec<String>>> = Arc::default();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let url = format!("http://{}/hook", listener.local_addr().unwrap());
-        let g = got.clone();
-        std::thread::spawn(move || {
-            rt().block_on(async move {
-                let app = axum::Router::new().route(
-                    "/hook",
-                    axum::routing::post(move |body: axum::body::Bytes| {
-                        let g = g.clone();
-                        async move {
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                            let n: serde_json::Value = serde_json::from_slice(&body).unwrap();
-                            let mut got = g.lock().unwrap();
-                            for e in n["events"].as_array().unwrap() {
-                                got.push(e["id"].as_str().unwrap().to_owned());
-                            }
-                            axum::http::StatusCode::NO_CONTENT
-                        }
-                    }),
-                );
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                axum::serve(listener, app).await.unwrap();
-            });
-        });
-        (url, got)
-    }
-
-    impl World {
-        fn router(&self, port: u16) -> Proc {
-            let mut cmd = Command::new(sluice_bin());
-            self.common(&mut cmd);
-            cmd.arg("router")
-                .env("SLUICE_ROUTER_LISTEN", format!("127.0.0.1:{port}"))
-                .env("SLUICE_TENANTS", &self.tenants)
-                .env("SLUICE_REDIS_URL", redis_url())
-                .env("SLUICE_REDIS_PREFIX", &self.ns)
-                .env("SLUICE_WEBHOOK_ALLOW", "127.0.0.1");
-            let p = Proc::spawn("router", &mut cmd);
-            let http = Http::new();
-            wait_until("router /healthz", Duration::from_secs(60), || {
-                http.ready(&format!("http://127.0.0.1:{port}/healthz"))
-            });
-            p
-        }
-    }
-
     #[test]
     fn a_router_killed_mid_stream_loses_no_notification() {
         let w = World::new();
@@ -1029,8 +979,7 @@ mod broker {
         });
         std::thread::sleep(Duration::from_millis(500));
         first.kill();
-        let before: std::collections::BTreeSet<String> =
-            got.lock().unwrap().iter().cloned().collect();
+        let before = event_ids(&got);
         assert!(
             before.len() < expected.len(),
             "killed after {} of {} events: not mid-stream",
@@ -1040,14 +989,9 @@ mod broker {
         let _second = w.router(port);
         publisher.join().unwrap();
         wait_until("every event notified", Duration::from_secs(120), || {
-            got.lock()
-                .unwrap()
-                .iter()
-                .collect::<std::collections::BTreeSet<_>>()
-                .len()
-                >= expected.len()
+            event_ids(&got).len() >= expected.len()
         });
-        let all: std::collections::BTreeSet<String> = got.lock().unwrap().iter().cloned().collect();
+        let all = event_ids(&got);
         assert_eq!(all, expected, "every event at least once, and nothing else");
     }
 }

@@ -241,6 +241,31 @@ pub mod broker {
         }
 
         /// Waits until the processors declared the partition queues.
+        /// A router with its API on `port`; `extra` environment variables override.
+        pub fn router_with(&self, port: u16, extra: &[(&str, &str)]) -> Proc {
+            let mut cmd = Command::new(sluice_bin());
+            self.common(&mut cmd);
+            cmd.arg("router")
+                .env("SLUICE_ROUTER_LISTEN", format!("127.0.0.1:{port}"))
+                .env("SLUICE_TENANTS", &self.tenants)
+                .env("SLUICE_REDIS_URL", redis_url())
+                .env("SLUICE_REDIS_PREFIX", &self.ns)
+                .env("SLUICE_WEBHOOK_ALLOW", "127.0.0.1");
+            for (k, v) in extra {
+                cmd.env(k, v);
+            }
+            let p = Proc::spawn("router", &mut cmd);
+            let http = Http::new();
+            wait_until("router /healthz", Duration::from_secs(60), || {
+                http.ready(&format!("http://127.0.0.1:{port}/healthz"))
+            });
+            p
+        }
+
+        pub fn router(&self, port: u16) -> Proc {
+            self.router_with(port, &[])
+        }
+
         pub fn wait_for_queues(&self) {
             let queue = format!("{}.storage.{}", self.ns, PARTITIONS - 1);
             rt().block_on(async {
@@ -279,10 +304,13 @@ pub mod broker {
         }
 
         pub fn latest(&self, tenant: &str, device: &str) -> Vec<(String, i64, f64)> {
+            self.latest_in(&redis_url(), tenant, device)
+        }
+
+        /// The latest values of `device` in the Redis at `url`, by metric.
+        pub fn latest_in(&self, url: &str, tenant: &str, device: &str) -> Vec<(String, i64, f64)> {
             rt().block_on(async {
-                let r = RedisLatest::connect(&redis_url(), self.ns.clone())
-                    .await
-                    .unwrap();
+                let r = RedisLatest::connect(url, self.ns.clone()).await.unwrap();
                 let mut v: Vec<_> = sluice_sinks::latest::LatestStore::Redis(r)
                     .get(tenant, device)
                     .await
@@ -345,6 +373,48 @@ pub mod broker {
                 let _ = conn.close(200, "done".into()).await;
             });
         }
+    }
+
+    /// Events notified so far, as the router's webhook posted them.
+    pub type Notified = std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>;
+
+    /// A webhook receiver on loopback (it answers 204 after 20 ms); its URL and the events
+    /// it got.
+    pub fn webhook_receiver() -> (String, Notified) {
+        let got = Notified::default();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let g = got.clone();
+        std::thread::spawn(move || {
+            rt().block_on(async move {
+                let app = axum::Router::new().route(
+                    "/hook",
+                    axum::routing::post(move |body: axum::body::Bytes| {
+                        let g = g.clone();
+                        async move {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            let n: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                            let events = n["events"].as_array().cloned().unwrap_or_default();
+                            g.lock().unwrap().extend(events);
+                            axum::http::StatusCode::NO_CONTENT
+                        }
+                    }),
+                );
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                axum::serve(listener, app).await.unwrap();
+            });
+        });
+        (url, got)
+    }
+
+    /// The distinct ids of the events notified.
+    pub fn event_ids(got: &Notified) -> std::collections::BTreeSet<String> {
+        got.lock()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_owned())
+            .collect()
     }
 
     pub fn rt() -> tokio::runtime::Runtime {
