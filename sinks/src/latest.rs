@@ -25,7 +25,7 @@ use std::sync::{Arc, RwLock};
 
 use arrow::array::{Array, AsArray, DictionaryArray, StringArray};
 use arrow::datatypes::{Float64Type, Int32Type, TimestampNanosecondType};
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError, Script, ServerErrorKind};
 
 use crate::columns::{DEVICE_IDX, METRIC_IDX, TS_IDX, VALUE_IDX};
@@ -290,10 +290,12 @@ impl RedisLatest {
     }
 
     /// Connects to `url` (e.g. `redis://127.0.0.1:6379`); the connection manager reconnects
-    /// by itself after failures.
+    /// by itself after failures, at most 1 s apart (its default backoff grows to 3.2 s,
+    /// which kept commits waiting seconds after Redis was back).
     pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Self, LatestError> {
         let client = redis::Client::open(url)?;
-        let conn = ConnectionManager::new(client).await?;
+        let cfg = ConnectionManagerConfig::new().set_max_delay(std::time::Duration::from_secs(1));
+        let conn = ConnectionManager::new_with_config(client, cfg).await?;
         Self::new(conn, prefix).await
     }
 
