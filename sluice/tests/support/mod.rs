@@ -210,7 +210,12 @@ pub mod broker {
         }
 
         pub fn ingest(&self, extra: &[(&str, &str)]) -> (Proc, String) {
-            let port = free_port();
+            self.ingest_on(free_port(), extra)
+        }
+
+        /// Ingest listening on `port` (a restarted one takes its predecessor's); returns once
+        /// it is ready.
+        pub fn ingest_on(&self, port: u16, extra: &[(&str, &str)]) -> (Proc, String) {
             let mut cmd = Command::new(sluice_bin());
             self.common(&mut cmd);
             cmd.arg("ingest")
@@ -463,6 +468,22 @@ pub mod broker {
                 let resp = r.send().await.unwrap();
                 let status = resp.status().as_u16();
                 (status, resp.text().await.unwrap())
+            })
+        }
+
+        /// Like [`Http::post`]; a request that got no answer (connection refused or
+        /// reset) is status 0.
+        pub fn try_post(&self, url: &str, key: &str, ctype: &str, body: Vec<u8>) -> u16 {
+            self.rt.block_on(async {
+                let sent = self
+                    .client
+                    .post(url)
+                    .header("content-type", ctype)
+                    .bearer_auth(key)
+                    .body(body)
+                    .send()
+                    .await;
+                sent.map_or(0, |r| r.status().as_u16())
             })
         }
     }
