@@ -227,7 +227,7 @@ fn retryable(reason: impl Into<String>) -> WebhookError {
 fn refused_class(ip: IpAddr) -> Option<&'static str> {
     match ip {
         IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
+            let [a, b, c, _] = v4.octets();
             if v4.is_loopback() {
                 Some("loopback")
             } else if v4.is_private() {
@@ -244,6 +244,14 @@ fn refused_class(ip: IpAddr) -> Option<&'static str> {
                 Some("broadcast")
             } else if v4.is_multicast() {
                 Some("multicast")
+            } else if a == 192 && b == 0 && c == 0 {
+                // 192.0.0.0/24: IETF protocol assignments (DS-Lite, NAT64 discovery, ...).
+                Some("protocol-assignment")
+            } else if a == 198 && (b & 0xfe) == 18 {
+                // 198.18.0.0/15: benchmarking networks, routed inside labs.
+                Some("benchmarking")
+            } else if a >= 240 {
+                Some("reserved")
             } else {
                 None
             }
@@ -264,6 +272,15 @@ fn refused_class(ip: IpAddr) -> Option<&'static str> {
                 Some("loopback")
             } else if v6.is_unspecified() {
                 Some("unspecified")
+            } else if s[..6] == [0; 6] {
+                // ::a.b.c.d, deprecated; stacks that still honour it reach the IPv4 host.
+                Some("IPv4-compatible")
+            } else if s[0] == 0x2002 {
+                // 6to4: relays forward to the IPv4 address in bits 16-48, whatever it is.
+                Some("6to4")
+            } else if s[..3] == [0x64, 0xff9b, 0x1] {
+                // 64:ff9b:1::/48: NAT64 prefixes for local use, translated like the above.
+                Some("local NAT64")
             } else if v6.is_unicast_link_local() {
                 Some("link-local")
             } else if (s[0] & 0xffc0) == 0xfec0 {
@@ -277,6 +294,18 @@ fn refused_class(ip: IpAddr) -> Option<&'static str> {
             }
         }
     }
+}
+
+/// Whether a refused class is an internal network that an allow-listed host name may
+/// resolve to (a receiver on a private network, on loopback in development). The others
+/// (link-local with the metadata service, unspecified, broadcast, multicast, reserved and
+/// the tunnelling forms) no legitimate receiver resolves to: an allow-listed name that
+/// resolves there is refused all the same, unless a network rule names the address.
+fn internal_network(class: &str) -> bool {
+    matches!(
+        class,
+        "loopback" | "private" | "shared (CGNAT)" | "site-local" | "unique-local" | "benchmarking"
+    )
 }
 
 /// The address rules with the allow-list applied.
@@ -298,10 +327,17 @@ impl AddressRules {
         rules
     }
 
-    /// Whether the host name is allow-listed (then its addresses are not checked).
+    /// Whether the host name is allow-listed (then its addresses may be internal ones).
     fn host_allowed(&self, host: &str) -> bool {
         let host = normalize_host(host);
         self.hosts.contains(&host)
+    }
+
+    /// Why `ip`, an address of `host`, is refused, if it is: an allow-listed host may
+    /// resolve to internal networks, never to the other refused classes.
+    fn refusal_for(&self, host: &str, ip: IpAddr) -> Option<&'static str> {
+        let class = self.refusal(ip)?;
+        (!(self.host_allowed(host) && internal_network(class))).then_some(class)
     }
 
     /// Why `ip` is refused, if it is.
@@ -353,13 +389,10 @@ impl Resolve for GuardedResolver {
         Box::pin(async move {
             // Port 0: the client puts the URL's port in.
             let addrs: Vec<_> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            if rules.host_allowed(&host) {
-                return Ok(Box::new(addrs.into_iter()) as Addrs);
-            }
             let mut kept = Vec::new();
             let mut first_refused = None;
             for addr in addrs {
-                match rules.refusal(addr.ip()) {
+                match rules.refusal_for(&host, addr.ip()) {
                     None => kept.push(addr),
                     Some(class) => {
                         first_refused.get_or_insert((addr.ip(), class));
@@ -600,9 +633,11 @@ impl WebhookNotifier {
     /// created): scheme http or https, a host, and no refused address: loopback, private
     /// (RFC 1918), shared (CGNAT 100.64.0.0/10), link-local (169.254.0.0/16 with the
     /// cloud metadata address, fe80::/10), unique-local (fc00::/7), unspecified,
-    /// broadcast, multicast, or the IPv4-mapped form of one, unless allow-listed. A host
-    /// name is resolved now, and refused if any of its addresses is (when sending, the
-    /// refused ones are only skipped). Errors are [`WebhookError::Permanent`].
+    /// broadcast, multicast, 192.0.0.0/24, benchmarking (198.18.0.0/15), reserved
+    /// (240.0.0.0/4), or the IPv4-mapped, NAT64, 6to4 or IPv4-compatible form of one,
+    /// unless allow-listed. A host name is resolved now, and refused if any of its
+    /// addresses is (when sending, the refused ones are only skipped); an allow-listed
+    /// name may resolve to internal networks only. Errors are [`WebhookError::Permanent`].
     pub async fn check_target(&self, url: &str) -> Result<(), WebhookError> {
         let url = WebhookUrl::parse(url)?;
         let rules = &self.inner.rules;
@@ -611,9 +646,6 @@ impl WebhookNotifier {
                 Some(class) => Err(permanent(refused_address(ip, class))),
                 None => Ok(()),
             };
-        }
-        if rules.host_allowed(&url.host) {
-            return Ok(());
         }
         let host = &url.host;
         let addrs: Vec<_> = tokio::net::lookup_host((host.as_str(), url.port))
@@ -624,7 +656,7 @@ impl WebhookNotifier {
             return Err(permanent(format!("{host} resolves to no address")));
         }
         for addr in addrs {
-            if let Some(class) = rules.refusal(addr.ip()) {
+            if let Some(class) = rules.refusal_for(host, addr.ip()) {
                 return Err(permanent(refused_host(host, addr.ip(), class)));
             }
         }
@@ -982,6 +1014,17 @@ mod tests {
             ("::ffff:100.64.1.1", "shared (CGNAT)"),
             ("64:ff9b::7f00:1", "loopback"),
             ("64:ff9b::a9fe:a9fe", "link-local"),
+            ("192.0.0.1", "protocol-assignment"),
+            ("192.0.0.170", "protocol-assignment"),
+            ("198.18.0.1", "benchmarking"),
+            ("198.19.255.255", "benchmarking"),
+            ("240.0.0.1", "reserved"),
+            ("250.1.2.3", "reserved"),
+            ("2002:7f00:1::1", "6to4"),
+            ("2002:808:808::1", "6to4"),
+            ("64:ff9b:1::a00:1", "local NAT64"),
+            ("::127.0.0.1", "IPv4-compatible"),
+            ("::8.8.8.8", "IPv4-compatible"),
         ];
         for (addr, class) in refused {
             assert_eq!(refused_class(ip(addr)), Some(class), "{addr}");
@@ -1000,6 +1043,12 @@ mod tests {
             "2001:db8::1",
             "::ffff:8.8.8.8",
             "64:ff9b::808:808",
+            "192.0.1.1",
+            "198.17.255.255",
+            "198.20.0.0",
+            "223.255.255.255",
+            "2003::1",
+            "64:ff9b:2::1",
         ];
         for addr in allowed {
             assert_eq!(refused_class(ip(addr)), None, "{addr}");
@@ -1048,6 +1097,45 @@ mod tests {
         assert!(rules.host_allowed("LOCALHOST."));
         assert!(!rules.host_allowed("sub.localhost"));
         assert!(!rules.host_allowed("localhost.example"));
+    }
+
+    #[test]
+    fn an_allowed_name_may_resolve_to_internal_networks_only() {
+        let rules = AddressRules::new(&[rule("receiver"), rule("169.254.10.0/24")]);
+        for internal in [
+            "10.1.2.3",
+            "127.0.0.1",
+            "192.168.5.5",
+            "fd00::5",
+            "::ffff:10.0.0.1",
+        ] {
+            assert_eq!(
+                rules.refusal_for("receiver", ip(internal)),
+                None,
+                "{internal}"
+            );
+            assert!(
+                rules.refusal_for("other", ip(internal)).is_some(),
+                "{internal}"
+            );
+        }
+        for never in [
+            ("169.254.169.254", "link-local"),
+            ("fe80::1", "link-local"),
+            ("0.0.0.0", "unspecified"),
+            ("224.0.0.1", "multicast"),
+            ("240.0.0.1", "reserved"),
+            ("2002:7f00:1::1", "6to4"),
+            ("::127.0.0.1", "IPv4-compatible"),
+        ] {
+            assert_eq!(
+                rules.refusal_for("receiver", ip(never.0)),
+                Some(never.1),
+                "{never:?}"
+            );
+        }
+        // A network rule still lifts any class, for any name.
+        assert_eq!(rules.refusal_for("other", ip("169.254.10.9")), None);
     }
 
     fn breaker() -> (Breaker, Instant) {
