@@ -30,6 +30,15 @@ pub struct IngestConfig {
     /// Requests handled at once (default 1024); when all are taken, a request gets 503
     /// with `Retry-After` at once rather than waiting in an unbounded queue.
     pub max_inflight_requests: usize,
+    /// Most requests one tenant may have in flight at once (its share of
+    /// `max_inflight_requests`); beyond it that tenant gets 503 `overloaded` while the
+    /// others keep theirs. 0 (the default) means half of `max_inflight_requests` when
+    /// several tenants are served, all of it when one is.
+    pub max_inflight_per_tenant: usize,
+    /// Longest a request body may take to arrive once the request was admitted
+    /// (humantime, default `"10s"`); a slower one gets 408 and frees its share.
+    #[serde(with = "crate::serde_util::duration")]
+    pub body_read_timeout: Duration,
     /// Batches published and awaiting their broker confirm at once (default 256).
     pub max_inflight_batches: usize,
     /// `Retry-After` of 503 answers, in seconds (default 1).
@@ -51,6 +60,8 @@ impl Default for IngestConfig {
             max_body_bytes: 8 * 1024 * 1024,
             max_readings_per_request: 100_000,
             max_inflight_requests: 1024,
+            max_inflight_per_tenant: 0,
+            body_read_timeout: Duration::from_secs(10),
             max_inflight_batches: 256,
             retry_after_secs: 1,
             max_future_skew: Duration::from_secs(3600),
@@ -113,7 +124,18 @@ impl IngestConfig {
         self.max_readings_per_request = self.max_readings_per_request.max(1);
         self.max_inflight_requests = self.max_inflight_requests.max(1);
         self.max_inflight_batches = self.max_inflight_batches.max(1);
+        self.body_read_timeout = self.body_read_timeout.max(Duration::from_millis(1));
         self
+    }
+
+    /// The in-flight requests one tenant may hold when `tenants` tenants are served.
+    pub fn tenant_share(&self, tenants: usize) -> usize {
+        let all = self.max_inflight_requests.max(1);
+        match self.max_inflight_per_tenant {
+            0 if tenants > 1 => (all / 2).max(1),
+            0 => all,
+            n => n.min(all),
+        }
     }
 
     /// The validation bounds shared with the consumers.
@@ -139,6 +161,16 @@ mod tests {
         assert_eq!(c.max_readings_per_request, 100_000);
         assert_eq!(c.max_inflight_requests, 1024);
         assert_eq!(c.max_inflight_batches, 256);
+        assert_eq!(c.body_read_timeout, Duration::from_secs(10));
+        assert_eq!(
+            (c.tenant_share(1), c.tenant_share(2), c.tenant_share(9)),
+            (1024, 512, 512)
+        );
+        let pinned = IngestConfig {
+            max_inflight_per_tenant: 2000,
+            ..IngestConfig::default()
+        };
+        assert_eq!(pinned.tenant_share(3), 1024, "never above the whole");
         assert_eq!(c.limits().max_future_ns, 3_600_000_000_000);
         assert_eq!(c.check(), Ok(()));
         // An empty file is the default configuration.
@@ -155,6 +187,8 @@ mod tests {
             max_body_bytes = 1048576
             max_readings_per_request = 10
             max_inflight_requests = 8
+            max_inflight_per_tenant = 3
+            body_read_timeout = "2s"
             max_inflight_batches = 4
             retry_after_secs = 3
             max_future_skew = "10m"
@@ -170,6 +204,8 @@ mod tests {
         assert_eq!(c.batch_linger, Duration::from_millis(20));
         assert_eq!(c.max_future_skew, Duration::from_secs(600));
         assert_eq!(c.retry_after_secs, 3);
+        assert_eq!(c.tenant_share(5), 3);
+        assert_eq!(c.body_read_timeout, Duration::from_secs(2));
         assert_eq!(c.producer.partitioning, Partitioning::DeviceHash);
         assert_eq!(c.producer.producer_id, "edge-1");
     }

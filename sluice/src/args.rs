@@ -126,6 +126,13 @@ pub(crate) struct BatchingArgs {
     /// Requests in flight at once; beyond it requests get 503 with Retry-After at once.
     #[arg(long, env = "SLUICE_MAX_INFLIGHT_REQUESTS", default_value_t = 1024)]
     pub(crate) max_inflight_requests: usize,
+    /// Requests one tenant may have in flight at once (0: half of --max-inflight-requests
+    /// with several tenants, all of it with one); beyond it that tenant gets 503.
+    #[arg(long, env = "SLUICE_MAX_INFLIGHT_PER_TENANT", default_value_t = 0)]
+    pub(crate) max_inflight_per_tenant: usize,
+    /// Longest a request body may take to arrive (slower: 408).
+    #[arg(long, env = "SLUICE_BODY_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub(crate) body_read_timeout: Duration,
     /// Batches awaiting broker confirms at once.
     #[arg(long, env = "SLUICE_MAX_INFLIGHT_BATCHES", default_value_t = 256)]
     pub(crate) max_inflight_batches: usize,
@@ -138,6 +145,8 @@ impl BatchingArgs {
             batch_linger: self.batch_linger,
             max_body_bytes: self.max_body_bytes,
             max_inflight_requests: self.max_inflight_requests,
+            max_inflight_per_tenant: self.max_inflight_per_tenant,
+            body_read_timeout: self.body_read_timeout,
             max_inflight_batches: self.max_inflight_batches,
             ..IngestConfig::default()
         };

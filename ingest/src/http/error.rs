@@ -33,6 +33,8 @@ pub enum ErrorCode {
     NotFound,
     /// 405: the route exists, not with this method.
     MethodNotAllowed,
+    /// 408: the body did not arrive within `body_read_timeout`.
+    RequestTimeout,
     /// 413: the body is larger than `max_body_bytes`.
     BodyTooLarge,
     /// 413: more readings than `max_readings_per_request`.
@@ -46,7 +48,8 @@ pub enum ErrorCode {
     /// 503: the broker did not confirm (blocked, nacked, unroutable, timeout, connection
     /// lost) or ingest is shutting down; retry after `Retry-After` seconds.
     Unavailable,
-    /// 503: `max_inflight_requests` requests are already being handled.
+    /// 503: `max_inflight_requests` requests are already being handled, or the tenant's
+    /// share of them (`max_inflight_per_tenant`).
     Overloaded,
     /// 500: a bug; the message says what.
     Internal,
@@ -62,6 +65,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::BodyTooLarge => "body_too_large",
             ErrorCode::TooManyReadings => "too_many_readings",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
@@ -82,6 +86,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorCode::BodyTooLarge | ErrorCode::TooManyReadings => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::NoReadings | ErrorCode::InvalidReading => StatusCode::UNPROCESSABLE_ENTITY,

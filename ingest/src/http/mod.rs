@@ -5,10 +5,13 @@
 //! 1. authentication: `Authorization: Bearer <key>` or `X-Api-Key: <key>` names the tenant
 //!    (401 otherwise); the body never does;
 //! 2. the cheap checks: `Content-Type` (415), query string (400);
-//! 3. admission: 503 at once when the broker blocked publishing or no broker is connected, or when
-//!    `max_inflight_requests` requests are already in flight (no queue of waiting requests);
-//! 4. the body, at most `max_body_bytes` (413), parsed and validated ([`body`]): any bad
-//!    reading refuses the whole request, nothing of it is published;
+//! 3. admission: 503 at once when the broker blocked publishing or no broker is
+//!    connected, when the tenant already has its share of requests in flight
+//!    (`max_inflight_per_tenant`), or when `max_inflight_requests` are (no queue of
+//!    waiting requests): one tenant cannot take every place;
+//! 4. the body, at most `max_body_bytes` (413) and within `body_read_timeout` (408),
+//!    parsed and validated ([`body`]): any bad reading refuses the whole request, nothing
+//!    of it is published;
 //! 5. the batcher ([`crate::batcher`]); the answer is 202 `{"accepted": n}` only once every
 //!    batch holding the request's readings was confirmed by the broker, else 503 with
 //!    `Retry-After`.
@@ -19,6 +22,7 @@
 pub mod body;
 pub mod error;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -66,6 +70,8 @@ struct Inner {
     producer: Arc<Producer>,
     batcher: Batcher,
     inflight: Arc<Semaphore>,
+    /// Each tenant's share of `inflight`.
+    per_tenant: HashMap<TenantId, Arc<Semaphore>>,
 }
 
 impl AppState {
@@ -85,9 +91,16 @@ impl AppState {
                 queue: cfg.max_inflight_requests,
             },
         );
+        let share = cfg.tenant_share(tenants.len());
+        let per_tenant = tenants
+            .ids()
+            .iter()
+            .map(|t| (t.clone(), Arc::new(Semaphore::new(share))))
+            .collect();
         Self {
             inner: Arc::new(Inner {
                 inflight: Arc::new(Semaphore::new(cfg.max_inflight_requests)),
+                per_tenant,
                 cfg,
                 tenants,
                 producer,
@@ -225,7 +238,7 @@ async fn ingest(
     tenant_out: &mut Option<TenantId>,
 ) -> Result<usize, ApiError> {
     let s = &*state.inner;
-    let (tenant, format, precision, _permit) = match admit(s, &req, tenant_out) {
+    let (tenant, format, precision, _permits) = match admit(s, &req, tenant_out) {
         Ok(admitted) => admitted,
         Err(e) => {
             discard_body(req, s.cfg.max_body_bytes).await;
@@ -233,7 +246,15 @@ async fn ingest(
         }
     };
     let retry_after = s.cfg.retry_after_secs;
-    let body = read_body(req, s.cfg.max_body_bytes).await?;
+    let timeout = s.cfg.body_read_timeout;
+    let body = tokio::time::timeout(timeout, read_body(req, s.cfg.max_body_bytes))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                ErrorCode::RequestTimeout,
+                format!("the request body did not arrive within {timeout:?}"),
+            )
+        })??;
     let opts = body::ParseOptions {
         format,
         precision,
@@ -341,13 +362,21 @@ fn content_type(headers: &HeaderMap) -> Result<Format, ApiError> {
     }
 }
 
+/// A request's places in flight: in its tenant's share and in the whole; held until the
+/// answer.
+struct Permits {
+    _own: Option<OwnedSemaphorePermit>,
+    _all: OwnedSemaphorePermit,
+}
+
 /// The checks made before the body is read: the key, the content type, the precision,
-/// the broker's state and the in-flight limit, whose permit the caller holds.
+/// the broker's state and the in-flight limits (the tenant's share, then the whole), whose
+/// permits the caller holds.
 fn admit(
     s: &Inner,
     req: &Request,
     tenant_out: &mut Option<TenantId>,
-) -> Result<(TenantId, Format, Precision, OwnedSemaphorePermit), ApiError> {
+) -> Result<(TenantId, Format, Precision, Permits), ApiError> {
     let tenant = s
         .tenants
         .lookup(api_key(req.headers())?)
@@ -362,7 +391,24 @@ fn admit(
     if let Some(reason) = s.producer.transport().blocked() {
         return Err(ApiError::new(ErrorCode::Unavailable, reason).retry_after(retry_after));
     }
-    let permit = s.inflight.clone().try_acquire_owned().map_err(|_| {
+    // The tenant's share first: a tenant at its share takes nothing from the others.
+    let own = s
+        .per_tenant
+        .get(&tenant)
+        .map(|sem| {
+            sem.clone().try_acquire_owned().map_err(|_| {
+                ApiError::new(
+                    ErrorCode::Overloaded,
+                    format!(
+                        "tenant {tenant} already has {} requests in flight (its share); retry later",
+                        s.cfg.tenant_share(s.per_tenant.len())
+                    ),
+                )
+                .retry_after(retry_after)
+            })
+        })
+        .transpose()?;
+    let all = s.inflight.clone().try_acquire_owned().map_err(|_| {
         ApiError::new(
             ErrorCode::Overloaded,
             format!(
@@ -372,7 +418,15 @@ fn admit(
         )
         .retry_after(retry_after)
     })?;
-    Ok((tenant, format, precision, permit))
+    Ok((
+        tenant,
+        format,
+        precision,
+        Permits {
+            _own: own,
+            _all: all,
+        },
+    ))
 }
 
 /// Reads and drops the body of a request refused before its body was read. Closing the

@@ -588,3 +588,64 @@ async fn a_request_refused_before_its_body_is_read_keeps_its_connection() {
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_tenant_trickling_bodies_cannot_lock_out_another() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = transport(64);
+    t.declare(&["storage"]).await.unwrap();
+    // Two tenants: each may hold half of the 8 places; a body gets 1 s to arrive.
+    let cfg = IngestConfig {
+        max_inflight_requests: 8,
+        body_read_timeout: Duration::from_secs(1),
+        ..IngestConfig::default()
+    };
+    let producer = Producer::new(t.clone(), cfg.producer.clone());
+    let state = AppState::new(cfg, tenants(), producer);
+    let app = app(state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, state, async {
+        let _ = stopped.await;
+    }));
+    // Tenant demo: 10 requests whose bodies never finish (headers, then 5 bytes of 1000).
+    let mut trickling = Vec::new();
+    for _ in 0..10 {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST /v1/telemetry HTTP/1.1\r\nHost: sluice\r\nAuthorization: Bearer {DEMO_KEY}\r\n\
+             Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"rea"
+        );
+        c.write_all(head.as_bytes()).await.unwrap();
+        trickling.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Tenant acme still has its share.
+    let body = json!({"readings": [reading("d1", ts(), 1.0)]});
+    let (status, _, answer) = call(&app, post_json(ACME_KEY, &body)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    // Tenant demo is at its share.
+    let (status, _, answer) = call(&app, post_json(DEMO_KEY, &body)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert_eq!(answer["error"], "overloaded");
+    assert!(
+        answer["message"].as_str().unwrap().contains("tenant demo"),
+        "{answer}"
+    );
+    // The trickled bodies time out with 408, and their places come back.
+    let mut answer = vec![0; 512];
+    let n = tokio::time::timeout(Duration::from_secs(10), trickling[0].read(&mut answer))
+        .await
+        .expect("an answer within the body timeout")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("request_timeout"), "{text}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, _, answer) = call(&app, post_json(DEMO_KEY, &body)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    drop(trickling);
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+}
