@@ -39,6 +39,13 @@ pub struct IngestConfig {
     /// (humantime, default `"10s"`); a slower one gets 408 and frees its share.
     #[serde(with = "crate::serde_util::duration")]
     pub body_read_timeout: Duration,
+    /// Longest a client may take to send a request's line and headers (humantime, default
+    /// `"10s"`); a slower connection is closed.
+    #[serde(with = "crate::serde_util::duration")]
+    pub header_read_timeout: Duration,
+    /// Connections open at once (default 4096; keep it below the open-files limit); more
+    /// wait in the listen backlog until one closes.
+    pub max_connections: usize,
     /// Batches published and awaiting their broker confirm at once (default 256).
     pub max_inflight_batches: usize,
     /// `Retry-After` of 503 answers, in seconds (default 1).
@@ -62,6 +69,8 @@ impl Default for IngestConfig {
             max_inflight_requests: 1024,
             max_inflight_per_tenant: 0,
             body_read_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 4096,
             max_inflight_batches: 256,
             retry_after_secs: 1,
             max_future_skew: Duration::from_secs(3600),
@@ -90,6 +99,7 @@ impl IngestConfig {
             ("max_readings_per_request", self.max_readings_per_request),
             ("max_inflight_requests", self.max_inflight_requests),
             ("max_inflight_batches", self.max_inflight_batches),
+            ("max_connections", self.max_connections),
         ];
         for (field, v) in positive {
             if v == 0 {
@@ -125,6 +135,8 @@ impl IngestConfig {
         self.max_inflight_requests = self.max_inflight_requests.max(1);
         self.max_inflight_batches = self.max_inflight_batches.max(1);
         self.body_read_timeout = self.body_read_timeout.max(Duration::from_millis(1));
+        self.header_read_timeout = self.header_read_timeout.max(Duration::from_millis(1));
+        self.max_connections = self.max_connections.max(1);
         self
     }
 
@@ -189,6 +201,8 @@ mod tests {
             max_inflight_requests = 8
             max_inflight_per_tenant = 3
             body_read_timeout = "2s"
+            header_read_timeout = "3s"
+            max_connections = 100
             max_inflight_batches = 4
             retry_after_secs = 3
             max_future_skew = "10m"
@@ -206,6 +220,8 @@ mod tests {
         assert_eq!(c.retry_after_secs, 3);
         assert_eq!(c.tenant_share(5), 3);
         assert_eq!(c.body_read_timeout, Duration::from_secs(2));
+        assert_eq!(c.header_read_timeout, Duration::from_secs(3));
+        assert_eq!(c.max_connections, 100);
         assert_eq!(c.producer.partitioning, Partitioning::DeviceHash);
         assert_eq!(c.producer.producer_id, "edge-1");
     }

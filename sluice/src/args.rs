@@ -133,6 +133,12 @@ pub(crate) struct BatchingArgs {
     /// Longest a request body may take to arrive (slower: 408).
     #[arg(long, env = "SLUICE_BODY_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub(crate) body_read_timeout: Duration,
+    /// Longest a client may take to send a request's headers (slower: closed).
+    #[arg(long, env = "SLUICE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub(crate) header_read_timeout: Duration,
+    /// Connections open at once; more wait in the listen backlog (keep below `ulimit -n`).
+    #[arg(long, env = "SLUICE_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub(crate) max_connections: usize,
     /// Batches awaiting broker confirms at once.
     #[arg(long, env = "SLUICE_MAX_INFLIGHT_BATCHES", default_value_t = 256)]
     pub(crate) max_inflight_batches: usize,
@@ -147,6 +153,8 @@ impl BatchingArgs {
             max_inflight_requests: self.max_inflight_requests,
             max_inflight_per_tenant: self.max_inflight_per_tenant,
             body_read_timeout: self.body_read_timeout,
+            header_read_timeout: self.header_read_timeout,
+            max_connections: self.max_connections,
             max_inflight_batches: self.max_inflight_batches,
             ..IngestConfig::default()
         };

@@ -21,6 +21,7 @@
 
 pub mod body;
 pub mod error;
+mod server;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -160,9 +161,11 @@ pub async fn serve(
         tracing::info!("ingest shutting down: finishing the requests in flight");
         batcher.stop_lingering();
     };
-    let served = axum::serve(listener, app(state.clone()))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let limits = server::ServerLimits {
+        max_connections: state.inner.cfg.max_connections,
+        header_read_timeout: state.inner.cfg.header_read_timeout,
+    };
+    let served = server::run(listener, app(state.clone()), limits, shutdown).await;
     tracing::info!("ingest stopped accepting; flushing the batcher");
     state.shutdown().await;
     served
