@@ -67,14 +67,24 @@ struct Cli {
     #[arg(long, env = "LOADGEN_URL", default_value = "http://127.0.0.1:8080")]
     url: String,
     /// API key (HTTP target); the tenant is the key's.
-    #[arg(long, env = "LOADGEN_API_KEY", default_value = "demo-key-change-me")]
+    #[arg(
+        long,
+        env = "LOADGEN_API_KEY",
+        hide_env_values = true,
+        default_value = "demo-key-change-me"
+    )]
     api_key: String,
     /// HTTP body encoding.
     #[arg(long, env = "LOADGEN_FORMAT", value_enum, default_value_t = Format::Json)]
     format: Format,
     /// Broker URL(s), comma-separated: the target of --target amqp, and where commit
     /// receipts are read for the end-to-end latency. Empty: no end-to-end figure.
-    #[arg(long, env = "LOADGEN_AMQP_URL", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "LOADGEN_AMQP_URL",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
     amqp_url: Vec<String>,
     /// Namespace of the topology.
     #[arg(long, env = "LOADGEN_NAMESPACE", default_value = "sluice")]

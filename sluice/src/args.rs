@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use sluice_binding::partition::Partitioning;
 use sluice_binding::topology::{QueueType, Topology};
+use sluice_binding::transport::amqp::redact;
 use sluice_binding::validate::Limits;
 use sluice_ingest::config::IngestConfig;
 use sluice_processors::autoscale::{AutoscaleConfig, Target};
@@ -28,6 +29,7 @@ pub(crate) struct BrokerArgs {
     #[arg(
         long = "amqp-url",
         env = "SLUICE_AMQP_URL",
+        hide_env_values = true,
         value_delimiter = ',',
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
@@ -173,7 +175,7 @@ pub(crate) struct ProcessArgs {
     pub(crate) pool: PoolArgs,
     /// Redis URL for latest values (e.g. redis://127.0.0.1:6379); without it they are kept
     /// in this process's memory.
-    #[arg(long, env = "SLUICE_REDIS_URL")]
+    #[arg(long, env = "SLUICE_REDIS_URL", hide_env_values = true)]
     pub(crate) redis_url: Option<String>,
     /// Prefix of the Redis keys.
     #[arg(long, env = "SLUICE_REDIS_PREFIX", default_value = "sluice")]
@@ -315,7 +317,7 @@ impl ProcessArgs {
             Some(url) => LatestStore::Redis(
                 RedisLatest::connect(url, self.redis_prefix.clone())
                     .await
-                    .with_context(|| format!("cannot connect to Redis at {url}"))?,
+                    .with_context(|| format!("cannot connect to Redis at {}", redact(url)))?,
             ),
             None => {
                 tracing::warn!("no --redis-url: latest values are kept in memory only");
@@ -397,6 +399,7 @@ pub(crate) struct RouterArgs {
     #[arg(
         long,
         env = "SLUICE_REDIS_URL",
+        hide_env_values = true,
         default_value = "redis://127.0.0.1:6379"
     )]
     pub(crate) redis_url: String,

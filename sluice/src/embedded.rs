@@ -42,7 +42,7 @@ pub(crate) struct EmbeddedArgs {
     #[arg(long, env = "SLUICE_TENANTS")]
     tenants: Option<PathBuf>,
     /// Redis URL for latest values; without it they are kept in memory.
-    #[arg(long, env = "SLUICE_REDIS_URL")]
+    #[arg(long, env = "SLUICE_REDIS_URL", hide_env_values = true)]
     redis_url: Option<String>,
     /// Prefix of the Redis keys.
     #[arg(long, env = "SLUICE_REDIS_PREFIX", default_value = "sluice")]

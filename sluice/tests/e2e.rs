@@ -64,6 +64,34 @@ fn embedded_mode_stores_every_reading_exactly_once() {
     );
 }
 
+#[test]
+fn help_never_shows_secrets_from_the_environment() {
+    for cmd in ["ingest", "process", "router", "embedded"] {
+        let out = Command::new(sluice_bin())
+            .args([cmd, "--help"])
+            .env("SLUICE_AMQP_URL", "amqp://user:s3cret@rabbit:5672/%2f")
+            .env("SLUICE_REDIS_URL", "redis://:s3cret@redis:6379")
+            .output()
+            .unwrap();
+        let help = output_ok(&out, &format!("sluice {cmd} --help"));
+        assert!(
+            !help.contains("s3cret"),
+            "sluice {cmd} --help shows a secret:\n{help}"
+        );
+    }
+    let out = Command::new(loadgen_bin())
+        .arg("--help")
+        .env("LOADGEN_AMQP_URL", "amqp://user:s3cret@rabbit:5672/%2f")
+        .env("LOADGEN_API_KEY", "s3cret")
+        .output()
+        .unwrap();
+    let help = output_ok(&out, "loadgen --help");
+    assert!(
+        !help.contains("s3cret"),
+        "loadgen --help shows a secret:\n{help}"
+    );
+}
+
 /// Every compose service's environment variables are flags of the binary it runs, so
 /// compose.yaml cannot drift from the code.
 #[test]
@@ -106,7 +134,8 @@ fn compose_environment_matches_the_binaries_flags() {
         assert!(!keys.is_empty(), "service {name:?} has no environment");
         for k in keys {
             assert!(
-                help.contains(&format!("env: {k}=")),
+                // `env: K=value`, or `env: K]` where values are hidden (secrets).
+                help.contains(&format!("env: {k}=")) || help.contains(&format!("env: {k}]")),
                 "compose service {name:?} sets {k}, which `{}` does not read",
                 argv.join(" ")
             );
