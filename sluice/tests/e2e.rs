@@ -92,6 +92,44 @@ fn help_never_shows_secrets_from_the_environment() {
     );
 }
 
+/// compose.yaml's secure defaults: only ingest and the subscription API listen on every
+/// interface; the broker's, Redis's and the dashboards' ports are on loopback; no default
+/// credentials (RabbitMQ's and Grafana's passwords are required variables).
+#[test]
+fn compose_publishes_operator_ports_on_loopback_only_and_defaults_no_credentials() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(root.join("compose.yaml")).unwrap();
+    assert!(
+        !text.contains("guest"),
+        "compose.yaml uses RabbitMQ's guest user"
+    );
+    assert!(
+        !text.contains(":-admin}"),
+        "compose.yaml defaults a Grafana password"
+    );
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let mut published = 0;
+    for (name, svc) in doc["services"].as_mapping().expect("services") {
+        let name = name.as_str().unwrap();
+        for port in svc["ports"].as_sequence().into_iter().flatten() {
+            let port = port.as_str().unwrap();
+            published += 1;
+            let public = matches!(name, "ingest" | "router");
+            assert!(
+                public || port.starts_with("127.0.0.1:"),
+                "service {name} publishes {port} on every interface"
+            );
+        }
+    }
+    assert!(published >= 6, "{published} ports found");
+    for var in [
+        "RABBITMQ_DEFAULT_PASS: ${RABBITMQ_PASSWORD:?",
+        "GF_SECURITY_ADMIN_PASSWORD: ${GRAFANA_ADMIN_PASSWORD:?",
+    ] {
+        assert!(text.contains(var), "{var} missing");
+    }
+}
+
 /// Every compose service's environment variables are flags of the binary it runs, so
 /// compose.yaml cannot drift from the code.
 #[test]
