@@ -8,13 +8,15 @@ use hdrhistogram::Histogram;
 
 /// Deliveries received from the transport.
 pub const DELIVERIES: &str = "sluice_storage_deliveries_total";
+/// Of them, flagged redelivered by the broker (a consumer went away, or a requeue).
+pub const REDELIVERIES: &str = "sluice_storage_redeliveries_total";
 /// Rows newly committed, by tenant.
 pub const ROWS_COMMITTED: &str = "sluice_storage_rows_committed_total";
 /// Rows skipped as already stored (redelivery), by tenant.
 pub const ROWS_DUPLICATE: &str = "sluice_storage_rows_duplicate_total";
 /// Deliveries dead-lettered, by error kind.
 pub const DEAD_LETTERED: &str = "sluice_storage_dead_lettered_total";
-/// Commits that failed (deliveries requeued), by sink.
+/// Commits that failed (their deliveries held and the commit tried again), by sink.
 pub const COMMIT_FAILURES: &str = "sluice_storage_commit_failures_total";
 /// Parquet files written.
 pub const FILES_WRITTEN: &str = "sluice_storage_files_written_total";
@@ -96,11 +98,12 @@ pub(crate) struct CommitFailed<'a> {
     pub(crate) sink: &'static str,
     pub(crate) error: &'a (dyn std::error::Error + Send + Sync),
     pub(crate) deliveries: usize,
+    pub(crate) retry_in: std::time::Duration,
 }
 
 impl CommitFailed<'_> {
     pub(crate) fn emit(self) {
-        tracing::error!(sink = self.sink, error = %self.error, deliveries = self.deliveries, "commit failed; requeueing deliveries");
+        tracing::error!(sink = self.sink, error = %self.error, deliveries = self.deliveries, retry_in = ?self.retry_in, "commit failed; holding the deliveries and trying again");
         metrics::counter!(COMMIT_FAILURES, "sink" => self.sink).increment(1);
     }
 }

@@ -35,7 +35,7 @@ use crate::autoscale::{AutoscaleConfig, Autoscaler, Sample};
 use crate::control::{Mode, PoolControl};
 use crate::internal_events::{
     AckFailed, AutoscaleDecided, CommitDuration, CommitFailed, Committed, DEAD_LETTERED,
-    DELIVERIES, DeadLettered, QUEUE_BACKLOG, WorkersResized,
+    DELIVERIES, DeadLettered, QUEUE_BACKLOG, REDELIVERIES, WorkersResized,
 };
 use crate::latency;
 use crate::stage::Refusal;
@@ -64,8 +64,8 @@ pub struct PoolConfig {
     /// How often queue backlogs are sampled for `/metrics` (the autoscaler's interval
     /// instead when there is one).
     pub backlog_interval: Duration,
-    /// Pause after a failed commit before taking new work (the failed deliveries were
-    /// requeued), so a sink outage does not spin.
+    /// Wait before a failed commit is tried again (doubling up to 30 s); the deliveries
+    /// stay unacked meanwhile, so a sink outage neither spins nor counts redeliveries.
     pub retry_backoff: Duration,
 }
 
@@ -217,6 +217,9 @@ pub async fn run(
                     d = consumer.next() => match d {
                         Some(d) => {
                             metrics::counter!(DELIVERIES).increment(1);
+                            if d.redelivered {
+                                metrics::counter!(REDELIVERIES).increment(1);
+                            }
                             if let Err(crossbeam_channel::TrySendError::Full(d)) = tx.try_send(d) {
                                 // Cannot happen while the channel holds the whole window; if
                                 // it does, wait off the runtime rather than drop.
@@ -260,6 +263,7 @@ pub async fn run(
     ));
 
     let mut committer = Committer {
+        stop: stop.clone(),
         transport: transport.clone(),
         sinks,
         group: cfg.group.clone(),
@@ -372,6 +376,8 @@ async fn supervise(
 }
 
 struct Committer {
+    /// Ends the retries of a failing sink (the deliveries are then requeued).
+    stop: CancellationToken,
     transport: Transport,
     sinks: Sinks,
     group: String,
@@ -464,13 +470,29 @@ impl Committer {
         self.pending_rows = 0;
         let (batches, ackers): (Vec<StagedBatch>, Vec<Acker>) = pending.into_iter().unzip();
         let t0 = Instant::now();
-        let outcome = match self.sinks.parquet.commit(batches.clone()).await {
-            Ok(o) => o,
-            Err(e) => return self.fail("parquet", &e, ackers).await,
+        let mut attempt = 0;
+        let outcome = loop {
+            match self.sinks.parquet.commit(batches.clone()).await {
+                Ok(o) => break o,
+                Err(e) => {
+                    if !self
+                        .wait_to_retry("parquet", &e, ackers.len(), &mut attempt)
+                        .await
+                    {
+                        return requeue(ackers).await;
+                    }
+                }
+            }
         };
-        if let Err(e) = self.sinks.latest.update(&batches).await {
-            // Parquet holds the rows; the redelivery will skip them there and retry Redis.
-            return self.fail("latest", &e, ackers).await;
+        // Parquet holds the rows from here on; a retry (or a redelivery after a stop)
+        // skips them there and writes Redis again.
+        while let Err(e) = self.sinks.latest.update(&batches).await {
+            if !self
+                .wait_to_retry("latest", &e, ackers.len(), &mut attempt)
+                .await
+            {
+                return requeue(ackers).await;
+            }
         }
         let took = t0.elapsed();
         CommitDuration(took).emit();
@@ -484,22 +506,37 @@ impl Committer {
         self.report.commits += 1;
     }
 
-    async fn fail(
-        &mut self,
+    /// A sink failed: waits before the next try, from `retry_backoff` doubling up to
+    /// [`MAX_RETRY_BACKOFF`], and says whether to try again (not once the pool stops).
+    ///
+    /// The deliveries stay unacked meanwhile: the committer takes no new work, the
+    /// channel to it fills and the prefetch stops the consumers. A requeue instead would
+    /// come back at once and count a redelivery each time, which RabbitMQ 4's quorum
+    /// queues turn into a dead letter past their delivery limit: no sink outage may turn
+    /// an accepted reading into one.
+    async fn wait_to_retry(
+        &self,
         sink: &'static str,
         e: &(dyn std::error::Error + Send + Sync),
-        ackers: Vec<Acker>,
-    ) {
+        deliveries: usize,
+        attempt: &mut u32,
+    ) -> bool {
+        let wait = self
+            .retry_backoff
+            .saturating_mul(1 << (*attempt).min(16))
+            .min(MAX_RETRY_BACKOFF);
+        *attempt += 1;
         CommitFailed {
             sink,
             error: e,
-            deliveries: ackers.len(),
+            deliveries,
+            retry_in: wait,
         }
         .emit();
-        for a in ackers {
-            let _ = a.requeue().await;
+        tokio::select! {
+            () = self.stop.cancelled() => false,
+            () = tokio::time::sleep(wait) => true,
         }
-        tokio::time::sleep(self.retry_backoff).await;
     }
 
     /// Metrics, end-to-end latency and receipts of a commit, per tenant.
@@ -552,6 +589,16 @@ impl Committer {
                 }
             }
         }
+    }
+}
+
+/// Longest wait between two tries of a failing sink.
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Gives deliveries back to the broker (the pool stops while a sink fails).
+async fn requeue(ackers: Vec<Acker>) {
+    for a in ackers {
+        let _ = a.requeue().await;
     }
 }
 

@@ -416,7 +416,9 @@ fn a_redis_outage_delays_storage_and_notifications_but_loses_nothing() {
     let mut redis = PrivateRedis::start(w.dir.path().join("redis"));
     let url_env = redis.url();
     let redis_env = [("SLUICE_REDIS_URL", url_env.as_str())];
-    let _processors = w.processors_with(&redis_env);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let _processors =
+        w.processors_with(&[redis_env[0], ("SLUICE_METRICS_LISTEN", metrics.as_str())]);
     let (_ingest, url) = w.ingest(&[]);
     let api = free_port();
     let _router = w.router_with(api, &redis_env);
@@ -486,6 +488,27 @@ fn a_redis_outage_delays_storage_and_notifications_but_loses_nothing() {
         "latest values of the last request",
         Duration::from_secs(60),
         || !w.latest_in(&redis.url(), "acme", last).is_empty(),
+    );
+    // The storage pool held its deliveries through the outage: none came back from the
+    // broker (a requeue would have, each counting towards RabbitMQ 4's delivery limit).
+    let scrape = Http::new();
+    let text = scrape.get_text(&format!("http://{metrics}/metrics"));
+    let counter = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        counter("sluice_storage_commit_failures_total") > 0.0,
+        "the outage failed no commit:\n{text}"
+    );
+    assert!(counter("sluice_storage_deliveries_total") > 0.0, "{text}");
+    assert_eq!(
+        counter("sluice_storage_redeliveries_total"),
+        0.0,
+        "deliveries came back during the outage"
     );
     eprintln!(
         "Redis down 6 s: requests {}, accepted {accepted}; every accepted reading stored once \

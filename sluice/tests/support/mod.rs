@@ -471,6 +471,14 @@ pub mod broker {
             })
         }
 
+        /// The body of a GET (any status).
+        pub fn get_text(&self, url: &str) -> String {
+            self.rt.block_on(async {
+                let resp = self.client.get(url).send().await.unwrap();
+                resp.text().await.unwrap()
+            })
+        }
+
         /// Like [`Http::post`]; a request that got no answer (connection refused or
         /// reset) is status 0.
         pub fn try_post(&self, url: &str, key: &str, ctype: &str, body: Vec<u8>) -> u16 {
