@@ -11,7 +11,7 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use futures::future::try_join_all;
+use futures::future::join_all;
 use sluice_binding::codec;
 use sluice_binding::model::now_ns;
 use sluice_binding::transport::{Consumer, DeadLetter, Delivery, Transport};
@@ -37,8 +37,9 @@ pub struct MatchConfig {
     pub max_series: usize,
     /// Most events in one job; more make several jobs.
     pub max_events_per_job: usize,
-    /// Pause before a delivery whose jobs failed to publish is requeued, so a broker
-    /// problem does not turn into a hot loop.
+    /// Wait before the jobs of a delivery that the broker did not confirm are published
+    /// again (doubling up to 30 s; the delivery stays unacked meanwhile), and before a
+    /// delivery that cannot be dead-lettered is requeued.
     pub requeue_delay: Duration,
 }
 
@@ -117,7 +118,7 @@ impl Worker {
                 d = consumer.next() => d,
             };
             let Some(delivery) = delivery else { break };
-            settling.spawn(self.handle(delivery));
+            settling.spawn(self.handle(delivery, shutdown.clone()));
         }
         // Whatever was matched is settled (acked or requeued) before the consumer goes.
         while settling.join_next().await.is_some() {}
@@ -125,7 +126,11 @@ impl Worker {
     }
 
     /// Matches one delivery now; the returned future publishes its jobs and settles it.
-    fn handle(&mut self, d: Delivery) -> impl Future<Output = ()> + Send + 'static {
+    fn handle(
+        &mut self,
+        d: Delivery,
+        shutdown: CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static {
         let started = Instant::now();
         let jobs = match self.source {
             Source::Telemetry => self.match_batch(&d.body),
@@ -135,7 +140,7 @@ impl Worker {
         let requeue_delay = self.cfg.requeue_delay;
         async move {
             match jobs {
-                Ok(jobs) => publish(&outbox, d, &jobs, started, requeue_delay).await,
+                Ok(jobs) => publish(&outbox, d, jobs, started, requeue_delay, &shutdown).await,
                 Err((error, reason)) => refuse(&transport, d, error, &reason, requeue_delay).await,
             }
         }
@@ -216,39 +221,62 @@ impl Worker {
     }
 }
 
-/// Publishes a delivery's jobs to the outbox, then acks it; requeues it if any job was not
-/// confirmed.
+/// Publishes a delivery's jobs to the outbox, then acks it. Jobs the broker did not
+/// confirm are published again after a backoff (from `retry_delay`, doubling up to 30 s)
+/// while the delivery stays unacked: a requeue would come back at once and count a
+/// redelivery each time, which RabbitMQ 4's quorum queues turn into a dead letter past
+/// their delivery limit. Only at shutdown is an unfinished delivery requeued.
 async fn publish(
     outbox: &Outbox,
     d: Delivery,
-    jobs: &[Job],
+    mut jobs: Vec<Job>,
     started: Instant,
-    requeue_delay: Duration,
+    retry_delay: Duration,
+    shutdown: &CancellationToken,
 ) {
-    let published = try_join_all(jobs.iter().map(|job| {
-        let key = event::idempotency_key(job.subscription, &job.events);
-        async move { outbox.enqueue(job, &key).await }
-    }))
-    .await;
-    match published {
-        Ok(_) => {
-            let events: usize = jobs.iter().map(|j| j.events.len()).sum();
-            metrics::counter!("sluice_router_jobs_total").increment(jobs.len() as u64);
-            metrics::counter!("sluice_router_matched_events_total").increment(events as u64);
-            metrics::histogram!("sluice_router_match_seconds")
-                .record(started.elapsed().as_secs_f64());
-            if let Err(e) = d.acker.ack().await {
-                tracing::warn!(error = %e, "ack failed; the delivery will come again");
+    let (n_jobs, events) = (
+        jobs.len(),
+        jobs.iter().map(|j| j.events.len()).sum::<usize>(),
+    );
+    let mut wait = retry_delay;
+    loop {
+        let results = join_all(jobs.iter().map(|job| {
+            let key = event::idempotency_key(job.subscription, &job.events);
+            async move { outbox.enqueue(job, &key).await }
+        }))
+        .await;
+        let mut failed = None;
+        let mut results = results.into_iter();
+        jobs.retain(|_| match results.next() {
+            Some(Err(e)) => {
+                failed.get_or_insert(e);
+                true
             }
+            _ => false,
+        });
+        let Some(e) = failed else { break };
+        tracing::warn!(error = %e, queue = %d.queue, jobs = jobs.len(), retry_in = ?wait, "cannot publish notification jobs; holding the delivery and trying again");
+        metrics::counter!("sluice_router_publish_retries_total").increment(1);
+        tokio::select! {
+            () = shutdown.cancelled() => {
+                metrics::counter!("sluice_router_requeued_total").increment(1);
+                let _ = d.acker.requeue().await;
+                return;
+            }
+            () = tokio::time::sleep(wait) => {}
         }
-        Err(e) => {
-            tracing::warn!(error = %e, queue = %d.queue, "cannot publish notification jobs; requeueing the delivery");
-            metrics::counter!("sluice_router_requeued_total").increment(1);
-            tokio::time::sleep(requeue_delay).await;
-            let _ = d.acker.requeue().await;
-        }
+        wait = (wait * 2).min(MAX_RETRY_DELAY);
+    }
+    metrics::counter!("sluice_router_jobs_total").increment(n_jobs as u64);
+    metrics::counter!("sluice_router_matched_events_total").increment(events as u64);
+    metrics::histogram!("sluice_router_match_seconds").record(started.elapsed().as_secs_f64());
+    if let Err(e) = d.acker.ack().await {
+        tracing::warn!(error = %e, "ack failed; the delivery will come again");
     }
 }
+
+/// Longest wait between two publishes of a delivery's unconfirmed jobs.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 
 /// Moves an unusable delivery to the dead-letter queue with the reason.
 async fn refuse(
