@@ -336,6 +336,69 @@ fn ingest_answers_and_stops_in_bounded_time_while_the_broker_is_down() {
     }
 }
 
+/// Subscribes tenant acme, through the router's API on `api`, to every reading of the
+/// load's devices, delivered to `hook` in batches (the receiver takes 20 ms a
+/// notification); `policy` adds to the batching.
+fn subscribe_all(api: u16, hook: &str, mut policy: serde_json::Value) {
+    policy["batch_notify"] = serde_json::json!({"count": 500, "duration": "200ms"});
+    let sub = serde_json::json!({
+        "criteria": {"devices": ["r*"]},
+        "policy": policy,
+        "target": {"type": "webhook", "url": hook},
+    });
+    let (status, body) = Http::new().post(
+        &format!("http://127.0.0.1:{api}/v1/subscriptions"),
+        Some("acme-key"),
+        "application/json",
+        sub.to_string().into_bytes(),
+    );
+    assert_eq!(status, 201, "{body}");
+}
+
+/// (device, value) of every reading of the accepted requests (values are 0..PER_REQUEST).
+fn accepted_readings(sent: &HashMap<String, Sent>) -> std::collections::BTreeSet<(String, i64)> {
+    sent.iter()
+        .filter(|(_, s)| s.status == 202)
+        .flat_map(|(d, _)| (0..PER_REQUEST as i64).map(move |i| (d.clone(), i)))
+        .collect()
+}
+
+/// (device, value) of every reading notified so far.
+fn notified_readings(got: &Notified) -> std::collections::BTreeSet<(String, i64)> {
+    got.lock()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["device"].as_str().unwrap().to_owned(),
+                e["value"].as_f64().unwrap() as i64,
+            )
+        })
+        .collect()
+}
+
+/// Waits until every accepted reading was notified at least once.
+fn wait_all_notified(sent: &HashMap<String, Sent>, got: &Notified) {
+    let want = accepted_readings(sent);
+    wait_until(
+        "every accepted reading notified",
+        Duration::from_secs(120),
+        || want.is_subset(&notified_readings(got)),
+    );
+}
+
+/// The value of a counter on a Prometheus endpoint (0 when absent), and the whole text.
+fn counter(metrics: &str, name: &str) -> (f64, String) {
+    let text = Http::new().get_text(&format!("http://{metrics}/metrics"));
+    let value = text
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    (value, text)
+}
+
 /// A Redis server of the test's own (the shared one holds other tests' keys), with its
 /// data in `dir`, so a restart keeps the router's subscriptions.
 struct PrivateRedis {
@@ -424,21 +487,11 @@ fn a_redis_outage_delays_storage_and_notifications_but_loses_nothing() {
     let _router = w.router_with(api, &redis_env);
     let (hook, got) = webhook_receiver();
     // A rate limit no load here reaches: every notification takes a window slot in Redis.
-    // Batches keep the notifications few (the receiver takes 20 ms each).
-    let sub = serde_json::json!({
-        "criteria": {"devices": ["r*"]},
-        "policy": {"rate_limit": {"max": 1000000, "window": "1s"},
-                   "batch_notify": {"count": 500, "duration": "200ms"}},
-        "target": {"type": "webhook", "url": hook},
-    });
-    let http = Http::new();
-    let (status, body) = http.post(
-        &format!("http://127.0.0.1:{api}/v1/subscriptions"),
-        Some("acme-key"),
-        "application/json",
-        sub.to_string().into_bytes(),
+    subscribe_all(
+        api,
+        &hook,
+        serde_json::json!({"rate_limit": {"max": 1000000, "window": "1s"}}),
     );
-    assert_eq!(status, 201, "{body}");
 
     let stop = Arc::new(AtomicBool::new(false));
     let load = http_load(url, Duration::from_millis(20), stop.clone());
@@ -455,28 +508,7 @@ fn a_redis_outage_delays_storage_and_notifications_but_loses_nothing() {
     assert!(accepted > 0);
     let stored_after = back.elapsed();
     // Every reading of every accepted request notified at least once.
-    let want: std::collections::BTreeSet<(String, i64)> = sent
-        .iter()
-        .filter(|(_, s)| s.status == 202)
-        .flat_map(|(d, _)| (0..PER_REQUEST as i64).map(move |i| (d.clone(), i)))
-        .collect();
-    let notified = || -> std::collections::BTreeSet<(String, i64)> {
-        got.lock()
-            .unwrap()
-            .iter()
-            .map(|e| {
-                (
-                    e["device"].as_str().unwrap().to_owned(),
-                    e["value"].as_f64().unwrap() as i64,
-                )
-            })
-            .collect()
-    };
-    wait_until(
-        "every accepted reading notified",
-        Duration::from_secs(120),
-        || want.is_subset(&notified()),
-    );
+    wait_all_notified(&sent, &got);
     let notified_after = back.elapsed();
     // The latest values reached Redis once it was back: the last accepted request's.
     let (last, _) = sent
@@ -491,22 +523,14 @@ fn a_redis_outage_delays_storage_and_notifications_but_loses_nothing() {
     );
     // The storage pool held its deliveries through the outage: none came back from the
     // broker (a requeue would have, each counting towards RabbitMQ 4's delivery limit).
-    let scrape = Http::new();
-    let text = scrape.get_text(&format!("http://{metrics}/metrics"));
-    let counter = |name: &str| -> f64 {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
+    let (failures, text) = counter(&metrics, "sluice_storage_commit_failures_total");
+    assert!(failures > 0.0, "the outage failed no commit:\n{text}");
     assert!(
-        counter("sluice_storage_commit_failures_total") > 0.0,
-        "the outage failed no commit:\n{text}"
+        counter(&metrics, "sluice_storage_deliveries_total").0 > 0.0,
+        "{text}"
     );
-    assert!(counter("sluice_storage_deliveries_total") > 0.0, "{text}");
     assert_eq!(
-        counter("sluice_storage_redeliveries_total"),
+        counter(&metrics, "sluice_storage_redeliveries_total").0,
         0.0,
         "deliveries came back during the outage"
     );
@@ -515,7 +539,7 @@ fn a_redis_outage_delays_storage_and_notifications_but_loses_nothing() {
          ({stored_after:.1?} after Redis came back) and notified ({} distinct readings, \
          {notified_after:.1?}); latest values in Redis after {:.1?}",
         sent.len(),
-        notified().len(),
+        notified_readings(&got).len(),
         back.elapsed()
     );
 }
@@ -595,19 +619,8 @@ fn a_memory_alarm_blocks_publishing_and_loses_nothing() {
     let api = free_port();
     let _router = w.router(api);
     let (hook, got) = webhook_receiver();
-    let sub = serde_json::json!({
-        "criteria": {"devices": ["r*"]},
-        "policy": {"batch_notify": {"count": 500, "duration": "200ms"}},
-        "target": {"type": "webhook", "url": hook},
-    });
+    subscribe_all(api, &hook, serde_json::json!({}));
     let http = Http::new();
-    let (status, body) = http.post(
-        &format!("http://127.0.0.1:{api}/v1/subscriptions"),
-        Some("acme-key"),
-        "application/json",
-        sub.to_string().into_bytes(),
-    );
-    assert_eq!(status, 201, "{body}");
 
     let stop = Arc::new(AtomicBool::new(false));
     let load = http_load(url.clone(), Duration::from_millis(20), stop.clone());
@@ -636,35 +649,8 @@ fn a_memory_alarm_blocks_publishing_and_loses_nothing() {
     let sent = load.join().unwrap();
 
     let (accepted, _) = check_stored_once(&w, &sent);
-    let want: std::collections::BTreeSet<(String, i64)> = sent
-        .iter()
-        .filter(|(_, s)| s.status == 202)
-        .flat_map(|(d, _)| (0..PER_REQUEST as i64).map(move |i| (d.clone(), i)))
-        .collect();
-    let notified = || -> std::collections::BTreeSet<(String, i64)> {
-        got.lock()
-            .unwrap()
-            .iter()
-            .map(|e| {
-                (
-                    e["device"].as_str().unwrap().to_owned(),
-                    e["value"].as_f64().unwrap() as i64,
-                )
-            })
-            .collect()
-    };
-    wait_until(
-        "every accepted reading notified",
-        Duration::from_secs(120),
-        || want.is_subset(&notified()),
-    );
-    let text = Http::new().get_text(&format!("http://{metrics}/metrics"));
-    let redelivered = text
-        .lines()
-        .find(|l| l.starts_with("sluice_storage_redeliveries_total"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0);
+    wait_all_notified(&sent, &got);
+    let redelivered = counter(&metrics, "sluice_storage_redeliveries_total").0;
     eprintln!(
         "memory alarm 5 s: requests {}, accepted {accepted}; probes refused during the alarm \
          {refused}; every accepted reading stored once and notified; storage redeliveries \
