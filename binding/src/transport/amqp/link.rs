@@ -461,12 +461,18 @@ impl Supervisor {
                 tracing::info!(%broker, role, %error, retry_in = ?backoff, "broker not reachable yet");
                 first = Some(tx);
             } else {
-                tracing::debug!(%broker, role, %error, retry_in = ?backoff, "reconnect attempt failed");
                 // Copied out first: the watch's read guard must be gone before a send.
-                let since = match &*self.shared.state.borrow() {
-                    LinkState::Down { since, .. } => Some(*since),
-                    _ => None,
+                let (since, same) = match &*self.shared.state.borrow() {
+                    LinkState::Down { since, error: e } => (Some(*since), *e == error),
+                    _ => (None, false),
                 };
+                // Said once per kind of failure (a refused declaration would otherwise
+                // retry forever in silence), then at debug level each second.
+                if same {
+                    tracing::debug!(%broker, role, %error, retry_in = ?backoff, "reconnect attempt failed");
+                } else {
+                    tracing::warn!(%broker, role, %error, retry_in = ?backoff, "reconnect attempt failed; retrying");
+                }
                 if let Some(since) = since {
                     self.shared
                         .state
