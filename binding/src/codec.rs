@@ -5,6 +5,7 @@
 //! the body ([`BatchView`]); errors are a plain enum, no allocation per message beyond the
 //! message text of the rare failure.
 
+use crate::dead_letter::DeadLetterKind;
 use crate::model::{Batch, BatchView, FORMAT_VERSION};
 
 /// The AMQP `content_type` of a batch.
@@ -29,10 +30,10 @@ pub enum DecodeError {
 
 impl DecodeError {
     /// The stable kind written to the `x-sluice-error` dead-letter header.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> DeadLetterKind {
         match self {
-            DecodeError::Malformed(_) | DecodeError::TooLarge(_) => "decode",
-            DecodeError::UnsupportedVersion(_) => "unsupported-version",
+            DecodeError::Malformed(_) | DecodeError::TooLarge(_) => DeadLetterKind::Decode,
+            DecodeError::UnsupportedVersion(_) => DeadLetterKind::UnsupportedVersion,
         }
     }
 }
@@ -163,9 +164,12 @@ mod tests {
         batch.v = 2;
         let body = encode(&batch).unwrap();
         assert_eq!(decode(&body), Err(DecodeError::UnsupportedVersion(2)));
-        assert_eq!(decode(&body).unwrap_err().kind(), "unsupported-version");
+        assert_eq!(
+            decode(&body).unwrap_err().kind(),
+            DeadLetterKind::UnsupportedVersion
+        );
         let err = decode(b"\xc1 not msgpack").unwrap_err();
-        assert_eq!(err.kind(), "decode");
+        assert_eq!(err.kind(), DeadLetterKind::Decode);
         // A map missing required keys.
         let body = rmp_serde::to_vec_named(&VersionOnly { v: 1 }).unwrap();
         assert!(

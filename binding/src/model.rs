@@ -37,6 +37,15 @@ impl TenantId {
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
     }
 
+    /// Checks a borrowed id without taking it (storage, which keeps ids as strings).
+    pub fn check(s: &str) -> Result<(), InvalidTenantId> {
+        if Self::is_valid(s) {
+            Ok(())
+        } else {
+            Err(InvalidTenantId(s.to_owned()))
+        }
+    }
+
     /// Parses a tenant id.
     pub fn new(s: impl Into<String>) -> Result<Self, InvalidTenantId> {
         let s = s.into();
@@ -233,11 +242,12 @@ fn intern(ix: &mut HashMap<String, u32>, dict: &mut Vec<String>, name: &str) -> 
     i
 }
 
-/// Wall-clock now in nanoseconds since the Unix epoch.
+/// Wall-clock now in nanoseconds since the Unix epoch (0 before the epoch, `i64::MAX`
+/// after 2262): the clock every service stamps and checks timestamps with.
 pub fn now_ns() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
 
@@ -283,11 +293,14 @@ mod tests {
             "_a",
             "a/b",
             "a.b",
+            "a:b",
+            "a*",
             "..",
             &"a".repeat(64),
             "é",
         ] {
             assert!(TenantId::new(bad).is_err(), "{bad}");
+            assert_eq!(TenantId::check(bad), Err(InvalidTenantId(bad.to_owned())));
         }
     }
 

@@ -1,8 +1,11 @@
 //! Broker topology (`docs/binding.md` section 1): the names every service derives from a
 //! namespace and a partition count, and their idempotent declaration on RabbitMQ.
 
+#[cfg(feature = "transport")]
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+#[cfg(feature = "transport")]
 use lapin::types::{AMQPValue, FieldTable, ShortString};
+#[cfg(feature = "transport")]
 use lapin::{Channel, ExchangeKind};
 
 /// Queue type of partition and dead-letter queues.
@@ -107,6 +110,7 @@ impl Topology {
 
     /// Declares the exchanges, the dead-letter queue and the partition queues of `groups`.
     /// Idempotent: every service calls it at start with the same arguments.
+    #[cfg(feature = "transport")]
     pub async fn declare(&self, channel: &Channel, groups: &[&str]) -> Result<(), lapin::Error> {
         let durable = ExchangeDeclareOptions {
             durable: true,
@@ -174,6 +178,7 @@ impl Topology {
         Ok(())
     }
 
+    #[cfg(feature = "transport")]
     fn partition_args(&self) -> FieldTable {
         let mut args = FieldTable::default();
         args.insert(

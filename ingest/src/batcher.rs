@@ -43,7 +43,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::producer::{Producer, SendError};
+use sluice_binding::producer::{Producer, SendError};
 
 /// How often idle per-device slots are dropped under device hash.
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
@@ -480,9 +480,9 @@ fn flush(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::producer::ProducerConfig;
     use sluice_binding::Topology;
     use sluice_binding::codec::decode;
+    use sluice_binding::producer::ProducerConfig;
     use sluice_binding::transport::inproc::InProcessTransport;
     use sluice_binding::transport::{Consumer, Transport};
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use sluice_binding::validate::Limits;
 
-use crate::producer::ProducerConfig;
+use sluice_binding::producer::ProducerConfig;
 
 /// Largest `batch_max_readings`: even with every reading naming a new 256-byte device and
 /// metric, a batch of this many readings encodes to about 11 MB, below the binding's 16 MiB
@@ -21,7 +21,7 @@ pub struct IngestConfig {
     pub batch_max_readings: usize,
     /// A batch is sent at the latest this long after its first reading arrived, full or
     /// not (humantime, default `"5ms"`): the latency a reading may wait for company.
-    #[serde(with = "crate::serde_util::duration")]
+    #[serde(with = "sluice_binding::config::duration")]
     pub batch_linger: Duration,
     /// Largest request body, in bytes (default 8 MiB); larger bodies get 413.
     pub max_body_bytes: usize,
@@ -37,11 +37,11 @@ pub struct IngestConfig {
     pub max_inflight_per_tenant: usize,
     /// Longest a request body may take to arrive once the request was admitted
     /// (humantime, default `"10s"`); a slower one gets 408 and frees its share.
-    #[serde(with = "crate::serde_util::duration")]
+    #[serde(with = "sluice_binding::config::duration")]
     pub body_read_timeout: Duration,
     /// Longest a client may take to send a request's line and headers (humantime, default
     /// `"10s"`); a slower connection is closed.
-    #[serde(with = "crate::serde_util::duration")]
+    #[serde(with = "sluice_binding::config::duration")]
     pub header_read_timeout: Duration,
     /// Connections open at once (default 4096; keep it below the open-files limit); more
     /// wait in the listen backlog until one closes.
@@ -53,7 +53,7 @@ pub struct IngestConfig {
     /// How far ahead of this server's clock a device timestamp may be (humantime,
     /// default `"1h"`, the consumers' default: a reading ingest accepts is not
     /// dead-lettered downstream).
-    #[serde(with = "crate::serde_util::duration")]
+    #[serde(with = "sluice_binding::config::duration")]
     pub max_future_skew: Duration,
     /// The producer: id, partitioning, retries.
     pub producer: ProducerConfig,

@@ -1,8 +1,9 @@
 //! Telemetry of ingest: each event is a struct whose `emit` logs and counts in one place,
 //! so a metric and its log line never drift apart (vector's `internal_events`).
 //!
-//! Labels are bounded: `tenant` (from the tenants file), `status` (HTTP status), `reason`
-//! (the error codes of [`crate::http::ErrorCode`]) and `error` (publish error kinds).
+//! Labels are bounded: `tenant` (from the tenants file), `status` (HTTP status) and `reason`
+//! (the error codes of [`crate::http::ErrorCode`]). The producer's publish metrics are the
+//! binding's (`sluice_binding::internal_events`).
 //! Device ids never become labels, and nothing here runs per reading.
 
 use std::time::Duration;
@@ -15,16 +16,8 @@ pub const READINGS_ACCEPTED_TOTAL: &str = "sluice_ingest_readings_accepted_total
 pub const REQUESTS_TOTAL: &str = "sluice_ingest_requests_total";
 /// HTTP requests refused, by reason (the error code of the response body).
 pub const REQUESTS_REJECTED_TOTAL: &str = "sluice_ingest_requests_rejected_total";
-/// Batches the broker confirmed.
-pub const BATCHES_PUBLISHED_TOTAL: &str = "sluice_ingest_batches_published_total";
-/// Publish attempts that failed, by error kind (retried attempts included).
-pub const PUBLISH_FAILURES_TOTAL: &str = "sluice_ingest_publish_failures_total";
-/// Time from publish to broker confirm of a batch (successful attempts).
-pub const PUBLISH_CONFIRM_SECONDS: &str = "sluice_ingest_publish_confirm_seconds";
 /// Time to answer an HTTP request.
 pub const REQUEST_SECONDS: &str = "sluice_ingest_request_seconds";
-/// Readings per confirmed batch.
-pub const BATCH_READINGS: &str = "sluice_ingest_batch_readings";
 
 /// An HTTP request was answered.
 #[derive(Debug)]
@@ -89,42 +82,6 @@ impl ReadingsAccepted<'_> {
         );
         counter!(READINGS_ACCEPTED_TOTAL, "tenant" => self.tenant.to_owned())
             .increment(self.count as u64);
-    }
-}
-
-/// The broker confirmed a batch.
-#[derive(Debug)]
-pub(crate) struct BatchPublished {
-    pub(crate) readings: usize,
-    pub(crate) confirm: Duration,
-}
-
-impl BatchPublished {
-    pub(crate) fn emit(self) {
-        tracing::trace!(readings = self.readings, confirm = ?self.confirm, "batch confirmed");
-        counter!(BATCHES_PUBLISHED_TOTAL).increment(1);
-        histogram!(PUBLISH_CONFIRM_SECONDS).record(self.confirm.as_secs_f64());
-        histogram!(BATCH_READINGS).record(self.readings as f64);
-    }
-}
-
-/// A publish attempt failed; `will_retry` says whether the producer tries again.
-#[derive(Debug)]
-pub(crate) struct PublishFailed<'a> {
-    pub(crate) error: &'static str,
-    pub(crate) detail: &'a dyn std::error::Error,
-    pub(crate) attempt: u32,
-    pub(crate) will_retry: bool,
-}
-
-impl PublishFailed<'_> {
-    pub(crate) fn emit(self) {
-        if self.will_retry {
-            tracing::info!(error = self.error, detail = %self.detail, attempt = self.attempt, "publish failed, retrying the same bytes");
-        } else {
-            tracing::warn!(error = self.error, detail = %self.detail, attempt = self.attempt, "publish failed");
-        }
-        counter!(PUBLISH_FAILURES_TOTAL, "error" => self.error).increment(1);
     }
 }
 

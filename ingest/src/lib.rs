@@ -1,18 +1,17 @@
-//! `sluice ingest`: the HTTP front end of Sluice and the producer library.
+//! `sluice ingest`: the HTTP front end of Sluice.
 //!
 //! It owns the first hop of the data path (`docs/binding.md`): authenticate the tenant from
-//! the API key, validate readings with the binding's own rules, gather them into batches by
-//! size and time, and publish them with publisher confirms — answering a request only once
+//! the API key (`sluice_binding::tenancy`), validate readings with the binding's own rules,
+//! gather them into batches by size and time, and publish them with publisher confirms — answering a request only once
 //! the broker confirmed every batch holding its readings.
 //!
 //! Layout, in data-path order:
-//! - [`tenants`]: tenants and API keys from a TOML file;
 //! - [`http`]: the axum front end ([`app`], [`serve`], [`AppState`]), body parsing and the
 //!   JSON error answers;
 //! - [`batcher`]: readings of concurrent requests gathered per tenant (and device), sent by
 //!   size or linger;
-//! - [`producer`]: encode, pick the partition, publish and await the confirm, retry the
-//!   same bytes — also the library API for publishing the binding from Rust;
+//! - the producer it publishes with (encode, pick the partition, publish and await the
+//!   confirm, retry the same bytes) is the binding's, `sluice_binding::producer`;
 //! - [`config`]: [`IngestConfig`], the knobs of all of the above;
 //! - [`internal_events`]: logs and metrics, one struct per event.
 //!
@@ -23,11 +22,6 @@ pub mod batcher;
 pub mod config;
 pub mod http;
 pub mod internal_events;
-pub mod producer;
-mod serde_util;
-pub mod tenants;
 
 pub use config::IngestConfig;
 pub use http::{AppState, app, serve};
-pub use producer::{Producer, ProducerConfig, SendError};
-pub use tenants::Tenants;

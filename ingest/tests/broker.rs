@@ -16,9 +16,11 @@ use serde_json::{Value, json};
 use sluice_binding::Topology;
 use sluice_binding::codec::decode;
 use sluice_binding::model::now_ns;
+use sluice_binding::producer::Producer;
+use sluice_binding::tenancy::Tenants;
 use sluice_binding::transport::Transport;
 use sluice_binding::transport::amqp::{AmqpConfig, AmqpTransport};
-use sluice_ingest::{AppState, IngestConfig, Producer, Tenants, serve};
+use sluice_ingest::{AppState, IngestConfig, serve};
 
 const KEY: &str = "broker-test-key";
 const PARTITIONS: u32 = 2;

@@ -9,12 +9,12 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use sluice_binding::partition::Partitioning;
+use sluice_binding::producer::{Producer, ProducerConfig};
 use sluice_binding::shutdown;
 use sluice_binding::telemetry;
 use sluice_binding::topology::{QueueType, Topology};
 use sluice_binding::transport::Transport;
 use sluice_binding::transport::amqp::{AmqpConfig, AmqpTransport};
-use sluice_ingest::producer::{Producer, ProducerConfig};
 use sluice_loadgen::notify::{NotifyConfig, NotifySession};
 use sluice_loadgen::profile::Profile;
 use sluice_loadgen::run::{BodyFormat, LoadConfig, Observers, Target, run_observed, write_outputs};
@@ -45,10 +45,6 @@ enum ProfileKind {
     /// Reconnect storm: nothing for --outage-for from --outage-at, then --rate ×
     /// --burst-factor until the missed readings are flushed, then --rate.
     Storm,
-}
-
-fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
-    humantime::parse_duration(s)
 }
 
 /// Push simulated IoT telemetry into Sluice and report throughput and latency.
@@ -115,28 +111,28 @@ struct Cli {
     #[arg(long, env = "LOADGEN_BURST_FACTOR", default_value_t = 10.0)]
     burst_factor: f64,
     /// When the burst starts (--profile burst).
-    #[arg(long, env = "LOADGEN_BURST_AT", default_value = "30s", value_parser = duration)]
+    #[arg(long, env = "LOADGEN_BURST_AT", default_value = "30s", value_parser = humantime::parse_duration)]
     burst_at: Duration,
     /// How long the burst lasts (--profile burst).
-    #[arg(long, env = "LOADGEN_BURST_FOR", default_value = "60s", value_parser = duration)]
+    #[arg(long, env = "LOADGEN_BURST_FOR", default_value = "60s", value_parser = humantime::parse_duration)]
     burst_for: Duration,
     /// Reporting cycle of the meters (--profile slots).
-    #[arg(long, env = "LOADGEN_SLOT_PERIOD", default_value = "60s", value_parser = duration)]
+    #[arg(long, env = "LOADGEN_SLOT_PERIOD", default_value = "60s", value_parser = humantime::parse_duration)]
     slot_period: Duration,
     /// Busy part at the start of every cycle (--profile slots).
-    #[arg(long, env = "LOADGEN_SLOT_WIDTH", default_value = "10s", value_parser = duration)]
+    #[arg(long, env = "LOADGEN_SLOT_WIDTH", default_value = "10s", value_parser = humantime::parse_duration)]
     slot_width: Duration,
     /// When the devices lose their connection (--profile storm).
-    #[arg(long, env = "LOADGEN_OUTAGE_AT", default_value = "30s", value_parser = duration)]
+    #[arg(long, env = "LOADGEN_OUTAGE_AT", default_value = "30s", value_parser = humantime::parse_duration)]
     outage_at: Duration,
     /// How long they stay disconnected, buffering readings (--profile storm).
-    #[arg(long, env = "LOADGEN_OUTAGE_FOR", default_value = "30s", value_parser = duration)]
+    #[arg(long, env = "LOADGEN_OUTAGE_FOR", default_value = "30s", value_parser = humantime::parse_duration)]
     outage_for: Duration,
     /// Readings per request (or per batch with --target amqp).
     #[arg(long, env = "LOADGEN_BATCH_SIZE", default_value_t = 500)]
     batch_size: u32,
     /// How long to send.
-    #[arg(long, env = "LOADGEN_DURATION", default_value = "10s", value_parser = duration)]
+    #[arg(long, env = "LOADGEN_DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
     /// Stop after this many readings (before --duration if reached first).
     #[arg(long, env = "LOADGEN_COUNT")]
@@ -152,13 +148,13 @@ struct Cli {
     seed: u64,
     /// How long to wait after sending for storage to commit (and, with --notify-listen, the
     /// router to notify) everything accepted.
-    #[arg(long, env = "LOADGEN_DRAIN_TIMEOUT", default_value = "60s", value_parser = duration)]
+    #[arg(long, env = "LOADGEN_DRAIN_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
     /// Longest the whole run may take, sending and draining. At the deadline the run is
     /// stopped as by Ctrl-C, what was measured is reported, and loadgen exits with an
     /// error; a run still not ended 10 s later is abandoned. [default: --duration +
     /// --drain-timeout + 30s]
-    #[arg(long, env = "LOADGEN_DEADLINE", value_parser = duration)]
+    #[arg(long, env = "LOADGEN_DEADLINE", value_parser = humantime::parse_duration)]
     deadline: Option<Duration>,
     /// Measure device → notified latency: receive the router's webhook notifications on this
     /// address (`POST /notify`, e.g. 0.0.0.0:8099) and, for the length of the run, subscribe
@@ -183,7 +179,7 @@ struct Cli {
     notify_batch: u32,
     /// Longest the router holds a batch before notifying: the subscription's batch_notify
     /// duration. It is part of the measured notify latency.
-    #[arg(long, env = "LOADGEN_NOTIFY_BATCH_WAIT", default_value = "100ms", value_parser = duration)]
+    #[arg(long, env = "LOADGEN_NOTIFY_BATCH_WAIT", default_value = "100ms", value_parser = humantime::parse_duration)]
     notify_batch_wait: Duration,
     /// Directory for summary.json, .hgrm files, latency.svg and timeline.csv.
     #[arg(long, env = "LOADGEN_OUT", default_value = "results")]

@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use sluice_binding::model::now_ns;
+use sluice_binding::producer::Producer;
 use sluice_binding::receipt::Receipt;
 use sluice_binding::shutdown::CancellationToken;
-use sluice_ingest::producer::Producer;
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::notify::NotifyReceiver;

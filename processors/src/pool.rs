@@ -38,8 +38,8 @@ use crate::internal_events::{
     DELIVERIES, DeadLettered, QUEUE_BACKLOG, REDELIVERIES, WorkersResized,
 };
 use crate::latency;
-use crate::stage::Refusal;
 use crate::workers::{WorkerSet, WorkerStats};
+use sluice_binding::Refusal;
 
 /// Settings of a pool.
 #[derive(Clone, Debug)]
@@ -437,15 +437,14 @@ impl Committer {
         self.tasks.spawn(async move {
             let dl = DeadLetter {
                 body: &body,
-                reason: &refusal.reason,
-                error: refusal.error,
+                refusal: &refusal,
                 group: &group,
             };
             match transport.dead_letter(dl).await {
                 Ok(()) => {
                     DeadLettered {
                         queue: &queue,
-                        error: refusal.error,
+                        error: refusal.kind.as_str(),
                         reason: &refusal.reason,
                     }
                     .emit();

@@ -10,28 +10,11 @@ use arrow::array::{
 };
 use arrow::datatypes::Int32Type;
 use arrow::record_batch::RecordBatch;
-use sluice_binding::codec::{self, DecodeError};
+use sluice_binding::codec;
+use sluice_binding::dead_letter::{DeadLetterKind, Refusal};
 use sluice_binding::model::BatchView;
 use sluice_binding::validate::{self, Limits};
 use sluice_sinks::{StagedBatch, TS_TIMEZONE, readings_schema};
-
-/// Why a delivery is refused; it goes to the dead-letter queue with this reason.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Refusal {
-    /// Stable kind: `decode`, `unsupported-version`, `invalid`.
-    pub error: &'static str,
-    /// Human-readable reason.
-    pub reason: String,
-}
-
-impl From<DecodeError> for Refusal {
-    fn from(e: DecodeError) -> Self {
-        Refusal {
-            error: e.kind(),
-            reason: e.to_string(),
-        }
-    }
-}
 
 /// Decodes, validates and converts one message body.
 pub fn stage(
@@ -41,13 +24,12 @@ pub fn stage(
     limits: &Limits,
 ) -> Result<StagedBatch, Refusal> {
     let view = codec::decode(body)?;
-    validate::validate(&view, now_ns, limits).map_err(|e| Refusal {
-        error: "invalid",
-        reason: format!("invalid batch: {e}"),
-    })?;
-    let rows = to_record_batch(&view).map_err(|e| Refusal {
-        error: "invalid",
-        reason: format!("cannot build Arrow batch: {e}"),
+    validate::validate(&view, now_ns, limits)?;
+    let rows = to_record_batch(&view).map_err(|e| {
+        Refusal::new(
+            DeadLetterKind::Invalid,
+            format!("cannot build Arrow batch: {e}"),
+        )
     })?;
     Ok(StagedBatch {
         tenant: view.tenant.to_owned(),
@@ -123,12 +105,12 @@ mod tests {
     fn refuses_with_kinds() {
         let now = now_ns();
         let r = stage(b"garbage", false, now, &Limits::default()).unwrap_err();
-        assert_eq!(r.error, "decode");
+        assert_eq!(r.kind, DeadLetterKind::Decode);
         let mut b = BatchBuilder::new("acme", "p", 0);
         b.push("d1", "temp", now, f64::NAN);
         let body = codec::encode(&b.finish(now)).unwrap();
         let r = stage(&body, false, now, &Limits::default()).unwrap_err();
-        assert_eq!(r.error, "invalid");
+        assert_eq!(r.kind, DeadLetterKind::Invalid);
         assert!(r.reason.contains("NaN"), "{}", r.reason);
     }
 }

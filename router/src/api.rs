@@ -29,8 +29,8 @@ use futures::{Stream, StreamExt};
 use serde::Serialize;
 use sluice_binding::TenantId;
 use sluice_binding::model::now_ns;
+use sluice_binding::tenancy::Tenants;
 use sluice_binding::transport::Transport;
-use sluice_ingest::Tenants;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -173,14 +173,12 @@ impl IntoResponse for ApiError {
 }
 
 fn tenant(state: &ApiState, headers: &HeaderMap) -> Result<TenantId, ApiError> {
-    let key = sluice_ingest::http::api_key(headers)
-        .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.message))?;
     state
         .inner
         .tenants
-        .lookup(key)
+        .authenticate(headers)
         .cloned()
-        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown API key"))
+        .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()))
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {

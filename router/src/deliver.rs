@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use crate::event::{self, Event, Job, Notification, Stage};
+use crate::event::{self, Event, Job, Notification, Shape, Stage};
 use crate::matching::SubRef;
 use crate::notify::amqp::{AmqpError, AmqpNotifier};
 use crate::notify::webhook::{self, WebhookError, WebhookNotifier};

@@ -1,79 +1,31 @@
-//! The messages of the router, on the wire:
-//! - [`DerivedEvent`]: what analytics services publish on the events exchange (MessagePack);
-//! - [`Job`]: a unit of the notification outbox (MessagePack, durable AMQP queues);
-//! - [`Notification`]: what a subscriber receives (JSON).
-//!
-//! Every event has a stable id (`{batch id}:{reading index}` for readings, the publisher's
-//! id for derived events), so a redelivered batch produces the same events, and a
-//! notification's idempotency key is a digest of its subscription and event ids.
+//! The router's own messages on the wire: [`Job`], a unit of the notification outbox
+//! (MessagePack, durable AMQP queues). The events it carries, the derived events it reads
+//! and the notifications it sends are the contract's (`sluice_binding::event`); they are
+//! re-exported here with the content shaping a subscription asks for ([`Shape`]).
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::subscription::{Content, EventKind};
+pub use sluice_binding::event::{DerivedEvent, Event, Notification, idempotency_key};
 
-/// Version of the [`Job`] and [`DerivedEvent`] formats.
+use crate::subscription::Content;
+
+/// Version of the [`Job`] format.
 pub const FORMAT_VERSION: u32 = 1;
 
-/// One event, as matched and as notified.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Event {
-    /// Stable id: `{batch id}:{reading index}` for readings.
-    pub id: String,
-    /// Kind.
-    pub kind: EventKind,
-    /// Device.
-    pub device: String,
-    /// Metric.
-    pub metric: String,
-    /// Device timestamp, ns since the Unix epoch.
-    pub t: i64,
-    /// Value; absent in notifications whose content is `ids`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub value: Option<f64>,
-    /// Derived events: what was detected (`"stuck-at for 120 s"`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub detail: Option<String>,
+/// An event shown as a subscription's `content` asks.
+pub trait Shape {
+    /// The event with what `content` leaves out removed.
+    fn shaped(self, content: Content) -> Self;
 }
 
-impl Event {
-    /// The id of reading `index` of batch `batch`.
-    pub fn reading_id(batch: Uuid, index: u32) -> String {
-        format!("{}:{index}", batch.simple())
-    }
-
-    /// The event as `content` asks to show it.
-    pub fn shaped(mut self, content: Content) -> Self {
+impl Shape for Event {
+    fn shaped(mut self, content: Content) -> Self {
         if content == Content::Ids {
             self.value = None;
             self.detail = None;
         }
         self
-    }
-}
-
-/// A derived event on the events exchange (`{namespace}.events`, topic, routing key
-/// `{tenant}.{kind}`): MessagePack of this struct, as a map.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct DerivedEvent {
-    /// [`FORMAT_VERSION`].
-    pub v: u32,
-    /// Tenant the event belongs to.
-    pub tenant: String,
-    /// The event; its kind must not be `reading`.
-    pub event: Event,
-}
-
-impl DerivedEvent {
-    /// Encodes as a MessagePack map.
-    pub fn encode(&self) -> Vec<u8> {
-        rmp_serde::to_vec_named(self).expect("a derived event always serialises")
-    }
-
-    /// Decodes.
-    pub fn decode(body: &[u8]) -> Result<Self, rmp_serde::decode::Error> {
-        rmp_serde::from_slice(body)
     }
 }
 
@@ -161,40 +113,10 @@ impl Job {
     }
 }
 
-/// What a subscriber receives: JSON, by POST to a webhook, as the body of an AMQP message,
-/// as the `notification` field of a Redis stream entry, or as the data of a server-sent
-/// event.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Notification {
-    /// The idempotency key (also the `Idempotency-Key` header, AMQP `message_id`, and the
-    /// Redis stream entry's `id` field): the same for every delivery attempt of the same
-    /// events to the same subscription.
-    pub id: String,
-    /// Subscription id.
-    pub subscription: Uuid,
-    /// Tenant.
-    pub tenant: String,
-    /// The events, oldest first (one, or up to `batch_notify.count`).
-    pub events: Vec<Event>,
-    /// When the router sent it (ns since the Unix epoch).
-    pub sent: i64,
-}
-
-/// The idempotency key of a notification of `events` to `subscription`.
-pub fn idempotency_key(subscription: Uuid, events: &[Event]) -> String {
-    let mut h = Sha256::new();
-    h.update(subscription.as_bytes());
-    for e in events {
-        h.update(e.id.as_bytes());
-        h.update([0]);
-    }
-    let digest = h.finalize();
-    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sluice_binding::event::EventKind;
 
     fn ev(id: &str) -> Event {
         Event {
@@ -209,17 +131,7 @@ mod tests {
     }
 
     #[test]
-    fn key_depends_on_subscription_and_events_only() {
-        let s = Uuid::from_u128(7);
-        let a = idempotency_key(s, &[ev("a"), ev("b")]);
-        assert_eq!(a, idempotency_key(s, &[ev("a"), ev("b")]));
-        assert_eq!(a.len(), 32);
-        assert_ne!(a, idempotency_key(s, &[ev("ab")]));
-        assert_ne!(a, idempotency_key(Uuid::from_u128(8), &[ev("a"), ev("b")]));
-    }
-
-    #[test]
-    fn jobs_and_events_round_trip() {
+    fn jobs_round_trip() {
         let job = Job {
             v: FORMAT_VERSION,
             tenant: "t".into(),
@@ -239,16 +151,6 @@ mod tests {
             ..job.clone()
         };
         assert_eq!(Job::decode(&derived.encode()).unwrap(), derived);
-        let d = DerivedEvent {
-            v: 1,
-            tenant: "t".into(),
-            event: Event {
-                kind: EventKind::Fault,
-                detail: Some("spike".into()),
-                ..ev("f1")
-            },
-        };
-        assert_eq!(DerivedEvent::decode(&d.encode()).unwrap(), d);
     }
 
     #[test]

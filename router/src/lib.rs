@@ -30,9 +30,9 @@ pub mod sync;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use sluice_binding::tenancy::Tenants;
 use sluice_binding::transport::amqp::AmqpTransport;
 use sluice_binding::transport::{Transport, TransportError};
-use sluice_ingest::Tenants;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 

@@ -12,6 +12,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
+use sluice_binding::Refusal;
 use sluice_binding::codec;
 use sluice_binding::model::now_ns;
 use sluice_binding::transport::{Consumer, DeadLetter, Delivery, Transport};
@@ -141,16 +142,15 @@ impl Worker {
         async move {
             match jobs {
                 Ok(jobs) => publish(&outbox, d, jobs, started, requeue_delay, &shutdown).await,
-                Err((error, reason)) => refuse(&transport, d, error, &reason, requeue_delay).await,
+                Err(refusal) => refuse(&transport, d, &refusal, requeue_delay).await,
             }
         }
     }
 
     /// Jobs of one telemetry batch, or why it is refused.
-    fn match_batch(&mut self, body: &[u8]) -> Result<Vec<Job>, (&'static str, String)> {
-        let view = codec::decode(body).map_err(|e| (e.kind(), e.to_string()))?;
-        validate::validate(&view, now_ns(), &Limits::default())
-            .map_err(|e| ("invalid", format!("invalid batch: {e}")))?;
+    fn match_batch(&mut self, body: &[u8]) -> Result<Vec<Job>, Refusal> {
+        let view = codec::decode(body)?;
+        validate::validate(&view, now_ns(), &Limits::default())?;
         metrics::counter!("sluice_router_events_total", "kind" => "reading")
             .increment(view.len() as u64);
         let matches = {
@@ -182,24 +182,8 @@ impl Worker {
     }
 
     /// Jobs of one derived event, or why it is refused.
-    fn match_derived(&mut self, body: &[u8]) -> Result<Vec<Job>, (&'static str, String)> {
-        let ev = DerivedEvent::decode(body)
-            .map_err(|e| ("decode", format!("not a derived event: {e}")))?;
-        if ev.v != event::FORMAT_VERSION {
-            return Err((
-                "unsupported-version",
-                format!("derived event version {}", ev.v),
-            ));
-        }
-        if ev.event.kind == EventKind::Reading {
-            return Err((
-                "invalid",
-                "readings travel on the telemetry exchange, not as derived events".into(),
-            ));
-        }
-        if !sluice_binding::TenantId::is_valid(&ev.tenant) {
-            return Err(("invalid", format!("invalid tenant id {:?}", ev.tenant)));
-        }
+    fn match_derived(&mut self, body: &[u8]) -> Result<Vec<Job>, Refusal> {
+        let ev = DerivedEvent::decode(body)?;
         metrics::counter!("sluice_router_events_total", "kind" => ev.event.kind.as_str())
             .increment(1);
         let e = &ev.event;
@@ -279,19 +263,13 @@ async fn publish(
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 
 /// Moves an unusable delivery to the dead-letter queue with the reason.
-async fn refuse(
-    transport: &Transport,
-    d: Delivery,
-    error: &'static str,
-    reason: &str,
-    requeue_delay: Duration,
-) {
-    tracing::warn!(queue = %d.queue, error, reason, "refusing a delivery to the dead-letter queue");
+async fn refuse(transport: &Transport, d: Delivery, refusal: &Refusal, requeue_delay: Duration) {
+    let error = refusal.kind.as_str();
+    tracing::warn!(queue = %d.queue, error, reason = refusal.reason, "refusing a delivery to the dead-letter queue");
     metrics::counter!("sluice_router_refused_total", "error" => error).increment(1);
     let dl = DeadLetter {
         body: &d.body,
-        reason,
-        error,
+        refusal,
         group: GROUP,
     };
     match transport.dead_letter(dl).await {

@@ -94,33 +94,8 @@ fn readings_only() -> Vec<EventKind> {
     vec![EventKind::Reading]
 }
 
-/// The kind of an event. `reading` is a raw reading from the telemetry partitions; the
-/// others are derived events, published on the events exchange by analytics services
-/// (fault detection, TR 103 527 Annex A).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EventKind {
-    /// A raw reading.
-    Reading,
-    /// A detected fault of any type (outlier, stuck-at, spike).
-    Fault,
-    /// A threshold crossing computed by an analytics service.
-    Threshold,
-}
-
-impl EventKind {
-    /// All kinds, in a fixed order.
-    pub const ALL: [EventKind; 3] = [EventKind::Reading, EventKind::Fault, EventKind::Threshold];
-
-    /// The name used in JSON and metrics labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventKind::Reading => "reading",
-            EventKind::Fault => "fault",
-            EventKind::Threshold => "threshold",
-        }
-    }
-}
+/// The kind of an event: the contract's (`docs/binding.md` section 7).
+pub use sluice_binding::event::EventKind;
 
 /// A predicate on the value of an event. Exactly one key:
 /// `{"above": x}`, `{"below": x}`, `{"outside": [lo, hi]}`, `{"changed_by": d}`.

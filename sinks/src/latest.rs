@@ -29,7 +29,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError, Script, ServerErrorKind};
 
 use crate::columns::{DEVICE_IDX, METRIC_IDX, TS_IDX, VALUE_IDX};
-use crate::{InvalidTenant, SchemaMismatch, StagedBatch, conform_rows};
+use crate::{SchemaMismatch, StagedBatch, conform_rows};
+use sluice_binding::model::{InvalidTenantId, TenantId};
 
 /// Default Redis key prefix.
 pub const DEFAULT_PREFIX: &str = "sluice";
@@ -57,7 +58,7 @@ const PIPELINE_DEVICES: usize = 1024;
 pub enum LatestError {
     /// A batch or a lookup names an invalid tenant id.
     #[error(transparent)]
-    InvalidTenant(#[from] InvalidTenant),
+    InvalidTenant(#[from] InvalidTenantId),
     /// A batch's rows do not have the readings schema.
     #[error(transparent)]
     Schema(#[from] SchemaMismatch),
@@ -132,7 +133,7 @@ impl LatestStore {
 
     /// The latest readings of one device, sorted by metric; empty if unknown.
     pub async fn get(&self, tenant: &str, device: &str) -> Result<Vec<Latest>, LatestError> {
-        crate::validate_tenant(tenant)?;
+        TenantId::check(tenant)?;
         match self {
             Self::Redis(r) => r.get(tenant, device).await,
             Self::Memory(m) => Ok(m.get(tenant, device)),
@@ -141,7 +142,7 @@ impl LatestStore {
 
     /// The latest readings of every device of a tenant, sorted by device.
     pub async fn get_all_for_tenant(&self, tenant: &str) -> Result<Vec<DeviceLatest>, LatestError> {
-        crate::validate_tenant(tenant)?;
+        TenantId::check(tenant)?;
         match self {
             Self::Redis(r) => r.get_all_for_tenant(tenant).await,
             Self::Memory(m) => Ok(m.get_all_for_tenant(tenant)),
@@ -156,7 +157,7 @@ type Newest = BTreeMap<(String, String), HashMap<String, (i64, f64)>>;
 fn reduce(batches: &[StagedBatch]) -> Result<Newest, LatestError> {
     let mut newest = Newest::new();
     for batch in batches {
-        crate::validate_tenant(&batch.tenant)?;
+        TenantId::check(&batch.tenant)?;
         let rows = conform_rows(batch.batch_id, &batch.rows)?;
         let schema_error = |reason: &str| SchemaMismatch {
             batch_id: batch.batch_id,

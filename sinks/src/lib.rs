@@ -10,8 +10,9 @@
 //!   regressing to an older reading.
 //! - [`query`]: DataFusion SQL over one tenant's Parquet files, read-only.
 //!
-//! This crate deliberately does not depend on the binding crate: its contract with the rest of
-//! the workspace is the Arrow schema below ([`readings_schema`]) and [`StagedBatch`].
+//! Its contract with the rest of the workspace is the Arrow schema below
+//! ([`readings_schema`]) and [`StagedBatch`]; from the binding it takes only the contract's
+//! data rules (tenant ids, the clock), without the transports (`default-features = false`).
 
 use std::sync::{Arc, LazyLock};
 
@@ -66,7 +67,8 @@ pub fn readings_schema() -> SchemaRef {
 /// A decoded batch waiting to be committed to the sinks.
 #[derive(Debug, Clone)]
 pub struct StagedBatch {
-    /// Tenant id, `[a-z0-9][a-z0-9_-]{0,62}` (it becomes a directory name).
+    /// Tenant id, checked with [`sluice_binding::TenantId::check`] by every sink (it becomes a directory
+    /// name and a key segment).
     pub tenant: String,
     /// The batch id from the binding: the deduplication key.
     pub batch_id: uuid::Uuid,
@@ -76,28 +78,6 @@ pub struct StagedBatch {
     pub maybe_duplicate: bool,
     /// The readings, with exactly [`readings_schema`] (no nulls).
     pub rows: RecordBatch,
-}
-
-/// A tenant id that is not `[a-z0-9][a-z0-9_-]{0,62}`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid tenant id {0:?}: expected [a-z0-9][a-z0-9_-]{{0,62}}")]
-pub struct InvalidTenant(pub String);
-
-/// Checks a tenant id. Tenant ids become path segments and Redis key segments, so anything
-/// outside the binding's alphabet (`/`, `..`, `:`, glob characters) is refused here.
-pub fn validate_tenant(tenant: &str) -> Result<(), InvalidTenant> {
-    let bytes = tenant.as_bytes();
-    let ok = !bytes.is_empty()
-        && bytes.len() <= 63
-        && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
-        && bytes[1..]
-            .iter()
-            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(InvalidTenant(tenant.to_owned()))
-    }
 }
 
 /// Rows whose schema is not [`readings_schema`].
@@ -207,28 +187,6 @@ pub(crate) mod test_util {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tenant_ids() {
-        for ok in ["a", "acme", "0", "plant-7_x", &"a".repeat(63)] {
-            assert_eq!(validate_tenant(ok), Ok(()), "{ok}");
-        }
-        for bad in [
-            "",
-            "-a",
-            "_a",
-            "A",
-            "a/b",
-            "..",
-            "a.b",
-            "a:b",
-            "a*",
-            "é",
-            &"a".repeat(64),
-        ] {
-            assert!(validate_tenant(bad).is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn conform_rejects_wrong_schema() {

@@ -45,7 +45,6 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use ::parquet::arrow::ArrowWriter;
 use ::parquet::basic::{Compression, ZstdLevel};
@@ -59,10 +58,11 @@ use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use arrow::temporal_conversions::timestamp_s_to_datetime;
 use serde::{Deserialize, Serialize};
+use sluice_binding::model::{InvalidTenantId, TenantId, now_ns};
 use uuid::Uuid;
 
 use crate::columns::TS_IDX;
-use crate::{InvalidTenant, SchemaMismatch, StagedBatch, conform_rows, readings_schema};
+use crate::{SchemaMismatch, StagedBatch, conform_rows, readings_schema};
 
 /// Footer key-value metadata key listing the batch ids in a file (JSON array of UUIDs).
 pub const BATCHES_KEY: &str = "sluice.batches";
@@ -138,7 +138,7 @@ impl Default for ParquetStoreConfig {
 pub enum StoreError {
     /// A batch names a tenant outside the tenant alphabet (it would be a path segment).
     #[error(transparent)]
-    InvalidTenant(#[from] InvalidTenant),
+    InvalidTenant(#[from] InvalidTenantId),
     /// A batch's rows do not have the readings schema.
     #[error(transparent)]
     Schema(#[from] SchemaMismatch),
@@ -374,7 +374,7 @@ impl Inner {
         // Validate everything before writing anything, and split without holding the lock.
         let mut partitions: BTreeMap<PartitionKey, Vec<Piece>> = BTreeMap::new();
         for (index, batch) in batches.iter().enumerate() {
-            crate::validate_tenant(&batch.tenant)?;
+            TenantId::check(&batch.tenant)?;
             let rows = conform_rows(batch.batch_id, &batch.rows)?;
             for (hour, rows) in split_by_hour(&rows)? {
                 let key = PartitionKey {
@@ -661,13 +661,6 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err("fsync", dir))
-}
-
-fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// The current time, but never before `start` (the wall clock may step back).

@@ -39,7 +39,8 @@ use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 
-use crate::{InvalidTenant, readings_schema};
+use crate::readings_schema;
+use sluice_binding::model::{InvalidTenantId, TenantId};
 
 /// The name of the one table.
 pub const TABLE: &str = "readings";
@@ -53,7 +54,7 @@ pub const HOUR: &str = "hour";
 pub enum QueryError {
     /// The tenant id is not a valid tenant id.
     #[error(transparent)]
-    InvalidTenant(#[from] InvalidTenant),
+    InvalidTenant(#[from] InvalidTenantId),
     /// The store root cannot be used as a table location.
     #[error("invalid store root {}: {reason}", path.display())]
     InvalidRoot {
@@ -98,7 +99,7 @@ impl TenantQuery {
     /// Builds the session for `tenant` over the store at `root`. A tenant without data yet
     /// gets an empty table. Nothing is read here.
     pub fn new(root: impl AsRef<Path>, tenant: &str) -> Result<Self, QueryError> {
-        crate::validate_tenant(tenant)?;
+        TenantId::check(tenant)?;
         let root = root.as_ref();
         let invalid = |reason: String| QueryError::InvalidRoot {
             path: root.to_owned(),

@@ -17,10 +17,6 @@ use sluice_processors::{PoolConfig, Sinks};
 use sluice_sinks::latest::{LatestStore, RedisLatest};
 use sluice_sinks::parquet::{ParquetStore, ParquetStoreConfig};
 
-fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
-    humantime::parse_duration(s)
-}
-
 /// Where the broker is and how the topology is shaped.
 #[derive(Debug, Clone, Args)]
 pub(crate) struct BrokerArgs {
@@ -44,10 +40,10 @@ pub(crate) struct BrokerArgs {
     #[arg(long, env = "SLUICE_QUEUE_TYPE", default_value = "quorum")]
     pub(crate) queue_type: QueueType,
     /// How long a publish waits for the broker's confirm before it counts as failed.
-    #[arg(long, env = "SLUICE_CONFIRM_TIMEOUT", default_value = "10s", value_parser = duration)]
+    #[arg(long, env = "SLUICE_CONFIRM_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub(crate) confirm_timeout: Duration,
     /// How long to keep retrying the first connection to a broker (it may start later).
-    #[arg(long, env = "SLUICE_CONNECT_TIMEOUT", default_value = "60s", value_parser = duration)]
+    #[arg(long, env = "SLUICE_CONNECT_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub(crate) connect_timeout: Duration,
     /// Declare the partition queues single-active-consumer: of several processes consuming
     /// a partition, one at a time receives, so each partition is processed in order (with
@@ -120,7 +116,7 @@ pub(crate) struct BatchingArgs {
     #[arg(long, env = "SLUICE_BATCH_MAX_READINGS", default_value_t = 1000)]
     pub(crate) batch_max_readings: usize,
     /// Longest wait for a batch to fill before it is published anyway.
-    #[arg(long, env = "SLUICE_BATCH_LINGER", default_value = "5ms", value_parser = duration)]
+    #[arg(long, env = "SLUICE_BATCH_LINGER", default_value = "5ms", value_parser = humantime::parse_duration)]
     pub(crate) batch_linger: Duration,
     /// Largest request body, in bytes (larger: 413).
     #[arg(long, env = "SLUICE_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
@@ -133,10 +129,10 @@ pub(crate) struct BatchingArgs {
     #[arg(long, env = "SLUICE_MAX_INFLIGHT_PER_TENANT", default_value_t = 0)]
     pub(crate) max_inflight_per_tenant: usize,
     /// Longest a request body may take to arrive (slower: 408).
-    #[arg(long, env = "SLUICE_BODY_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
+    #[arg(long, env = "SLUICE_BODY_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub(crate) body_read_timeout: Duration,
     /// Longest a client may take to send a request's headers (slower: closed).
-    #[arg(long, env = "SLUICE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
+    #[arg(long, env = "SLUICE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub(crate) header_read_timeout: Duration,
     /// Connections open at once; more wait in the listen backlog (keep below `ulimit -n`).
     #[arg(long, env = "SLUICE_MAX_CONNECTIONS", default_value_t = 4096)]
@@ -203,13 +199,13 @@ pub(crate) struct PoolArgs {
     #[arg(long, env = "SLUICE_FLUSH_ROWS", default_value_t = 100_000)]
     pub(crate) flush_rows: usize,
     /// Commit at the latest this long after the first staged row.
-    #[arg(long, env = "SLUICE_FLUSH_INTERVAL", default_value = "1s", value_parser = duration)]
+    #[arg(long, env = "SLUICE_FLUSH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub(crate) flush_interval: Duration,
     /// ZSTD level of the Parquet files.
     #[arg(long, env = "SLUICE_ZSTD_LEVEL", default_value_t = 1)]
     pub(crate) zstd_level: i32,
     /// How far ahead of this clock a device timestamp may be.
-    #[arg(long, env = "SLUICE_MAX_FUTURE_SKEW", default_value = "1h", value_parser = duration)]
+    #[arg(long, env = "SLUICE_MAX_FUTURE_SKEW", default_value = "1h", value_parser = humantime::parse_duration)]
     pub(crate) max_future_skew: Duration,
     #[command(flatten)]
     pub(crate) autoscale: AutoscaleArgs,
@@ -233,11 +229,11 @@ pub(crate) struct AutoscaleArgs {
     pub(crate) scale_step: usize,
     /// No scale-down within this long of a change, and only after the target was met with
     /// a step fewer workers for this long.
-    #[arg(long, env = "SLUICE_SCALE_COOLDOWN", default_value = "60s", value_parser = duration)]
+    #[arg(long, env = "SLUICE_SCALE_COOLDOWN", default_value = "60s", value_parser = humantime::parse_duration)]
     pub(crate) scale_cooldown: Duration,
     /// How often the autoscaler samples the backlog (and the least time between two
     /// scale-ups).
-    #[arg(long, env = "SLUICE_SCALE_INTERVAL", default_value = "5s", value_parser = duration)]
+    #[arg(long, env = "SLUICE_SCALE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub(crate) scale_interval: Duration,
     /// What the autoscaler keeps: `backlog:<ready messages per worker>` or
     /// `drain:<time to drain the backlog>`.
@@ -426,13 +422,13 @@ pub(crate) struct RouterArgs {
     #[arg(long, env = "SLUICE_NOTIFY_MAX_ATTEMPTS", default_value_t = 8)]
     pub(crate) max_attempts: u32,
     /// Delay before the first retry; doubles per attempt, with jitter.
-    #[arg(long, env = "SLUICE_NOTIFY_RETRY_INITIAL", default_value = "1s", value_parser = duration)]
+    #[arg(long, env = "SLUICE_NOTIFY_RETRY_INITIAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub(crate) retry_initial: Duration,
     /// Longest delay between retries.
-    #[arg(long, env = "SLUICE_NOTIFY_RETRY_MAX", default_value = "60s", value_parser = duration)]
+    #[arg(long, env = "SLUICE_NOTIFY_RETRY_MAX", default_value = "60s", value_parser = humantime::parse_duration)]
     pub(crate) retry_max: Duration,
     /// Timeout of one webhook request.
-    #[arg(long, env = "SLUICE_WEBHOOK_TIMEOUT", default_value = "5s", value_parser = duration)]
+    #[arg(long, env = "SLUICE_WEBHOOK_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub(crate) webhook_timeout: Duration,
     /// Concurrent requests per webhook target (scheme, host and port).
     #[arg(long, env = "SLUICE_WEBHOOK_CONCURRENCY", default_value_t = 8)]
@@ -441,7 +437,7 @@ pub(crate) struct RouterArgs {
     #[arg(long, env = "SLUICE_WEBHOOK_BREAKER_FAILURES", default_value_t = 5)]
     pub(crate) breaker_failures: u32,
     /// How long an open circuit stays open before one trial request.
-    #[arg(long, env = "SLUICE_WEBHOOK_BREAKER_OPEN_FOR", default_value = "30s", value_parser = duration)]
+    #[arg(long, env = "SLUICE_WEBHOOK_BREAKER_OPEN_FOR", default_value = "30s", value_parser = humantime::parse_duration)]
     pub(crate) breaker_open_for: Duration,
     /// Webhook targets allowed although loopback, private or link-local: IP addresses,
     /// CIDR networks or host names, comma-separated (e.g. `10.0.0.0/8,hooks.internal`).

@@ -10,14 +10,14 @@ use crate::args::OptionalAddr;
 use anyhow::{Context, Result};
 use clap::Args;
 use sluice_binding::model::TenantId;
+use sluice_binding::producer::Producer;
 use sluice_binding::shutdown::{self, CancellationToken};
 use sluice_binding::telemetry;
+use sluice_binding::tenancy::Tenants;
 use sluice_binding::topology::Topology;
 use sluice_binding::transport::Transport;
 use sluice_binding::transport::inproc::InProcessTransport;
 use sluice_ingest::http::{AppState, serve};
-use sluice_ingest::producer::Producer;
-use sluice_ingest::tenants::Tenants;
 use sluice_loadgen::run::{BodyFormat, LoadConfig, Target, run as run_load, write_outputs};
 use sluice_processors::Sinks;
 use sluice_sinks::latest::{LatestStore, RedisLatest};
@@ -27,10 +27,6 @@ use crate::args::{BatchingArgs, PoolArgs};
 /// Tenant and key of the embedded mode when no tenants file is given.
 const DEMO_TENANT: &str = "demo";
 const DEMO_KEY: &str = "demo-key-change-me";
-
-fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
-    humantime::parse_duration(s)
-}
 
 /// `sluice embedded` flags.
 #[derive(Debug, Clone, Args)]
@@ -67,7 +63,7 @@ pub(crate) struct EmbeddedArgs {
     #[command(flatten)]
     batching: BatchingArgs,
     /// Load: how long loadgen sends.
-    #[arg(long = "duration", env = "SLUICE_LOAD_DURATION", default_value = "10s", value_parser = duration)]
+    #[arg(long = "duration", env = "SLUICE_LOAD_DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     load_duration: Duration,
     /// Load: stop after this many readings.
     #[arg(long = "count", env = "SLUICE_LOAD_COUNT")]

@@ -155,7 +155,7 @@ async fn connect_amqp(broker: &BrokerArgs, name: &str) -> Result<AmqpTransport> 
 
 async fn run_ingest(args: IngestArgs, broker: BrokerArgs, ops: OpsArgs) -> Result<()> {
     let shutdown = start_ops(&ops)?;
-    let tenants = sluice_ingest::tenants::Tenants::load(&args.tenants)
+    let tenants = sluice_binding::tenancy::Tenants::load(&args.tenants)
         .with_context(|| format!("cannot load tenants from {}", args.tenants.display()))?;
     let cfg = args.batching.config();
     cfg.check()?;
@@ -164,7 +164,7 @@ async fn run_ingest(args: IngestArgs, broker: BrokerArgs, ops: OpsArgs) -> Resul
     transport
         .declare(&[sluice_processors::PoolConfig::default().group.as_str()])
         .await?;
-    let producer = sluice_ingest::producer::Producer::new(transport.clone(), cfg.producer.clone());
+    let producer = sluice_binding::producer::Producer::new(transport.clone(), cfg.producer.clone());
     let state = sluice_ingest::http::AppState::new(cfg, tenants, producer);
     let listener = bind(args.listen).await?;
     let stop = shutdown.clone();
@@ -205,7 +205,7 @@ async fn run_process(args: ProcessArgs, broker: BrokerArgs, ops: OpsArgs) -> Res
 
 async fn run_router(args: RouterArgs, broker: BrokerArgs, ops: OpsArgs) -> Result<()> {
     let shutdown = start_ops(&ops)?;
-    let tenants = sluice_ingest::tenants::Tenants::load(&args.tenants)
+    let tenants = sluice_binding::tenancy::Tenants::load(&args.tenants)
         .with_context(|| format!("cannot load tenants from {}", args.tenants.display()))?;
     let cfg = args.config()?;
     let transport = connect_amqp(&broker, "sluice-router").await?;

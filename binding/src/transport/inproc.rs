@@ -18,6 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use super::{
     Consumer, ConsumerInner, DeadLetter, Delivery, Outgoing, PublishError, TransportError,
 };
+use crate::dead_letter::DeadLetterKind;
 use crate::receipt::Receipt;
 use crate::topology::Topology;
 
@@ -58,8 +59,8 @@ pub struct DeadLetterRecord {
     pub body: Bytes,
     /// Why it was refused.
     pub reason: String,
-    /// Stable error kind.
-    pub error: String,
+    /// Its stable kind.
+    pub kind: DeadLetterKind,
     /// The consumer group that refused it.
     pub group: String,
 }
@@ -128,8 +129,8 @@ impl InProcessTransport {
     pub(super) fn dead_letter(&self, dl: DeadLetter<'_>) {
         tracing::warn!(
             group = dl.group,
-            error = dl.error,
-            reason = dl.reason,
+            error = %dl.refusal.kind,
+            reason = dl.refusal.reason,
             "dead-lettered"
         );
         let mut dead = self.inner.dead.lock().unwrap_or_else(|p| p.into_inner());
@@ -138,8 +139,8 @@ impl InProcessTransport {
         }
         dead.push_back(DeadLetterRecord {
             body: Bytes::copy_from_slice(dl.body),
-            reason: dl.reason.to_owned(),
-            error: dl.error.to_owned(),
+            reason: dl.refusal.reason.clone(),
+            kind: dl.refusal.kind,
             group: dl.group.to_owned(),
         });
     }
@@ -303,6 +304,7 @@ impl Drop for InProcessAcker {
 mod tests {
     use super::super::{Outgoing, Transport};
     use super::*;
+    use crate::dead_letter::Refusal;
     use std::time::Duration;
     use uuid::Uuid;
 
@@ -412,8 +414,7 @@ mod tests {
         assert_eq!(rx.recv().await.unwrap(), r);
         t.dead_letter(DeadLetter {
             body: b"junk",
-            reason: "bad",
-            error: "decode",
+            refusal: &Refusal::new(DeadLetterKind::Decode, "bad"),
             group: "a",
         })
         .await
@@ -424,5 +425,6 @@ mod tests {
         let dl = ip.dead_letters();
         assert_eq!(dl.len(), 1);
         assert_eq!(dl[0].reason, "bad");
+        assert_eq!(dl[0].kind, DeadLetterKind::Decode);
     }
 }

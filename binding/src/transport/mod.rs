@@ -23,6 +23,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use crate::dead_letter::Refusal;
 use crate::receipt::Receipt;
 use crate::topology::Topology;
 
@@ -44,10 +45,8 @@ pub struct Outgoing<'a> {
 pub struct DeadLetter<'a> {
     /// The original body, unchanged.
     pub body: &'a [u8],
-    /// Human-readable reason (`x-sluice-reason`).
-    pub reason: &'a str,
-    /// Stable kind (`x-sluice-error`): `decode`, `unsupported-version`, `invalid`.
-    pub error: &'a str,
+    /// Why: its kind (`x-sluice-error`) and reason (`x-sluice-reason`).
+    pub refusal: &'a Refusal,
     /// The consumer group that refused it (`x-sluice-group`).
     pub group: &'a str,
 }
@@ -79,6 +78,22 @@ pub enum PublishError {
     /// The transport was closed.
     #[error("transport closed")]
     Closed,
+}
+
+impl PublishError {
+    /// A stable name for metrics and logs: `blocked`, `unavailable`, `nacked`,
+    /// `unroutable`, `timeout`, `connection`, `closed`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PublishError::Blocked(_) => "blocked",
+            PublishError::Unavailable(_) => "unavailable",
+            PublishError::Nacked => "nacked",
+            PublishError::Unroutable(_) => "unroutable",
+            PublishError::Timeout(_) => "timeout",
+            PublishError::Connection(_) => "connection",
+            PublishError::Closed => "closed",
+        }
+    }
 }
 
 /// Setting up a transport or a consumer failed.

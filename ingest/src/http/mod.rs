@@ -46,10 +46,10 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::batcher::{BatchError, Batcher, BatcherConfig, Chunk};
 use crate::config::IngestConfig;
 use crate::internal_events::{ReadingsAccepted, RequestCompleted, RequestRejected};
-use crate::producer::{Producer, SendError};
-use crate::tenants::Tenants;
 pub use body::{Format, Precision};
 pub use error::{ApiError, Detail, ErrorCode};
+use sluice_binding::producer::{Producer, SendError};
+use sluice_binding::tenancy::Tenants;
 
 /// Bodies larger than this are parsed on the blocking pool rather than on an async worker,
 /// so a multi-megabyte parse does not delay other requests' confirms.
@@ -309,42 +309,6 @@ fn unavailable_message(e: &SendError) -> String {
     }
 }
 
-/// The API key of a request: `Authorization: Bearer <key>` or `X-Api-Key: <key>`. Shared
-/// with the other tenant-authenticated APIs (the router's subscriptions).
-pub fn api_key(headers: &HeaderMap) -> Result<&str, ApiError> {
-    let unauthorized = |m: &str| ApiError::new(ErrorCode::Unauthorized, m);
-    if let Some(v) = headers.get(header::AUTHORIZATION) {
-        let v = v
-            .to_str()
-            .map_err(|_| unauthorized("the Authorization header is not visible ASCII"))?;
-        let (scheme, key) = v.trim().split_once(' ').unwrap_or((v, ""));
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(unauthorized(
-                "the Authorization header must use the Bearer scheme",
-            ));
-        }
-        let key = key.trim();
-        if key.is_empty() {
-            return Err(unauthorized(
-                "the Authorization header has no key after Bearer",
-            ));
-        }
-        return Ok(key);
-    }
-    if let Some(v) = headers.get("x-api-key") {
-        let key = v
-            .to_str()
-            .map_err(|_| unauthorized("the X-Api-Key header is not visible ASCII"))?
-            .trim();
-        if !key.is_empty() {
-            return Ok(key);
-        }
-    }
-    Err(unauthorized(
-        "missing API key: send Authorization: Bearer <key> or X-Api-Key: <key>",
-    ))
-}
-
 fn content_type(headers: &HeaderMap) -> Result<Format, ApiError> {
     let value = headers
         .get(header::CONTENT_TYPE)
@@ -382,8 +346,8 @@ fn admit(
 ) -> Result<(TenantId, Format, Precision, Permits), ApiError> {
     let tenant = s
         .tenants
-        .lookup(api_key(req.headers())?)
-        .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "unknown API key"))?
+        .authenticate(req.headers())
+        .map_err(|e| ApiError::new(ErrorCode::Unauthorized, e.to_string()))?
         .clone();
     *tenant_out = Some(tenant.clone());
 

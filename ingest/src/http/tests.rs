@@ -16,7 +16,7 @@ use sluice_binding::{Partitioning, TenantId, Topology};
 use tower::ServiceExt;
 
 use super::*;
-use crate::producer::ProducerConfig;
+use sluice_binding::producer::ProducerConfig;
 
 const DEMO_KEY: &str = "demo-key";
 const ACME_KEY: &str = "acme-key";

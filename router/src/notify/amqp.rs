@@ -14,9 +14,9 @@
 
 use lapin::BasicProperties;
 use sluice_binding::TenantId;
+use sluice_binding::tenancy::Tenants;
 use sluice_binding::transport::PublishError;
 use sluice_binding::transport::amqp::AmqpTransport;
-use sluice_ingest::Tenants;
 
 /// Why an AMQP notification was not published.
 #[derive(Debug, thiserror::Error)]

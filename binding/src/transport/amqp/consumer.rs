@@ -21,6 +21,7 @@ use lapin::{Channel, Connection};
 use tokio::sync::mpsc;
 
 use super::link::{Link, MAX_BACKOFF};
+use crate::internal_events::ConsumerResubscribed;
 use crate::receipt::Receipt;
 use crate::transport::{Acker, Delivery};
 
@@ -127,9 +128,11 @@ impl AmqpConsumer {
                 .await
                 {
                     Ok(s) => {
-                        tracing::info!(%queue, broker = self.link.broker(), "consumer subscribed again");
-                        metrics::counter!("sluice_consumer_resubscribed_total", "queue" => queue.to_string())
-                            .increment(1);
+                        ConsumerResubscribed {
+                            queue: &queue,
+                            broker: self.link.broker(),
+                        }
+                        .emit();
                         self.set_current(Some(s));
                     }
                     Err(e) => {

@@ -30,6 +30,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::AmqpConfig;
+use crate::internal_events::{BrokerBlocked, BrokerConnected, BrokerDisconnected, ChannelReplaced};
 use crate::transport::TransportError;
 
 /// Longest wait between two connection attempts; with jitter, a broker that accepts
@@ -361,13 +362,11 @@ impl Slot {
             .replace(ch.clone())
             .is_some();
         if replaced {
-            tracing::info!(
+            ChannelReplaced {
                 broker,
-                channel = ch.id(),
-                "publishing channel closed by the broker; replaced"
-            );
-            metrics::counter!("sluice_broker_channels_replaced_total", "broker" => broker.to_owned())
-                .increment(1);
+                channel: ch.id(),
+            }
+            .emit();
         }
         Ok(ch)
     }
@@ -411,27 +410,27 @@ impl Supervisor {
                     self.shared
                         .state
                         .send_replace(LinkState::Up(session.clone()));
-                    metrics::gauge!("sluice_broker_connected", "broker" => broker.clone(), "role" => role)
-                        .set(1.0);
-                    match first.take() {
-                        Some(tx) => {
-                            tracing::info!(%broker, role, "connected to broker");
-                            let _ = tx.send(Ok(()));
-                        }
-                        None => {
-                            tracing::info!(%broker, role, generation, "reconnected to broker");
-                            metrics::counter!("sluice_broker_reconnects_total", "broker" => broker.clone(), "role" => role)
-                                .increment(1);
-                        }
+                    BrokerConnected {
+                        broker: &broker,
+                        role,
+                        generation,
+                        reconnect: first.is_none(),
+                    }
+                    .emit();
+                    if let Some(tx) = first.take() {
+                        let _ = tx.send(Ok(()));
                     }
                     let reason = self.watch(&session, events).await;
-                    metrics::gauge!("sluice_broker_connected", "broker" => broker.clone(), "role" => role)
-                        .set(0.0);
-                    metrics::gauge!("sluice_broker_blocked", "broker" => broker.clone()).set(0.0);
-                    if self.shared.stop.is_cancelled() {
+                    let stopping = self.shared.stop.is_cancelled();
+                    BrokerDisconnected {
+                        broker: &broker,
+                        role,
+                        reason: (!stopping).then_some(reason.as_str()),
+                    }
+                    .emit();
+                    if stopping {
                         break;
                     }
-                    tracing::warn!(%broker, role, error = %reason, "broker connection lost; reconnecting");
                     self.shared.state.send_replace(LinkState::Down {
                         error: reason,
                         since: Instant::now(),
@@ -548,13 +547,11 @@ impl Supervisor {
                 () = self.shared.stop.cancelled() => return "closed".to_owned(),
                 ev = events.next() => match ev {
                     Some(Event::ConnectionBlocked(reason)) => {
-                        tracing::warn!(%broker, %reason, "broker blocked publishing");
-                        metrics::gauge!("sluice_broker_blocked", "broker" => broker.clone()).set(1.0);
+                        BrokerBlocked { broker, reason: Some(&reason) }.emit();
                         session.set_blocked(Some(reason));
                     }
                     Some(Event::ConnectionUnblocked) => {
-                        tracing::info!(%broker, "broker unblocked publishing");
-                        metrics::gauge!("sluice_broker_blocked", "broker" => broker.clone()).set(0.0);
+                        BrokerBlocked { broker, reason: None }.emit();
                         session.set_blocked(None);
                     }
                     // Channel-level errors (a publish to a missing exchange) come here

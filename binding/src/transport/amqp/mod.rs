@@ -381,11 +381,11 @@ impl AmqpTransport {
         let mut headers = FieldTable::default();
         headers.insert(
             ShortString::from("x-sluice-reason"),
-            AMQPValue::LongString(dl.reason.into()),
+            AMQPValue::LongString(dl.refusal.reason.as_str().into()),
         );
         headers.insert(
             ShortString::from("x-sluice-error"),
-            AMQPValue::LongString(dl.error.into()),
+            AMQPValue::LongString(dl.refusal.kind.as_str().into()),
         );
         headers.insert(
             ShortString::from("x-sluice-group"),

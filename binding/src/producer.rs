@@ -17,13 +17,12 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
-use sluice_binding::codec::{self, EncodeError, MAX_MESSAGE_BYTES};
-use sluice_binding::model::BatchBuilder;
-use sluice_binding::transport::{Outgoing, PublishError, Transport};
-use sluice_binding::{Batch, Partitioner, Partitioning};
-
+use crate::codec::{self, EncodeError, MAX_MESSAGE_BYTES};
 use crate::internal_events::{BatchPublished, PublishFailed};
+use crate::model::BatchBuilder;
+use crate::transport::{Outgoing, PublishError, Transport};
+use crate::{Batch, Partitioner, Partitioning};
+use serde::Deserialize;
 
 /// Settings of a [`Producer`].
 #[derive(Clone, Debug, Deserialize)]
@@ -34,14 +33,14 @@ pub struct ProducerConfig {
     pub producer_id: String,
     /// How batches are spread over partitions: `"round-robin"` (default) or
     /// `"device-hash"` (every batch holds one device; per-device order).
-    #[serde(with = "crate::serde_util::partitioning")]
+    #[serde(with = "crate::config::partitioning")]
     pub partitioning: Partitioning,
     /// How many times a batch is published again, with the same bytes, after a confirm
     /// timeout, a connection error or a nack (default 2; 0 disables retries).
     pub retries: u32,
     /// Wait before the first retry; doubles for each further one, up to 5 s
     /// (humantime, default `"100ms"`).
-    #[serde(with = "crate::serde_util::duration")]
+    #[serde(with = "crate::config::duration")]
     pub retry_backoff: Duration,
 }
 
@@ -118,7 +117,7 @@ impl SendError {
             SendError::NotSingleDevice(_) => "not_single_device",
             SendError::Encode(_) => "encode",
             SendError::TooLarge(_) => "too_large",
-            SendError::Publish { source, .. } => publish_error_kind(source),
+            SendError::Publish { source, .. } => source.kind(),
         }
     }
 
@@ -126,19 +125,6 @@ impl SendError {
     /// broker is unavailable; the HTTP front end answers 500 rather than 503 for these.
     pub fn is_permanent(&self) -> bool {
         !matches!(self, SendError::Publish { .. })
-    }
-}
-
-/// The stable name of a transport error.
-pub fn publish_error_kind(e: &PublishError) -> &'static str {
-    match e {
-        PublishError::Blocked(_) => "blocked",
-        PublishError::Unavailable(_) => "unavailable",
-        PublishError::Nacked => "nacked",
-        PublishError::Unroutable(_) => "unroutable",
-        PublishError::Timeout(_) => "timeout",
-        PublishError::Connection(_) => "connection",
-        PublishError::Closed => "closed",
     }
 }
 
@@ -241,7 +227,7 @@ impl Producer {
                 Err(e) => {
                     let will_retry = attempt <= self.cfg.retries && retryable(&e);
                     PublishFailed {
-                        error: publish_error_kind(&e),
+                        error: e.kind(),
                         detail: &e,
                         attempt,
                         will_retry,
@@ -276,9 +262,9 @@ impl Producer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_binding::Topology;
-    use sluice_binding::codec::decode;
-    use sluice_binding::transport::inproc::InProcessTransport;
+    use crate::Topology;
+    use crate::codec::decode;
+    use crate::transport::inproc::InProcessTransport;
 
     async fn transport() -> Transport {
         let t = Transport::InProcess(InProcessTransport::new(Topology::new("t", 2), 64));
@@ -340,7 +326,7 @@ mod tests {
         let mut b = p.batch("acme");
         b.push("meter-1", "temp", 1, 1.0);
         p.send(&b.finish(1)).await.unwrap();
-        let expected = sluice_binding::partition::fnv1a64(b"meter-1") % 2;
+        let expected = crate::partition::fnv1a64(b"meter-1") % 2;
         let mut consumers = t.consume_group("storage", 16).await.unwrap();
         let d = consumers[expected as usize].next().await.unwrap();
         assert_eq!(decode(&d.body).unwrap().devices, ["meter-1"]);

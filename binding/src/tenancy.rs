@@ -13,8 +13,10 @@
 //! an `amq.*` one, and never one granted to another tenant (a tenant could otherwise forge
 //! the other's notifications).
 //!
-//! An HTTP request authenticates with one key; the key names the tenant of every reading
-//! the request carries (`docs/binding.md` section 6).
+//! An HTTP request authenticates with one key, `Authorization: Bearer <key>` or
+//! `X-Api-Key: <key>` ([`Tenants::authenticate`]); the key names the tenant of every reading
+//! the request carries and of every subscription it manages (`docs/binding.md` section 6).
+//! Ingest and the router's subscription API authenticate through the same function.
 //!
 //! Keys are looked up by their SHA-256 digest: the time a lookup takes depends on the
 //! digest of the presented key, which tells a caller nothing about the stored keys. A map
@@ -26,9 +28,60 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
+use crate::model::TenantId;
+use http::{HeaderMap, header};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use sluice_binding::TenantId;
+
+/// Why a request was not authenticated; each answers 401 with this message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// Neither header is present (or `X-Api-Key` is blank).
+    #[error("missing API key: send Authorization: Bearer <key> or X-Api-Key: <key>")]
+    Missing,
+    /// The named header has bytes outside visible ASCII.
+    #[error("the {0} header is not visible ASCII")]
+    NotAscii(&'static str),
+    /// `Authorization` with another scheme than Bearer.
+    #[error("the Authorization header must use the Bearer scheme")]
+    NotBearer,
+    /// `Authorization: Bearer` with nothing after it.
+    #[error("the Authorization header has no key after Bearer")]
+    EmptyBearer,
+    /// A well-formed key that belongs to no tenant.
+    #[error("unknown API key")]
+    UnknownKey,
+}
+
+/// The API key a request presents: `Authorization: Bearer <key>` (which wins) or
+/// `X-Api-Key: <key>`, trimmed.
+pub fn api_key(headers: &HeaderMap) -> Result<&str, AuthError> {
+    if let Some(v) = headers.get(header::AUTHORIZATION) {
+        let v = v
+            .to_str()
+            .map_err(|_| AuthError::NotAscii("Authorization"))?
+            .trim();
+        let (scheme, key) = v.split_once(' ').unwrap_or((v, ""));
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(AuthError::NotBearer);
+        }
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(AuthError::EmptyBearer);
+        }
+        return Ok(key);
+    }
+    if let Some(v) = headers.get("x-api-key") {
+        let key = v
+            .to_str()
+            .map_err(|_| AuthError::NotAscii("X-Api-Key"))?
+            .trim();
+        if !key.is_empty() {
+            return Ok(key);
+        }
+    }
+    Err(AuthError::Missing)
+}
 
 /// Why a tenants file was refused.
 #[derive(Debug, thiserror::Error)]
@@ -110,7 +163,7 @@ struct Entry {
     amqp_exchanges: Vec<String>,
 }
 
-/// The tenants an ingest process serves, and the key → tenant map.
+/// The tenants of a deployment, the key → tenant map and the exchanges granted to each.
 #[derive(Clone)]
 pub struct Tenants {
     by_key_digest: HashMap<[u8; 32], TenantId>,
@@ -240,6 +293,11 @@ impl Tenants {
         self.by_key_digest.get(&digest(key))
     }
 
+    /// The tenant whose key the request presents ([`api_key`]).
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<&TenantId, AuthError> {
+        self.lookup(api_key(headers)?).ok_or(AuthError::UnknownKey)
+    }
+
     /// Every tenant id, in file order.
     pub fn ids(&self) -> &[TenantId] {
         &self.ids
@@ -346,6 +404,52 @@ mod tests {
             ));
             assert!(e.contains(why), "{e}");
         }
+    }
+
+    #[test]
+    fn requests_authenticate_with_a_bearer_or_x_api_key_header() {
+        let t = Tenants::single(TenantId::new("a").unwrap(), &["k1"]);
+        let headers = |pairs: &[(&'static str, &[u8])]| {
+            let mut h = HeaderMap::new();
+            for (name, value) in pairs {
+                h.insert(*name, http::HeaderValue::from_bytes(value).unwrap());
+            }
+            h
+        };
+        let ok = |h: HeaderMap| t.authenticate(&h).map(|id| id.as_str().to_owned());
+        assert_eq!(
+            ok(headers(&[("authorization", b"Bearer k1")])).unwrap(),
+            "a"
+        );
+        assert_eq!(
+            ok(headers(&[("authorization", b" bearer  k1 ")])).unwrap(),
+            "a"
+        );
+        assert_eq!(ok(headers(&[("x-api-key", b" k1 ")])).unwrap(), "a");
+        // Authorization wins over X-Api-Key.
+        let both = headers(&[("authorization", b"Bearer nope"), ("x-api-key", b"k1")]);
+        assert_eq!(ok(both), Err(AuthError::UnknownKey));
+        assert_eq!(ok(headers(&[])), Err(AuthError::Missing));
+        assert_eq!(
+            ok(headers(&[("x-api-key", b"  ")])),
+            Err(AuthError::Missing)
+        );
+        assert_eq!(
+            ok(headers(&[("authorization", b"Basic k1")])),
+            Err(AuthError::NotBearer)
+        );
+        assert_eq!(
+            ok(headers(&[("authorization", b"Bearer ")])),
+            Err(AuthError::EmptyBearer)
+        );
+        assert_eq!(
+            ok(headers(&[("x-api-key", b"k\xff")])),
+            Err(AuthError::NotAscii("X-Api-Key"))
+        );
+        assert_eq!(
+            AuthError::NotAscii("Authorization").to_string(),
+            "the Authorization header is not visible ASCII"
+        );
     }
 
     #[test]
