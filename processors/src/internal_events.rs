@@ -128,6 +128,63 @@ impl DeadLettered<'_> {
     }
 }
 
+/// A delivery could not be dead-lettered (the broker did not confirm); it is requeued.
+#[derive(Debug)]
+pub(crate) struct DeadLetterFailed<'a> {
+    pub(crate) error: &'a dyn std::error::Error,
+}
+
+impl DeadLetterFailed<'_> {
+    pub(crate) fn emit(self) {
+        tracing::error!(error = %self.error, "cannot dead-letter; requeueing");
+        metrics::counter!(DEAD_LETTERED, "error" => "requeued").increment(1);
+    }
+}
+
+/// A delivery arrived from the transport.
+#[derive(Debug)]
+pub(crate) struct DeliveryReceived {
+    pub(crate) redelivered: bool,
+}
+
+impl DeliveryReceived {
+    pub(crate) fn emit(self) {
+        metrics::counter!(DELIVERIES).increment(1);
+        if self.redelivered {
+            metrics::counter!(REDELIVERIES).increment(1);
+        }
+    }
+}
+
+/// The ready messages of one partition queue, polled by the pool.
+#[derive(Debug)]
+pub(crate) struct QueueBacklog {
+    pub(crate) queue: String,
+    pub(crate) depth: u64,
+}
+
+impl QueueBacklog {
+    pub(crate) fn emit(self) {
+        metrics::gauge!(QUEUE_BACKLOG, "queue" => self.queue).set(self.depth as f64);
+    }
+}
+
+/// The worker threads running now.
+#[derive(Debug)]
+pub(crate) struct WorkersRunning(pub(crate) usize);
+
+impl WorkersRunning {
+    pub(crate) fn emit(self) {
+        metrics::gauge!(WORKERS).set(self.0 as f64);
+    }
+}
+
+/// The histogram of [`STAGE_SECONDS`]: each worker thread takes one handle and records
+/// every delivery it stages into it, without a registry lookup per delivery.
+pub(crate) fn stage_seconds() -> metrics::Histogram {
+    metrics::histogram!(STAGE_SECONDS)
+}
+
 /// Settling a delivery with the broker failed (it will be redelivered; storage dedupes).
 #[derive(Debug)]
 pub(crate) struct AckFailed<'a> {

@@ -34,8 +34,8 @@ use tokio::sync::mpsc;
 use crate::autoscale::{AutoscaleConfig, Autoscaler, Sample};
 use crate::control::{Mode, PoolControl};
 use crate::internal_events::{
-    AckFailed, AutoscaleDecided, CommitDuration, CommitFailed, Committed, DEAD_LETTERED,
-    DELIVERIES, DeadLettered, QUEUE_BACKLOG, REDELIVERIES, WorkersResized,
+    AckFailed, AutoscaleDecided, CommitDuration, CommitFailed, Committed, DeadLetterFailed,
+    DeadLettered, DeliveryReceived, QueueBacklog, WorkersResized,
 };
 use crate::latency;
 use crate::workers::{WorkerSet, WorkerStats};
@@ -216,10 +216,7 @@ pub async fn run(
                     }
                     d = consumer.next() => match d {
                         Some(d) => {
-                            metrics::counter!(DELIVERIES).increment(1);
-                            if d.redelivered {
-                                metrics::counter!(REDELIVERIES).increment(1);
-                            }
+                            DeliveryReceived { redelivered: d.redelivered }.emit();
                             if let Err(crossbeam_channel::TrySendError::Full(d)) = tx.try_send(d) {
                                 // Cannot happen while the channel holds the whole window; if
                                 // it does, wait off the runtime rather than drop.
@@ -345,7 +342,7 @@ async fn supervise(
                         let mut total = 0;
                         for (queue, depth) in depths {
                             total += depth;
-                            metrics::gauge!(QUEUE_BACKLOG, "queue" => queue).set(depth as f64);
+                            QueueBacklog { queue, depth }.emit();
                         }
                         total
                     }
@@ -453,8 +450,7 @@ impl Committer {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot dead-letter; requeueing");
-                    metrics::counter!(DEAD_LETTERED, "error" => "requeued").increment(1);
+                    DeadLetterFailed { error: &e }.emit();
                     let _ = acker.requeue().await;
                 }
             }

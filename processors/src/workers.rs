@@ -18,7 +18,7 @@ use sluice_binding::transport::Delivery;
 use sluice_binding::validate::Limits;
 use tokio::sync::mpsc;
 
-use crate::internal_events::{STAGE_SECONDS, WORKERS};
+use crate::internal_events::{WorkersRunning, stage_seconds};
 use crate::pool::Staged;
 use crate::stage::stage;
 
@@ -111,7 +111,7 @@ impl WorkerSet {
             }
         }
         self.retired.retain(|t| !t.is_finished());
-        metrics::gauge!(WORKERS).set(self.running.len() as f64);
+        WorkersRunning(self.running.len()).emit();
         Ok(self.running.len())
     }
 
@@ -134,7 +134,7 @@ impl WorkerSet {
         for t in retired {
             let _ = t.join();
         }
-        metrics::gauge!(WORKERS).set(0.0);
+        WorkersRunning(0).emit();
     }
 }
 
@@ -145,7 +145,7 @@ fn work(
     limits: Limits,
     stats: &WorkerStats,
 ) {
-    let stage_hist = metrics::histogram!(STAGE_SECONDS);
+    let stage_hist = stage_seconds();
     loop {
         // Retirement wins over new work when both are ready, so a shrink takes effect
         // promptly under load.
