@@ -1,7 +1,7 @@
 //! Sluice load generator: simulated devices sending telemetry on an open-loop schedule, fault
 //! injection, and HDR latency reports.
 //!
-//! Layout (the lead adds modules as they land):
+//! Layout:
 //!
 //! - [`profile`]: the load's shape over time (steady, burst, time slots, reconnect storm) and
 //!   the open-loop send schedule it implies.
