@@ -17,6 +17,7 @@ use clap::Parser;
 use hdrhistogram::Histogram;
 use hdrhistogram::serialization::Deserializer;
 use plotters::prelude::*;
+use sluice_bench::{BrokerArg, scratch_sinks};
 use sluice_binding::producer::{Producer, ProducerConfig};
 use sluice_binding::shutdown::CancellationToken;
 use sluice_binding::topology::Topology;
@@ -25,21 +26,14 @@ use sluice_binding::transport::amqp::{AmqpConfig, AmqpTransport};
 use sluice_loadgen::profile::Profile;
 use sluice_loadgen::run::{LoadConfig, Target};
 use sluice_processors::autoscale::{AutoscaleConfig, Target as ScaleTarget};
-use sluice_processors::{PoolConfig, PoolControl, Sinks};
-use sluice_sinks::latest::LatestStore;
-use sluice_sinks::parquet::{ParquetStore, ParquetStoreConfig};
+use sluice_processors::{PoolConfig, PoolControl};
 
 /// The autoscaler under a burst.
 #[derive(Debug, Parser)]
 #[command(name = "autoscale-timeline", version)]
 struct Cli {
-    /// Broker URL.
-    #[arg(
-        long,
-        env = "AMQP_ADDR",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    amqp_url: String,
+    #[command(flatten)]
+    broker: BrokerArg,
     /// Steady offered load, readings/s.
     #[arg(long, default_value_t = 100_000.0)]
     rate: f64,
@@ -107,19 +101,13 @@ async fn main() -> Result<()> {
     let ns = format!("scale{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let topology = Topology::new(&ns, 4);
     let transport = Transport::Amqp(
-        AmqpTransport::connect(AmqpConfig::new(vec![cli.amqp_url.clone()], topology)).await?,
+        AmqpTransport::connect(AmqpConfig::new(vec![cli.broker.amqp_url.clone()], topology))
+            .await?,
     );
     transport.declare(&["storage"]).await?;
     let mut receipts = transport.subscribe_receipts(4096).await?;
 
-    let dir = tempfile::tempdir()?;
-    let sinks = Sinks {
-        parquet: ParquetStore::open(ParquetStoreConfig {
-            root: dir.path().to_path_buf(),
-            ..ParquetStoreConfig::default()
-        })?,
-        latest: LatestStore::memory(),
-    };
+    let (_dir, sinks) = scratch_sinks()?;
     let autoscale = AutoscaleConfig {
         min: cli.min,
         max: cli.max,

@@ -19,6 +19,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
+use sluice_bench::BrokerArg;
 use sluice_binding::codec;
 use sluice_binding::model::{BatchBuilder, now_ns};
 use tokio::sync::Semaphore;
@@ -26,13 +27,8 @@ use tokio::sync::Semaphore;
 /// Measure RabbitMQ's publish+consume ceiling for Sluice-sized messages.
 #[derive(Debug, Parser)]
 struct Cli {
-    /// Broker URL.
-    #[arg(
-        long,
-        env = "AMQP_ADDR",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    amqp_url: String,
+    #[command(flatten)]
+    broker: BrokerArg,
     /// Queues, used round robin.
     #[arg(long, default_value_t = 4)]
     partitions: u32,
@@ -56,7 +52,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    let conn = Connection::connect(&cli.amqp_url, ConnectionProperties::default())
+    let conn = Connection::connect(&cli.broker.amqp_url, ConnectionProperties::default())
         .await
         .context("cannot connect to the broker")?;
     let run = format!(

@@ -16,27 +16,21 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use plotters::prelude::*;
+use sluice_bench::{BrokerArg, scratch_sinks};
 use sluice_binding::producer::{Producer, ProducerConfig};
 use sluice_binding::shutdown::CancellationToken;
 use sluice_binding::topology::Topology;
 use sluice_binding::transport::Transport;
 use sluice_binding::transport::amqp::{AmqpConfig, AmqpTransport};
 use sluice_binding::transport::inproc::InProcessTransport;
-use sluice_processors::{PoolConfig, PoolControl, Sinks};
-use sluice_sinks::latest::LatestStore;
-use sluice_sinks::parquet::{ParquetStore, ParquetStoreConfig};
+use sluice_processors::{PoolConfig, PoolControl};
 
 /// Storage throughput per worker count.
 #[derive(Debug, Parser)]
 #[command(name = "worker-sweep", version)]
 struct Cli {
-    /// Broker URL.
-    #[arg(
-        long,
-        env = "AMQP_ADDR",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    amqp_url: String,
+    #[command(flatten)]
+    broker: BrokerArg,
     /// Use the in-process transport instead of RabbitMQ.
     #[arg(long)]
     in_process: bool,
@@ -92,7 +86,8 @@ async fn transport(cli: &Cli, ns: &str) -> Result<Transport> {
         Transport::InProcess(InProcessTransport::new(topology, capacity))
     } else {
         Transport::Amqp(
-            AmqpTransport::connect(AmqpConfig::new(vec![cli.amqp_url.clone()], topology)).await?,
+            AmqpTransport::connect(AmqpConfig::new(vec![cli.broker.amqp_url.clone()], topology))
+                .await?,
         )
     })
 }
@@ -127,14 +122,7 @@ async fn run_one(cli: &Cli, workers: usize) -> Result<Row> {
         r??;
     }
 
-    let dir = tempfile::tempdir()?;
-    let sinks = Sinks {
-        parquet: ParquetStore::open(ParquetStoreConfig {
-            root: dir.path().to_path_buf(),
-            ..ParquetStoreConfig::default()
-        })?,
-        latest: LatestStore::memory(),
-    };
+    let (_dir, sinks) = scratch_sinks()?;
     let cfg = PoolConfig {
         workers,
         prefetch: cli.prefetch,
