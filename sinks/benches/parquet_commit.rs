@@ -3,15 +3,11 @@
 //!
 //! `cargo bench -p sluice-sinks --bench parquet_commit`
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use arrow::array::{ArrayRef, Float64Array, StringDictionaryBuilder, TimestampNanosecondArray};
-use arrow::datatypes::Int32Type;
-use arrow::record_batch::RecordBatch;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use sluice_sinks::parquet::{ParquetStore, ParquetStoreConfig};
-use sluice_sinks::{StagedBatch, TS_TIMEZONE, readings_schema};
+use sluice_sinks::{StagedBatch, readings_rows};
 
 const ROWS_PER_COMMIT: usize = 100_000;
 const ROWS_PER_BATCH: usize = 500;
@@ -19,27 +15,22 @@ const ROWS_PER_BATCH: usize = 500;
 const T0: i64 = 1_795_255_200_000_000_000;
 
 fn staged(first_row: usize, start_ns: i64) -> StagedBatch {
-    let mut device = StringDictionaryBuilder::<Int32Type>::new();
-    let mut metric = StringDictionaryBuilder::<Int32Type>::new();
-    let mut ts = Vec::with_capacity(ROWS_PER_BATCH);
-    let mut value = Vec::with_capacity(ROWS_PER_BATCH);
-    for i in first_row..first_row + ROWS_PER_BATCH {
-        device.append_value(format!("meter-{}", i / 5 % 1000));
-        metric.append_value(["kwh", "volt", "amp", "temp", "hz"][i % 5]);
-        ts.push(start_ns + i as i64 * 10_000_000);
-        value.push((i % 977) as f64 * 0.25);
-    }
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(device.finish()),
-        Arc::new(metric.finish()),
-        Arc::new(TimestampNanosecondArray::from(ts).with_timezone(TS_TIMEZONE)),
-        Arc::new(Float64Array::from(value)),
-    ];
+    let devices: Vec<String> = (first_row..first_row + ROWS_PER_BATCH)
+        .map(|i| format!("meter-{}", i / 5 % 1000))
+        .collect();
+    let readings = (first_row..first_row + ROWS_PER_BATCH).map(|i| {
+        (
+            devices[i - first_row].as_str(),
+            ["kwh", "volt", "amp", "temp", "hz"][i % 5],
+            start_ns + i as i64 * 10_000_000,
+            (i % 977) as f64 * 0.25,
+        )
+    });
     StagedBatch {
         tenant: "bench".into(),
         batch_id: uuid::Uuid::now_v7(),
         maybe_duplicate: false,
-        rows: RecordBatch::try_new(readings_schema(), columns).expect("batch"),
+        rows: readings_rows(readings),
     }
 }
 

@@ -16,7 +16,8 @@
 
 use std::sync::{Arc, LazyLock};
 
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::array::{ArrayRef, Float64Array, StringDictionaryBuilder, TimestampNanosecondArray};
+use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 
 pub mod latest;
@@ -122,17 +123,36 @@ pub(crate) fn conform_rows(
     RecordBatch::try_new(expected, rows.columns().to_vec()).map_err(|e| mismatch(e.to_string()))
 }
 
+/// Rows of [`readings_schema`] from `(device, metric, ts_ns, value)` readings, for callers
+/// that hold readings rather than a binding batch (tests, benchmarks, embedders).
+pub fn readings_rows<'a>(
+    readings: impl IntoIterator<Item = (&'a str, &'a str, i64, f64)>,
+) -> RecordBatch {
+    let mut device = StringDictionaryBuilder::<Int32Type>::new();
+    let mut metric = StringDictionaryBuilder::<Int32Type>::new();
+    let (mut ts, mut value) = (Vec::new(), Vec::new());
+    for (d, m, t, x) in readings {
+        device.append_value(d);
+        metric.append_value(m);
+        ts.push(t);
+        value.push(x);
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(device.finish()),
+        Arc::new(metric.finish()),
+        Arc::new(TimestampNanosecondArray::from(ts).with_timezone(TS_TIMEZONE)),
+        Arc::new(Float64Array::from(value)),
+    ];
+    RecordBatch::try_new(readings_schema(), columns).expect("columns built to the readings schema")
+}
+
 #[cfg(test)]
 pub(crate) mod test_util {
     //! Builders for test batches.
 
-    use std::sync::Arc;
-
-    use arrow::array::{ArrayRef, Float64Array, StringDictionaryBuilder, TimestampNanosecondArray};
-    use arrow::datatypes::Int32Type;
     use arrow::record_batch::RecordBatch;
 
-    use super::{StagedBatch, TS_TIMEZONE, readings_schema};
+    use super::StagedBatch;
 
     /// 2026-11-21T10:00:00Z in nanoseconds.
     pub(crate) const HOUR_10: i64 = 1_795_255_200_000_000_000;
@@ -140,22 +160,7 @@ pub(crate) mod test_util {
 
     /// Rows from `(device, metric, ts_ns, value)` tuples.
     pub(crate) fn rows(readings: &[(&str, &str, i64, f64)]) -> RecordBatch {
-        let mut device = StringDictionaryBuilder::<Int32Type>::new();
-        let mut metric = StringDictionaryBuilder::<Int32Type>::new();
-        for (d, m, _, _) in readings {
-            device.append_value(d);
-            metric.append_value(m);
-        }
-        let ts = TimestampNanosecondArray::from_iter_values(readings.iter().map(|r| r.2))
-            .with_timezone(TS_TIMEZONE);
-        let value = Float64Array::from_iter_values(readings.iter().map(|r| r.3));
-        let columns: Vec<ArrayRef> = vec![
-            Arc::new(device.finish()),
-            Arc::new(metric.finish()),
-            Arc::new(ts),
-            Arc::new(value),
-        ];
-        RecordBatch::try_new(readings_schema(), columns).expect("valid test batch")
+        super::readings_rows(readings.iter().copied())
     }
 
     /// `n` readings of device `dev-<i % 10>`, metric `m`, one per millisecond from `start`.

@@ -2,39 +2,20 @@
 //! Each test uses its own key prefix and deletes its keys afterwards.
 #![cfg(feature = "broker-tests")]
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use arrow::array::{ArrayRef, Float64Array, StringDictionaryBuilder, TimestampNanosecondArray};
-use arrow::datatypes::Int32Type;
-use arrow::record_batch::RecordBatch;
 use sluice_sinks::latest::{DeviceLatest, Latest, LatestStore, RedisLatest};
-use sluice_sinks::{StagedBatch, TS_TIMEZONE, readings_schema};
+use sluice_sinks::{StagedBatch, readings_rows};
 
 /// 2026-11-21T10:00:00Z.
 const T0: i64 = 1_795_255_200_000_000_000;
 
 fn batch(tenant: &str, readings: &[(&str, &str, i64, f64)]) -> StagedBatch {
-    let mut device = StringDictionaryBuilder::<Int32Type>::new();
-    let mut metric = StringDictionaryBuilder::<Int32Type>::new();
-    for (d, m, _, _) in readings {
-        device.append_value(d);
-        metric.append_value(m);
-    }
-    let ts = TimestampNanosecondArray::from_iter_values(readings.iter().map(|r| r.2))
-        .with_timezone(TS_TIMEZONE);
-    let value = Float64Array::from_iter_values(readings.iter().map(|r| r.3));
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(device.finish()),
-        Arc::new(metric.finish()),
-        Arc::new(ts),
-        Arc::new(value),
-    ];
     StagedBatch {
         tenant: tenant.to_owned(),
         batch_id: uuid::Uuid::now_v7(),
         maybe_duplicate: false,
-        rows: RecordBatch::try_new(readings_schema(), columns).expect("batch"),
+        rows: readings_rows(readings.iter().copied()),
     }
 }
 
