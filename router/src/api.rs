@@ -34,6 +34,7 @@ use sluice_ingest::Tenants;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::internal_events::{LiveListenerClosed, LiveListenerOpened};
 use crate::notify::amqp::AmqpNotifier;
 use crate::notify::webhook::WebhookNotifier;
 use crate::store::{Store, StoreError};
@@ -348,7 +349,7 @@ async fn live(
         .subscribe(store.live_channel(tenant.as_str(), id))
         .await
         .map_err(StoreError::from)?;
-    metrics::gauge!("sluice_live_listeners").increment(1.0);
+    LiveListenerOpened.emit();
     let guard = ListenerGuard;
     let ended = state.inner.shutdown.clone().cancelled_owned();
     let stream = pubsub
@@ -378,6 +379,6 @@ struct ListenerGuard;
 
 impl Drop for ListenerGuard {
     fn drop(&mut self) {
-        metrics::gauge!("sluice_live_listeners").decrement(1.0);
+        LiveListenerClosed.emit();
     }
 }

@@ -34,6 +34,7 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::event::{self, Event, Job, Notification, Stage};
+use crate::internal_events::{NotificationDelivered, NotificationDropped, NotificationSettled};
 use crate::matching::SubRef;
 use crate::notify::amqp::{AmqpError, AmqpNotifier};
 use crate::notify::webhook::{self, WebhookError, WebhookNotifier};
@@ -489,10 +490,14 @@ async fn send(ctx: &Ctx, mut ready: Ready, back: &mpsc::UnboundedSender<Back>) {
     let target = ready.sub.target.kind();
     match deliver(ctx, &ready.sub, &ready.key, json).await {
         Ok(()) => {
-            count(&tenant, target, "sent", ready.events.len());
             let oldest = ready.events.iter().map(|e| e.t).min().unwrap_or(0);
-            metrics::histogram!("sluice_notify_latency_seconds", "tenant" => tenant.clone())
-                .record((now_ns() - oldest).max(0) as f64 / 1e9);
+            NotificationDelivered {
+                tenant: &tenant,
+                target,
+                events: ready.events.len(),
+                latency_ns: now_ns() - oldest,
+            }
+            .emit();
         }
         Err(e) => {
             let attempt = attempt + 1;
@@ -656,21 +661,25 @@ async fn deliver(ctx: &Ctx, sub: &SubRef, key: &str, json: String) -> Result<(),
     }
 }
 
-/// Notifications by tenant, target and outcome (`sent`, `retry`, `pending`, `deferred`,
-/// `dead`), and the events they carried.
+/// Telemetry of a notification that was settled without being delivered.
 fn count(tenant: &str, target: &'static str, outcome: &'static str, events: usize) {
-    metrics::counter!("sluice_notifications_total", "tenant" => tenant.to_owned(), "target" => target, "outcome" => outcome)
-        .increment(1);
-    metrics::counter!("sluice_notified_events_total", "tenant" => tenant.to_owned(), "target" => target, "outcome" => outcome)
-        .increment(events as u64);
+    NotificationSettled {
+        tenant,
+        target,
+        outcome,
+        events,
+    }
+    .emit();
 }
 
-/// Notifications dropped by policy, by reason (`superseded`, `expired`,
-/// `subscription_gone`, `no_listener`).
+/// Telemetry of a notification dropped by policy.
 fn count_dropped(tenant: &str, reason: &'static str, events: usize) {
-    tracing::debug!(%tenant, reason, events, "notification dropped by policy");
-    metrics::counter!("sluice_notifications_dropped_total", "tenant" => tenant.to_owned(), "reason" => reason)
-        .increment(1);
+    NotificationDropped {
+        tenant,
+        reason,
+        events,
+    }
+    .emit();
 }
 
 #[cfg(test)]

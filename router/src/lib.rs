@@ -14,11 +14,13 @@
 //! - [`outbox`]: the durable path between matching and delivery (notify, delay and
 //!   dead-letter queues);
 //! - [`deliver`]: the notification policies and the delivery stage;
-//! - [`notify`]: the notifiers.
+//! - [`notify`]: the notifiers;
+//! - [`internal_events`]: what the router logs and counts, with its metric names.
 
 pub mod api;
 pub mod deliver;
 pub mod event;
+pub mod internal_events;
 pub mod matching;
 pub mod notify;
 pub mod outbox;

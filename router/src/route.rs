@@ -20,6 +20,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::{self, DerivedEvent, Event, Job, Stage};
+use crate::internal_events::{
+    DeliveryMatched, DeliveryRefused, DeliveryRequeued, EventsReceived, JobsPublishFailed,
+};
 use crate::matching::Matcher;
 use crate::outbox::Outbox;
 use crate::subscription::EventKind;
@@ -151,8 +154,11 @@ impl Worker {
         let view = codec::decode(body).map_err(|e| (e.kind(), e.to_string()))?;
         validate::validate(&view, now_ns(), &Limits::default())
             .map_err(|e| ("invalid", format!("invalid batch: {e}")))?;
-        metrics::counter!("sluice_router_events_total", "kind" => "reading")
-            .increment(view.len() as u64);
+        EventsReceived {
+            kind: EventKind::Reading.as_str(),
+            count: view.len(),
+        }
+        .emit();
         let matches = {
             let index = self.index.read().unwrap_or_else(|p| p.into_inner());
             self.matcher.match_batch(&index, &view)
@@ -200,8 +206,11 @@ impl Worker {
         if !sluice_binding::TenantId::is_valid(&ev.tenant) {
             return Err(("invalid", format!("invalid tenant id {:?}", ev.tenant)));
         }
-        metrics::counter!("sluice_router_events_total", "kind" => ev.event.kind.as_str())
-            .increment(1);
+        EventsReceived {
+            kind: ev.event.kind.as_str(),
+            count: 1,
+        }
+        .emit();
         let e = &ev.event;
         let subs = {
             let index = self.index.read().unwrap_or_else(|p| p.into_inner());
@@ -255,11 +264,16 @@ async fn publish(
             _ => false,
         });
         let Some(e) = failed else { break };
-        tracing::warn!(error = %e, queue = %d.queue, jobs = jobs.len(), retry_in = ?wait, "cannot publish notification jobs; holding the delivery and trying again");
-        metrics::counter!("sluice_router_publish_retries_total").increment(1);
+        JobsPublishFailed {
+            error: &e,
+            queue: &d.queue,
+            jobs: jobs.len(),
+            retry_in: wait,
+        }
+        .emit();
         tokio::select! {
             () = shutdown.cancelled() => {
-                metrics::counter!("sluice_router_requeued_total").increment(1);
+                DeliveryRequeued.emit();
                 let _ = d.acker.requeue().await;
                 return;
             }
@@ -267,9 +281,12 @@ async fn publish(
         }
         wait = (wait * 2).min(MAX_RETRY_DELAY);
     }
-    metrics::counter!("sluice_router_jobs_total").increment(n_jobs as u64);
-    metrics::counter!("sluice_router_matched_events_total").increment(events as u64);
-    metrics::histogram!("sluice_router_match_seconds").record(started.elapsed().as_secs_f64());
+    DeliveryMatched {
+        jobs: n_jobs,
+        events,
+        elapsed: started.elapsed(),
+    }
+    .emit();
     if let Err(e) = d.acker.ack().await {
         tracing::warn!(error = %e, "ack failed; the delivery will come again");
     }
@@ -286,8 +303,12 @@ async fn refuse(
     reason: &str,
     requeue_delay: Duration,
 ) {
-    tracing::warn!(queue = %d.queue, error, reason, "refusing a delivery to the dead-letter queue");
-    metrics::counter!("sluice_router_refused_total", "error" => error).increment(1);
+    DeliveryRefused {
+        queue: &d.queue,
+        error,
+        reason,
+    }
+    .emit();
     let dl = DeadLetter {
         body: &d.body,
         reason,

@@ -12,6 +12,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::internal_events::IndexChanged;
 use crate::matching::Index;
 use crate::store::{Store, StoreError};
 
@@ -26,7 +27,10 @@ pub async fn load(store: &Store) -> Result<(Index, u64), StoreError> {
         let subs = store.list(&tenant).await?;
         index.replace_tenant(&tenant, subs);
     }
-    metrics::gauge!("sluice_router_subscriptions").set(index.len() as f64);
+    IndexChanged {
+        subscriptions: index.len(),
+    }
+    .emit();
     Ok((index, version))
 }
 
@@ -106,7 +110,10 @@ pub async fn reload_tenant(
         Ok(subs) => {
             let mut ix = index.write().unwrap_or_else(|p| p.into_inner());
             ix.replace_tenant(tenant, subs);
-            metrics::gauge!("sluice_router_subscriptions").set(ix.len() as f64);
+            IndexChanged {
+                subscriptions: ix.len(),
+            }
+            .emit();
             Ok(())
         }
         Err(e) => {
@@ -138,7 +145,10 @@ async fn full_reload(
             for (t, subs) in sets {
                 ix.replace_tenant(&t, subs);
             }
-            metrics::gauge!("sluice_router_subscriptions").set(ix.len() as f64);
+            IndexChanged {
+                subscriptions: ix.len(),
+            }
+            .emit();
             *version = v;
             *known = tenants;
         }

@@ -9,8 +9,9 @@
 //!   and a circuit breaker, so one slow or dead endpoint neither floods nor stalls the
 //!   others;
 //! - the classification of a failed delivery for the retry logic ([`WebhookError`]) and
-//!   the delay before the next attempt ([`backoff`]);
-//! - what a delivery logs and counts ([`REQUESTS`], [`REQUEST_SECONDS`]).
+//!   the delay before the next attempt ([`backoff`]).
+//!
+//! What a delivery logs and counts is in [`crate::internal_events`].
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
@@ -27,10 +28,7 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use reqwest::{StatusCode, Url, redirect};
 use tokio::sync::Semaphore;
 
-/// Delivery attempts, by `outcome` (`ok`, `retryable`, `permanent`, `circuit_open`).
-pub const REQUESTS: &str = "sluice_webhook_requests_total";
-/// Duration of the HTTP exchange of an attempt that was sent, seconds.
-pub const REQUEST_SECONDS: &str = "sluice_webhook_request_seconds";
+use crate::internal_events::{WebhookAttempted, WebhookCircuitChanged};
 
 /// Most bytes of a response body read (for the reason of a failure); the rest is dropped
 /// unread, so a subscriber cannot make us download a large body.
@@ -197,8 +195,9 @@ impl WebhookError {
         matches!(self, WebhookError::Permanent { .. })
     }
 
-    /// The label of [`REQUESTS`].
-    fn outcome(&self) -> &'static str {
+    /// The `outcome` label of
+    /// [`WEBHOOK_REQUESTS_TOTAL`](crate::internal_events::WEBHOOK_REQUESTS_TOTAL).
+    pub(crate) fn outcome(&self) -> &'static str {
         match self {
             WebhookError::Retryable { .. } => "retryable",
             WebhookError::Permanent { .. } => "permanent",
@@ -473,7 +472,7 @@ enum Health {
 
 /// A change of a circuit's state worth logging.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Transition {
+pub(crate) enum Transition {
     Opened,
     Closed,
 }
@@ -680,7 +679,13 @@ impl WebhookNotifier {
             }
             Err(e) => (String::new(), Err(e), None),
         };
-        observe(&host, subscription, &result, elapsed);
+        WebhookAttempted {
+            host: &host,
+            subscription,
+            result: &result,
+            elapsed,
+        }
+        .emit();
         result
     }
 
@@ -785,7 +790,12 @@ impl WebhookNotifier {
     fn record(&self, target: &TargetState, host: &str, health: Health) {
         let transition = lock(&target.breaker).record(Instant::now(), health);
         if let Some(transition) = transition {
-            observe_circuit(host, transition, &self.inner.cfg);
+            WebhookCircuitChanged {
+                host,
+                transition,
+                open_for: self.inner.cfg.breaker_open_for,
+            }
+            .emit();
         }
     }
 }
@@ -896,49 +906,6 @@ async fn read_capped(response: &mut reqwest::Response, cap: usize) -> String {
     }
     let text = String::from_utf8_lossy(&buf);
     text.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-// ---------------------------------------------------------------------------------------
-// Telemetry: what a delivery logs and counts. Labels are bounded; URLs appear in neither
-// (they may hold secrets): logs name the host.
-
-fn observe(
-    host: &str,
-    subscription: &str,
-    result: &Result<(), WebhookError>,
-    elapsed: Option<Duration>,
-) {
-    let ms = elapsed.map(|d| d.as_millis());
-    if let Some(elapsed) = elapsed {
-        metrics::histogram!(REQUEST_SECONDS).record(elapsed.as_secs_f64());
-    }
-    let outcome = match result {
-        Ok(()) => {
-            tracing::debug!(host, subscription, ms, "webhook delivered");
-            "ok"
-        }
-        // Expected while a circuit is open; its opening was logged.
-        Err(e @ WebhookError::CircuitOpen { .. }) => {
-            tracing::debug!(host, subscription, reason = %e.reason(), "webhook not attempted");
-            e.outcome()
-        }
-        Err(e) => {
-            tracing::warn!(host, subscription, ms, reason = %e.reason(), outcome = e.outcome(), "webhook failed");
-            e.outcome()
-        }
-    };
-    metrics::counter!(REQUESTS, "outcome" => outcome).increment(1);
-}
-
-fn observe_circuit(host: &str, transition: Transition, cfg: &WebhookConfig) {
-    match transition {
-        Transition::Opened => tracing::warn!(
-            host,
-            open_for = %humantime::format_duration(cfg.breaker_open_for),
-            "webhook circuit opened"
-        ),
-        Transition::Closed => tracing::info!(host, "webhook circuit closed"),
-    }
 }
 
 // ---------------------------------------------------------------------------------------
