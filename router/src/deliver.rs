@@ -37,7 +37,8 @@ use crate::event::{self, Event, Job, Notification, Stage};
 use crate::internal_events::{NotificationDelivered, NotificationDropped, NotificationSettled};
 use crate::matching::SubRef;
 use crate::notify::amqp::{AmqpError, AmqpNotifier};
-use crate::notify::webhook::{self, WebhookError, WebhookNotifier};
+use crate::notify::backoff;
+use crate::notify::webhook::{WebhookError, WebhookNotifier};
 use crate::outbox::Outbox;
 use crate::store::{Expiration, Store};
 use crate::subscription::Target;
@@ -519,7 +520,7 @@ async fn send(ctx: &Ctx, mut ready: Ready, back: &mpsc::UnboundedSender<Back>) {
                     Err(pe) => park_failed(&ready, &pe),
                 }
             } else {
-                let wait = e.retry_wait(webhook::backoff(
+                let wait = e.retry_wait(backoff::backoff(
                     attempt,
                     ctx.cfg.retry_initial,
                     ctx.cfg.retry_max,
