@@ -14,7 +14,7 @@
 //! - [`outbox`]: the durable path between matching and delivery (notify, delay and
 //!   dead-letter queues);
 //! - [`deliver`]: the notification policies and the delivery stage;
-//! - [`notify`]: the notifiers;
+//! - [`notify`]: the notifiers (webhook, AMQP, Redis stream, live feed) behind one type;
 //! - [`internal_events`]: what the router logs and counts, with its metric names.
 
 pub mod api;
@@ -110,8 +110,15 @@ pub async fn run(
         cfg.max_subscriptions_per_tenant,
     )
     .await?;
-    let webhook = WebhookNotifier::new(cfg.webhook.clone())?;
-    let amqp = notify::amqp::AmqpNotifier::new(transport.clone(), tenants.clone());
+    let notifiers = notify::Notifiers {
+        webhook: WebhookNotifier::new(cfg.webhook.clone())?,
+        amqp: notify::amqp::AmqpNotifier::new(transport.clone(), tenants.clone()),
+        stream: notify::stream::StreamNotifier::new(store.connection(), &cfg.redis_namespace),
+        live: notify::live::LiveNotifier::new(
+            notify::live::LiveFeed::new(store.client().clone(), &cfg.redis_namespace),
+            store.connection(),
+        ),
+    };
     let outbox = outbox::Outbox::new(transport.clone(), cfg.notify_partitions);
     let generic = Transport::Amqp(transport.clone());
     generic.declare(&[route::GROUP]).await?;
@@ -129,15 +136,16 @@ pub async fn run(
         shutdown.clone(),
     ));
     if let Some(listener) = listener {
-        let app = api::app(api::ApiState::new(
+        let app = api::app(api::ApiState::new(api::ApiParts {
             tenants,
-            store.clone(),
-            webhook.clone(),
-            amqp.clone(),
-            generic.clone(),
-            index.clone(),
-            shutdown.clone(),
-        ));
+            store: store.clone(),
+            webhook: notifiers.webhook.clone(),
+            amqp: notifiers.amqp.grants().clone(),
+            live: notifiers.live.feed().clone(),
+            transport: generic.clone(),
+            index: index.clone(),
+            shutdown: shutdown.clone(),
+        }));
         let stop = shutdown.clone();
         tasks.spawn(async move {
             let served = axum::serve(listener, app)
@@ -152,8 +160,7 @@ pub async fn run(
         outbox.clone(),
         store.clone(),
         index.clone(),
-        webhook,
-        amqp,
+        notifiers,
         cfg.deliver.clone(),
         shutdown.clone(),
     ));

@@ -9,8 +9,9 @@
 //! | `{ns}:subs:changed` | pub/sub channel | the tenant whose set changed |
 //! | `{ns}:exc:{tenant}:{id}` | counter | notifications sent (expirationCounter) |
 //! | `{ns}:rl:{tenant}:{id}` | sorted set | send times in the rate-limit window |
-//! | `{ns}:live:{tenant}:{id}` | pub/sub channel | the live feed of one subscription |
-//! | `{ns}:notify:{tenant}:{stream}` | stream | Redis-stream targets |
+//!
+//! The Redis notifiers' keys (`{ns}:live:…`, `{ns}:notify:…`) are theirs:
+//! [`crate::notify::live`], [`crate::notify::stream`].
 //!
 //! Instances learn of a change from the pub/sub message (milliseconds), and, since pub/sub
 //! drops messages while a connection is down, also by polling the version counter (see
@@ -137,6 +138,11 @@ impl Store {
         })
     }
 
+    /// The connection (multiplexed, reconnecting), shared with the Redis notifiers.
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
     /// The Redis client (for pub/sub connections).
     pub fn client(&self) -> &redis::Client {
         &self.client
@@ -162,16 +168,6 @@ impl Store {
     /// The pub/sub channel announcing changes.
     pub fn changes_channel(&self) -> String {
         format!("{}:subs:changed", self.ns)
-    }
-
-    /// The pub/sub channel of a subscription's live feed.
-    pub fn live_channel(&self, tenant: &str, id: Uuid) -> String {
-        format!("{}:live:{tenant}:{id}", self.ns)
-    }
-
-    /// The stream key of a Redis-stream target: under the tenant's own prefix.
-    pub fn stream_key(&self, tenant: &str, stream: &str) -> String {
-        format!("{}:notify:{tenant}:{stream}", self.ns)
     }
 
     /// Stores a new subscription and announces the change.
@@ -303,43 +299,6 @@ impl Store {
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok((wait_ms > 0).then(|| Duration::from_millis(wait_ms)))
-    }
-
-    /// Publishes to a live feed; the number of listeners that received it.
-    pub async fn publish_live(
-        &self,
-        tenant: &str,
-        id: Uuid,
-        json: &str,
-    ) -> Result<u64, StoreError> {
-        Ok(self
-            .conn
-            .clone()
-            .publish(self.live_channel(tenant, id), json)
-            .await?)
-    }
-
-    /// Appends a notification to a tenant's stream.
-    pub async fn xadd(
-        &self,
-        tenant: &str,
-        stream: &str,
-        maxlen: Option<u64>,
-        key: &str,
-        json: &str,
-    ) -> Result<(), StoreError> {
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(self.stream_key(tenant, stream));
-        if let Some(n) = maxlen {
-            cmd.arg("MAXLEN").arg("~").arg(n);
-        }
-        cmd.arg("*")
-            .arg("id")
-            .arg(key)
-            .arg("notification")
-            .arg(json);
-        let _: String = cmd.query_async(&mut self.conn.clone()).await?;
-        Ok(())
     }
 }
 

@@ -21,10 +21,9 @@
 //! Layout: [`read`] takes jobs off the notify queues, [`policy_loop`] batches them and
 //! holds pending latest notifications, [`policy`] applies the checks that need Redis
 //! (rate limit, expiration counter), [`send`] shapes one notification, hands it to
-//! [`dispatch`] and settles the outcome (retry, dead letter), and [`settle`] acks or
+//! [`Notifiers`] and settles the outcome (retry, dead letter), and [`settle`] acks or
 //! requeues each job's delivery once everything it carried is settled.
 
-mod dispatch;
 mod policy;
 mod policy_loop;
 mod read;
@@ -42,8 +41,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::event::{self, Event, Job, Stage};
 use crate::matching::SubRef;
-use crate::notify::amqp::AmqpNotifier;
-use crate::notify::webhook::WebhookNotifier;
+use crate::notify::Notifiers;
 use crate::outbox::Outbox;
 use crate::store::Store;
 use crate::sync::SharedIndex;
@@ -84,8 +82,7 @@ pub async fn run(
     outbox: Outbox,
     store: Store,
     index: SharedIndex,
-    webhook: WebhookNotifier,
-    amqp: AmqpNotifier,
+    notifiers: Notifiers,
     cfg: DeliverConfig,
     shutdown: CancellationToken,
 ) -> Result<(), TransportError> {
@@ -106,8 +103,7 @@ pub async fn run(
     let ctx = Arc::new(Ctx {
         outbox,
         store,
-        webhook,
-        amqp,
+        notifiers,
         cfg: cfg.clone(),
         sends: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
         tracker: tracker.clone(),
@@ -134,8 +130,7 @@ struct Incoming {
 struct Ctx {
     outbox: Outbox,
     store: Store,
-    webhook: WebhookNotifier,
-    amqp: AmqpNotifier,
+    notifiers: Notifiers,
     cfg: DeliverConfig,
     sends: Arc<Semaphore>,
     tracker: TaskTracker,

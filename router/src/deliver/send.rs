@@ -1,5 +1,5 @@
 //! Sends one notification: the policy checks, then the shaped events serialised once and
-//! handed to the target's notifier, then the outcome settled: delivered, retried on the
+//! handed to the target's notifier ([`Notifiers`](crate::notify::Notifiers)), then the outcome settled: delivered, retried on the
 //! delay queue after a backoff, or dead-lettered (a permanent failure, or `max_attempts`
 //! spent).
 
@@ -7,21 +7,20 @@ use sluice_binding::model::now_ns;
 use sluice_binding::transport::PublishError;
 use tokio::sync::mpsc;
 
-use super::dispatch::{DeliverError, deliver};
 use super::policy::{Admission, admit, expire};
 use super::policy_loop::Back;
 use super::settle::fail_all;
 use super::{Ctx, Ready};
 use crate::event::{Notification, Stage};
 use crate::internal_events::{NotificationDelivered, NotificationSettled};
-use crate::notify::backoff;
+use crate::notify::{NotifyError, backoff};
 
 pub(super) async fn send(ctx: &Ctx, ready: Ready, back: &mpsc::UnboundedSender<Back>) {
     let Admission::Send { last, mut ready } = admit(ctx, ready, back).await else {
         return;
     };
     let json = serialise(&mut ready);
-    match deliver(ctx, &ready.sub, &ready.key, json).await {
+    match ctx.notifiers.send(&ready.sub, &ready.key, json).await {
         Ok(()) => {
             let oldest = ready.events.iter().map(|e| e.t).min().unwrap_or(0);
             NotificationDelivered {
@@ -60,7 +59,7 @@ fn serialise(ready: &mut Ready) -> String {
 
 /// A delivery attempt failed: the next attempt goes to the delay queue, or, when retrying
 /// cannot help or the attempts are spent, the notification goes to the dead-letter queue.
-async fn failed(ctx: &Ctx, ready: &Ready, e: &DeliverError) {
+async fn failed(ctx: &Ctx, ready: &Ready, e: &NotifyError) {
     let (tenant, id, target) = (&ready.sub.tenant, ready.sub.id, ready.sub.target.kind());
     let attempt = match ready.stage {
         Stage::Retry { attempt } => attempt,
