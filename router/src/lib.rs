@@ -7,8 +7,8 @@
 //! - [`store`] and [`sync`]: subscriptions and policy counters in Redis, and this
 //!   instance's copy of them;
 //! - [`api`]: the tenant-authenticated subscription API and the live feed;
-//! - [`matching`]: the indexed matching engine (patterns, value predicates);
-//! - [`route`]: the match stage, a consumer group on the telemetry partitions and the
+//! - [`matching`]: the indexed matching engine (patterns, index, matcher);
+//! - [`match_stage`]: the match stage, a consumer group on the telemetry partitions and the
 //!   events queue, publishing jobs to the outbox;
 //! - [`event`]: events, jobs and notifications on the wire;
 //! - [`outbox`]: the durable path between matching and delivery (notify, delay and
@@ -21,10 +21,10 @@ pub mod api;
 pub mod deliver;
 pub mod event;
 pub mod internal_events;
+pub mod match_stage;
 pub mod matching;
 pub mod notify;
 pub mod outbox;
-pub mod route;
 pub mod store;
 pub mod subscription;
 pub mod sync;
@@ -39,8 +39,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use deliver::DeliverConfig;
+pub use match_stage::MatchConfig;
 pub use notify::webhook::{WebhookConfig, WebhookNotifier};
-pub use route::MatchConfig;
 
 /// Settings of a router instance.
 #[derive(Clone, Debug)]
@@ -121,7 +121,7 @@ pub async fn run(
     };
     let outbox = outbox::Outbox::new(transport.clone(), cfg.notify_partitions);
     let generic = Transport::Amqp(transport.clone());
-    generic.declare(&[route::GROUP]).await?;
+    generic.declare(&[match_stage::GROUP]).await?;
     outbox.declare().await?;
     let (index, version) = sync::load(&store).await?;
     tracing::info!(subscriptions = index.len(), "subscriptions loaded");
@@ -164,7 +164,7 @@ pub async fn run(
         cfg.deliver.clone(),
         shutdown.clone(),
     ));
-    let matched = route::run(
+    let matched = match_stage::run(
         generic,
         outbox,
         index,
