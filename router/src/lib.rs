@@ -4,8 +4,8 @@
 //!
 //! Layout, in data-path order:
 //! - [`subscription`]: the subscription API's JSON shape and its rules;
-//! - [`store`] and [`sync`]: subscriptions and policy counters in Redis, and this
-//!   instance's copy of them;
+//! - [`store`] and [`sync`]: subscriptions and policy counters (in Redis, or in memory
+//!   for tests), and this instance's copy of them;
 //! - [`api`]: the tenant-authenticated subscription API and the live feed;
 //! - [`matching`]: the indexed matching engine (patterns, index, matcher);
 //! - [`match_stage`]: the match stage, a consumer group on the telemetry partitions and the
@@ -104,7 +104,7 @@ pub async fn run(
     cfg: RouterConfig,
     shutdown: CancellationToken,
 ) -> Result<(), RouterError> {
-    let store = store::Store::connect(
+    let redis = store::RedisStore::connect(
         &cfg.redis_url,
         &cfg.redis_namespace,
         cfg.max_subscriptions_per_tenant,
@@ -113,12 +113,13 @@ pub async fn run(
     let notifiers = notify::Notifiers {
         webhook: WebhookNotifier::new(cfg.webhook.clone())?,
         amqp: notify::amqp::AmqpNotifier::new(transport.clone(), tenants.clone()),
-        stream: notify::stream::StreamNotifier::new(store.connection(), &cfg.redis_namespace),
+        stream: notify::stream::StreamNotifier::new(redis.connection(), &cfg.redis_namespace),
         live: notify::live::LiveNotifier::new(
-            notify::live::LiveFeed::new(store.client().clone(), &cfg.redis_namespace),
-            store.connection(),
+            notify::live::LiveFeed::new(redis.client().clone(), &cfg.redis_namespace),
+            redis.connection(),
         ),
     };
+    let store = store::Store::redis(redis);
     let outbox = outbox::Outbox::new(transport.clone(), cfg.notify_partitions);
     let generic = Transport::Amqp(transport.clone());
     generic.declare(&[match_stage::GROUP]).await?;

@@ -1,6 +1,6 @@
 //! Keeps this instance's [`Index`] equal to the subscriptions in Redis.
 //!
-//! A change is announced on a pub/sub channel with the tenant's id; the tenant's set is
+//! A change is announced ([`Store::follow`]; a pub/sub channel in Redis) with the tenant's id; the tenant's set is
 //! reloaded at once (milliseconds). Pub/sub loses messages while a connection is down, so
 //! the change counter is also polled every `poll` and any change not accounted for causes a
 //! full reload. Either way a change reaches every instance within a second.
@@ -49,13 +49,8 @@ pub async fn run(
         .into_iter()
         .collect();
     'connect: while !shutdown.is_cancelled() {
-        let pubsub = async {
-            let mut ps = store.client().get_async_pubsub().await?;
-            ps.subscribe(store.changes_channel()).await?;
-            Ok::<_, redis::RedisError>(ps)
-        };
-        let mut messages = match pubsub.await {
-            Ok(ps) => ps.into_on_message(),
+        let mut changes = match store.follow().await {
+            Ok(changes) => changes,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot follow subscription changes; retrying");
                 tokio::select! {
@@ -70,12 +65,11 @@ pub async fn run(
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                msg = messages.next() => {
-                    let Some(msg) = msg else {
+                tenant = changes.next() => {
+                    let Some(tenant) = tenant else {
                         tracing::warn!("subscription change channel closed; reconnecting");
                         continue 'connect;
                     };
-                    let Ok(tenant) = msg.get_payload::<String>() else { continue };
                     let before = version;
                     let now = store.version().await.unwrap_or(before);
                     if reload_tenant(&store, &index, &tenant).await.is_ok() {
