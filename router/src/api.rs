@@ -359,3 +359,6 @@ impl Drop for ListenerGuard {
         LiveListenerClosed.emit();
     }
 }
+
+#[cfg(test)]
+mod tests;
