@@ -149,3 +149,110 @@ async fn full_reload(
         Err(e) => tracing::warn!(error = %e, "cannot reload subscriptions"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use sluice_binding::TenantId;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::subscription::{Criteria, EventKind, Policy, Subscription, Target};
+
+    fn sub(tenant: &str) -> Subscription {
+        Subscription {
+            id: Uuid::now_v7(),
+            tenant: TenantId::new(tenant).unwrap(),
+            name: None,
+            criteria: Criteria {
+                devices: vec!["*".into()],
+                metrics: vec!["*".into()],
+                kinds: vec![EventKind::Reading],
+                value: None,
+            },
+            policy: Policy::default(),
+            target: Target::Live,
+            created: 0,
+        }
+    }
+
+    fn ids(index: &SharedIndex, tenant: &str) -> Vec<Uuid> {
+        let index = index.read().unwrap();
+        index
+            .tenant_subscriptions(tenant)
+            .iter()
+            .map(|s| s.id)
+            .collect()
+    }
+
+    /// Waits (at most 2 s) until `tenant`'s indexed subscriptions are `want`.
+    async fn until_indexed(index: &SharedIndex, tenant: &str, want: &[Uuid]) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while ids(index, tenant) != want {
+            assert!(
+                Instant::now() < deadline,
+                "{tenant}: indexed {:?}, want {want:?}",
+                ids(index, tenant)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn load_reads_every_tenant_s_subscriptions() {
+        let store = Store::memory(10);
+        let (a, b) = (sub("acme"), sub("globex"));
+        store.create(&a).await.unwrap();
+        store.create(&b).await.unwrap();
+        let (index, version) = load(&store).await.unwrap();
+        assert_eq!((index.len(), version), (2, 2));
+        assert!(index.get("acme", a.id).is_some());
+        assert!(index.get("globex", b.id).is_some());
+        assert!(index.get("acme", b.id).is_none());
+    }
+
+    #[tokio::test]
+    async fn changes_reach_the_index_whether_announced_or_made_before_following() {
+        let store = Store::memory(10);
+        let (index, version) = load(&store).await.unwrap();
+        let index: SharedIndex = Arc::new(RwLock::new(index));
+        // Made after the load, before `run` follows: the reload on (re)connecting has it.
+        let early = sub("acme");
+        store.create(&early).await.unwrap();
+        let shutdown = CancellationToken::new();
+        // A poll far longer than the test: announcements must carry the changes.
+        let task = tokio::spawn(run(
+            store.clone(),
+            index.clone(),
+            version,
+            Duration::from_secs(3600),
+            shutdown.clone(),
+        ));
+        until_indexed(&index, "acme", &[early.id]).await;
+        let (late, other) = (sub("acme"), sub("globex"));
+        store.create(&late).await.unwrap();
+        store.create(&other).await.unwrap();
+        until_indexed(&index, "acme", &[early.id, late.id]).await;
+        until_indexed(&index, "globex", &[other.id]).await;
+        store.delete(&early.tenant, early.id).await.unwrap();
+        until_indexed(&index, "acme", &[late.id]).await;
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn reload_tenant_replaces_only_that_tenant_s_set() {
+        let store = Store::memory(10);
+        let (a, b) = (sub("acme"), sub("globex"));
+        store.create(&a).await.unwrap();
+        store.create(&b).await.unwrap();
+        let index: SharedIndex = Arc::new(RwLock::new(Index::new()));
+        reload_tenant(&store, &index, "acme").await.unwrap();
+        assert_eq!(ids(&index, "acme"), [a.id]);
+        assert!(ids(&index, "globex").is_empty());
+        store.delete(&a.tenant, a.id).await.unwrap();
+        reload_tenant(&store, &index, "acme").await.unwrap();
+        assert!(index.read().unwrap().is_empty());
+    }
+}

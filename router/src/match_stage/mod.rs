@@ -2,31 +2,31 @@
 //! derived-events queue, matches every event against the index, and publishes one job per
 //! matched subscription to the outbox. A delivery is acked only after every job it produced
 //! was confirmed by the broker: from then on the notifications are on a durable path. A
-//! delivery whose jobs could not all be published is requeued (a redelivery re-publishes
-//! the same events with the same ids, so subscribers can drop repeats).
+//! delivery whose jobs could not all be published is held and those jobs published again
+//! with backoff (requeued only at shutdown; a redelivery re-publishes the same events with
+//! the same ids, so subscribers can drop repeats).
 //!
-//! One task per consumer, each with its own [`Matcher`]: with device-hash partitioning a
-//! series always reaches the same matcher, which keeps `changed_by` exact.
+//! One task per consumer, each with its own `JobMatcher` (the matching
+//! half, in `jobs.rs`): with device-hash partitioning a series always reaches the same
+//! matcher, which keeps `changed_by` exact.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+mod jobs;
+
 use futures::future::join_all;
-use sluice_binding::codec;
-use sluice_binding::model::now_ns;
 use sluice_binding::transport::{Consumer, DeadLetter, Delivery, Transport};
-use sluice_binding::validate::{self, Limits};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{self, DerivedEvent, Event, Job, Stage};
+use crate::event::{self, Job};
 use crate::internal_events::{
-    DeliveryMatched, DeliveryRefused, DeliveryRequeued, EventsReceived, JobsPublishFailed,
+    DeliveryMatched, DeliveryRefused, DeliveryRequeued, JobsPublishFailed,
 };
-use crate::matching::Matcher;
 use crate::outbox::Outbox;
-use crate::subscription::EventKind;
 use crate::sync::SharedIndex;
+use jobs::JobMatcher;
 
 /// The consumer group of the router on the telemetry partitions.
 pub const GROUP: &str = "router";
@@ -79,8 +79,7 @@ pub async fn run(
         let worker = Worker {
             transport: transport.clone(),
             outbox: outbox.clone(),
-            index: index.clone(),
-            matcher: Matcher::new(cfg.max_series),
+            jobs: JobMatcher::new(index.clone(), cfg.max_series, cfg.max_events_per_job),
             cfg: cfg.clone(),
             source,
         };
@@ -99,8 +98,7 @@ enum Source {
 struct Worker {
     transport: Transport,
     outbox: Outbox,
-    index: SharedIndex,
-    matcher: Matcher,
+    jobs: JobMatcher,
     cfg: MatchConfig,
     source: Source,
 }
@@ -136,8 +134,8 @@ impl Worker {
     ) -> impl Future<Output = ()> + Send + 'static {
         let started = Instant::now();
         let jobs = match self.source {
-            Source::Telemetry => self.match_batch(&d.body),
-            Source::Events => self.match_derived(&d.body),
+            Source::Telemetry => self.jobs.telemetry(&d.body),
+            Source::Events => self.jobs.derived(&d.body),
         };
         let (outbox, transport) = (self.outbox.clone(), self.transport.clone());
         let requeue_delay = self.cfg.requeue_delay;
@@ -147,86 +145,6 @@ impl Worker {
                 Err((error, reason)) => refuse(&transport, d, error, &reason, requeue_delay).await,
             }
         }
-    }
-
-    /// Jobs of one telemetry batch, or why it is refused.
-    fn match_batch(&mut self, body: &[u8]) -> Result<Vec<Job>, (&'static str, String)> {
-        let view = codec::decode(body).map_err(|e| (e.kind(), e.to_string()))?;
-        validate::validate(&view, now_ns(), &Limits::default())
-            .map_err(|e| ("invalid", format!("invalid batch: {e}")))?;
-        EventsReceived {
-            kind: EventKind::Reading.as_str(),
-            count: view.len(),
-        }
-        .emit();
-        let matches = {
-            let index = self.index.read().unwrap_or_else(|p| p.into_inner());
-            self.matcher.match_batch(&index, &view)
-        };
-        let mut jobs = Vec::new();
-        for (sub, readings) in matches.per_subscription {
-            for chunk in readings.chunks(self.cfg.max_events_per_job) {
-                let events: Vec<Event> = chunk
-                    .iter()
-                    .map(|&i| {
-                        let i_us = i as usize;
-                        Event {
-                            id: Event::reading_id(view.id, i),
-                            kind: EventKind::Reading,
-                            device: view.devices[view.d[i_us] as usize].to_owned(),
-                            metric: view.metrics[view.m[i_us] as usize].to_owned(),
-                            t: view.t[i_us],
-                            value: Some(view.x[i_us]),
-                            detail: None,
-                        }
-                    })
-                    .collect();
-                jobs.push(Job::new(view.tenant, sub.id, Stage::Fresh, events));
-            }
-        }
-        Ok(jobs)
-    }
-
-    /// Jobs of one derived event, or why it is refused.
-    fn match_derived(&mut self, body: &[u8]) -> Result<Vec<Job>, (&'static str, String)> {
-        let ev = DerivedEvent::decode(body)
-            .map_err(|e| ("decode", format!("not a derived event: {e}")))?;
-        if ev.v != event::FORMAT_VERSION {
-            return Err((
-                "unsupported-version",
-                format!("derived event version {}", ev.v),
-            ));
-        }
-        if ev.event.kind == EventKind::Reading {
-            return Err((
-                "invalid",
-                "readings travel on the telemetry exchange, not as derived events".into(),
-            ));
-        }
-        if !sluice_binding::TenantId::is_valid(&ev.tenant) {
-            return Err(("invalid", format!("invalid tenant id {:?}", ev.tenant)));
-        }
-        EventsReceived {
-            kind: ev.event.kind.as_str(),
-            count: 1,
-        }
-        .emit();
-        let e = &ev.event;
-        let subs = {
-            let index = self.index.read().unwrap_or_else(|p| p.into_inner());
-            self.matcher.match_event(
-                &index,
-                &ev.tenant,
-                e.kind,
-                &e.device,
-                &e.metric,
-                e.value.unwrap_or(f64::NAN),
-            )
-        };
-        Ok(subs
-            .into_iter()
-            .map(|s| Job::new(&ev.tenant, s.id, Stage::Fresh, vec![ev.event.clone()]))
-            .collect())
     }
 }
 
@@ -324,5 +242,53 @@ async fn refuse(
             tokio::time::sleep(requeue_delay).await;
             let _ = d.acker.requeue().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_binding::Topology;
+    use sluice_binding::transport::Outgoing;
+    use sluice_binding::transport::inproc::InProcessTransport;
+    use uuid::Uuid;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_refused_delivery_is_dead_lettered_with_its_reason_then_acked() {
+        let inproc = InProcessTransport::new(Topology::new("t", 1), 8);
+        let transport = Transport::InProcess(inproc.clone());
+        transport.declare(&[GROUP]).await.unwrap();
+        let msg = Outgoing {
+            partition: 0,
+            body: b"not a batch",
+            batch_id: Uuid::now_v7(),
+            producer: "test",
+        };
+        transport.publish(msg).await.unwrap();
+        let mut consumer = transport.consume_group(GROUP, 8).await.unwrap().remove(0);
+        let d = consumer.next().await.unwrap();
+        refuse(
+            &transport,
+            d,
+            "decode",
+            "not MessagePack",
+            Duration::from_millis(1),
+        )
+        .await;
+        let dead = inproc.dead_letters();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(&dead[0].body[..], b"not a batch");
+        assert_eq!(
+            (
+                dead[0].error.as_str(),
+                dead[0].reason.as_str(),
+                dead[0].group.as_str()
+            ),
+            ("decode", "not MessagePack", GROUP)
+        );
+        // Acked: it does not come back.
+        let again = tokio::time::timeout(Duration::from_millis(100), consumer.next()).await;
+        assert!(again.is_err(), "the refused delivery came back");
     }
 }
