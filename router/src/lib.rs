@@ -28,6 +28,8 @@ pub mod outbox;
 pub mod store;
 pub mod subscription;
 pub mod sync;
+#[cfg(test)]
+mod testing;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;

@@ -154,28 +154,10 @@ async fn full_reload(
 mod tests {
     use std::time::Instant;
 
-    use sluice_binding::TenantId;
     use uuid::Uuid;
 
     use super::*;
-    use crate::subscription::{Criteria, EventKind, Policy, Subscription, Target};
-
-    fn sub(tenant: &str) -> Subscription {
-        Subscription {
-            id: Uuid::now_v7(),
-            tenant: TenantId::new(tenant).unwrap(),
-            name: None,
-            criteria: Criteria {
-                devices: vec!["*".into()],
-                metrics: vec!["*".into()],
-                kinds: vec![EventKind::Reading],
-                value: None,
-            },
-            policy: Policy::default(),
-            target: Target::Live,
-            created: 0,
-        }
-    }
+    use crate::testing::sub;
 
     fn ids(index: &SharedIndex, tenant: &str) -> Vec<Uuid> {
         let index = index.read().unwrap();
@@ -202,7 +184,7 @@ mod tests {
     #[tokio::test]
     async fn load_reads_every_tenant_s_subscriptions() {
         let store = Store::memory(10);
-        let (a, b) = (sub("acme"), sub("globex"));
+        let (a, b) = (sub("acme", &["*"], &["*"]), sub("globex", &["*"], &["*"]));
         store.create(&a).await.unwrap();
         store.create(&b).await.unwrap();
         let (index, version) = load(&store).await.unwrap();
@@ -218,7 +200,7 @@ mod tests {
         let (index, version) = load(&store).await.unwrap();
         let index: SharedIndex = Arc::new(RwLock::new(index));
         // Made after the load, before `run` follows: the reload on (re)connecting has it.
-        let early = sub("acme");
+        let early = sub("acme", &["*"], &["*"]);
         store.create(&early).await.unwrap();
         let shutdown = CancellationToken::new();
         // A poll far longer than the test: announcements must carry the changes.
@@ -230,7 +212,7 @@ mod tests {
             shutdown.clone(),
         ));
         until_indexed(&index, "acme", &[early.id]).await;
-        let (late, other) = (sub("acme"), sub("globex"));
+        let (late, other) = (sub("acme", &["*"], &["*"]), sub("globex", &["*"], &["*"]));
         store.create(&late).await.unwrap();
         store.create(&other).await.unwrap();
         until_indexed(&index, "acme", &[early.id, late.id]).await;
@@ -244,7 +226,7 @@ mod tests {
     #[tokio::test]
     async fn reload_tenant_replaces_only_that_tenant_s_set() {
         let store = Store::memory(10);
-        let (a, b) = (sub("acme"), sub("globex"));
+        let (a, b) = (sub("acme", &["*"], &["*"]), sub("globex", &["*"], &["*"]));
         store.create(&a).await.unwrap();
         store.create(&b).await.unwrap();
         let index: SharedIndex = Arc::new(RwLock::new(Index::new()));

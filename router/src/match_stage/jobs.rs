@@ -118,29 +118,24 @@ impl JobMatcher {
 mod tests {
     use std::sync::{Arc, RwLock};
 
+    use sluice_binding::codec;
     use sluice_binding::model::BatchBuilder;
-    use sluice_binding::{TenantId, codec};
     use uuid::Uuid;
 
     use super::*;
     use crate::matching::Index;
-    use crate::subscription::{Criteria, Policy, Subscription, Target, ValuePredicate};
+    use crate::subscription::{Subscription, ValuePredicate};
+    use crate::testing::sub_with;
 
-    fn sub(tenant: &str, devices: &[&str], kinds: &[EventKind]) -> Subscription {
-        Subscription {
-            id: Uuid::now_v7(),
-            tenant: TenantId::new(tenant).unwrap(),
-            name: None,
-            criteria: Criteria {
-                devices: devices.iter().map(|d| d.to_string()).collect(),
-                metrics: vec!["temp".into()],
-                kinds: kinds.to_vec(),
-                value: Some(ValuePredicate::Above(50.0)),
-            },
-            policy: Policy::default(),
-            target: Target::Live,
-            created: 0,
-        }
+    /// A subscription of `tenant`'s `temp` above 50 on these devices.
+    fn over_50(tenant: &str, devices: &[&str], kinds: &[EventKind]) -> Subscription {
+        sub_with(
+            tenant,
+            devices,
+            &["temp"],
+            kinds,
+            Some(ValuePredicate::Above(50.0)),
+        )
     }
 
     fn matcher(subs: Vec<Subscription>, max_events_per_job: usize) -> JobMatcher {
@@ -180,9 +175,9 @@ mod tests {
 
     #[test]
     fn a_batch_makes_one_job_per_matched_subscription_with_only_its_readings() {
-        let boilers = sub("acme", &["boiler-*"], &[EventKind::Reading]);
-        let pumps = sub("acme", &["pump-*"], &[EventKind::Reading]);
-        let other = sub("globex", &["*"], &[EventKind::Reading]);
+        let boilers = over_50("acme", &["boiler-*"], &[EventKind::Reading]);
+        let pumps = over_50("acme", &["pump-*"], &[EventKind::Reading]);
+        let other = over_50("globex", &["*"], &[EventKind::Reading]);
         let (boilers_id, pumps_id) = (boilers.id, pumps.id);
         let mut m = matcher(vec![boilers, pumps, other], 1000);
         let readings = [
@@ -215,7 +210,7 @@ mod tests {
 
     #[test]
     fn a_job_carries_at_most_max_events_per_job() {
-        let all = sub("acme", &["*"], &[EventKind::Reading]);
+        let all = over_50("acme", &["*"], &[EventKind::Reading]);
         let mut m = matcher(vec![all], 2);
         let (_, body) = batch(
             "acme",
@@ -251,8 +246,8 @@ mod tests {
 
     #[test]
     fn a_derived_event_matches_subscriptions_of_its_kind_and_tenant() {
-        let faults = sub("acme", &["boiler-*"], &[EventKind::Fault]);
-        let readings = sub("acme", &["boiler-*"], &[EventKind::Reading]);
+        let faults = over_50("acme", &["boiler-*"], &[EventKind::Fault]);
+        let readings = over_50("acme", &["boiler-*"], &[EventKind::Reading]);
         let faults_id = faults.id;
         let mut m = matcher(vec![faults, readings], 1000);
         let jobs = m

@@ -1,37 +1,11 @@
-//! Builders shared by the index and matcher tests.
+//! Helpers shared by the index and matcher tests.
 
-use sluice_binding::{BatchView, TenantId};
+use sluice_binding::BatchView;
 use uuid::Uuid;
 
 use super::{BatchMatches, Index, SubRef};
-use crate::subscription::{Criteria, EventKind, Policy, Subscription, Target, ValuePredicate};
-
-pub(super) fn sub_with(
-    tenant: &str,
-    devices: &[&str],
-    metrics: &[&str],
-    kinds: &[EventKind],
-    value: Option<ValuePredicate>,
-) -> Subscription {
-    Subscription {
-        id: Uuid::now_v7(),
-        tenant: TenantId::new(tenant).unwrap(),
-        name: None,
-        criteria: Criteria {
-            devices: devices.iter().map(|s| s.to_string()).collect(),
-            metrics: metrics.iter().map(|s| s.to_string()).collect(),
-            kinds: kinds.to_vec(),
-            value,
-        },
-        policy: Policy::default(),
-        target: Target::Live,
-        created: 0,
-    }
-}
-
-pub(super) fn sub(tenant: &str, devices: &[&str], metrics: &[&str]) -> Subscription {
-    sub_with(tenant, devices, metrics, &[EventKind::Reading], None)
-}
+use crate::subscription::EventKind;
+pub(super) use crate::testing::{sub, sub_with};
 
 pub(super) fn ids(subs: &[SubRef]) -> Vec<Uuid> {
     let mut ids: Vec<Uuid> = subs.iter().map(|s| s.id).collect();

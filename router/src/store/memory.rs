@@ -171,37 +171,20 @@ impl MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::subscription::{Criteria, Policy, Target};
-
-    fn sub(tenant: &str) -> Subscription {
-        Subscription {
-            id: Uuid::now_v7(),
-            tenant: TenantId::new(tenant).unwrap(),
-            name: None,
-            criteria: Criteria {
-                devices: vec!["*".into()],
-                metrics: vec!["*".into()],
-                kinds: vec![crate::subscription::EventKind::Reading],
-                value: None,
-            },
-            policy: Policy::default(),
-            target: Target::Live,
-            created: 0,
-        }
-    }
+    use crate::testing::sub;
 
     #[tokio::test]
     async fn changes_are_counted_announced_and_capped_per_tenant() {
         let store = MemoryStore::new(2);
         let mut changes = store.follow();
-        let (a, b) = (sub("acme"), sub("acme"));
+        let (a, b) = (sub("acme", &["*"], &["*"]), sub("acme", &["*"], &["*"]));
         store.create(&a).unwrap();
         store.create(&b).unwrap();
         assert!(matches!(
-            store.create(&sub("acme")),
+            store.create(&sub("acme", &["*"], &["*"])),
             Err(StoreError::TooMany(2))
         ));
-        store.create(&sub("globex")).unwrap();
+        store.create(&sub("globex", &["*"], &["*"])).unwrap();
         assert_eq!(store.version(), 3);
         for want in ["acme", "acme", "globex"] {
             assert_eq!(changes.next().await.as_deref(), Some(want));
