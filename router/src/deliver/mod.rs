@@ -18,10 +18,10 @@
 //!   a permanent failure such as a 404 or a refused address) it goes to the dead-letter
 //!   queue with the reason.
 //!
-//! Layout: [`read`] takes jobs off the notify queues, [`policy_loop`] batches them and
-//! holds pending latest notifications, [`policy`] applies the checks that need Redis
-//! (rate limit, expiration counter), [`send`] shapes one notification, hands it to
-//! [`Notifiers`] and settles the outcome (retry, dead letter), and [`settle`] acks or
+//! Layout: `read` takes jobs off the notify queues, `policy_loop` batches them and
+//! holds pending latest notifications, `policy` applies the checks that need Redis
+//! (rate limit, expiration counter), `send` shapes one notification, hands it to
+//! [`Notifiers`] and settles the outcome (retry, dead letter), and `settle` acks or
 //! requeues each job's delivery once everything it carried is settled.
 
 mod policy;

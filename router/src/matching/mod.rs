@@ -25,8 +25,8 @@
 //!   by producers, and a faster unkeyed hash would let one flood a bucket. Lookups are per
 //!   distinct (device, metric) pair of a batch, not per reading, so its cost is amortized.
 //!
-//! Layout: [`pattern`] compiles the glob patterns of criteria, [`index`] holds every
-//! tenant's subscriptions posted on one dimension each, and [`matcher`] runs batches and
+//! Layout: `pattern` compiles the glob patterns of criteria, `index` holds every
+//! tenant's subscriptions posted on one dimension each, and `matcher` runs batches and
 //! single events through the index, remembering each series' previous value.
 
 mod index;

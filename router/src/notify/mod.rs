@@ -4,7 +4,7 @@
 //! [`NotifyError`] how a failure is classified for it.
 //!
 //! A new target kind is a module here, a variant of
-//! [`Target`](crate::subscription::Target), and an arm of [`Notifiers::send`].
+//! [`Target`], and an arm of [`Notifiers::send`].
 
 pub mod amqp;
 pub mod backoff;

@@ -1,14 +1,14 @@
 //! The webhook notifier: POSTs a prepared notification to a subscriber's URL.
 //!
-//! - [`address`]: the address rules that keep webhooks off internal networks (the SSRF
+//! - `address`: the address rules that keep webhooks off internal networks (the SSRF
 //!   guard), checked when a subscription is created ([`WebhookNotifier::check_target`])
 //!   and again at connect time, by a resolver that drops refused addresses (a host name
 //!   may resolve elsewhere by the time we send: DNS rebinding);
-//! - [`breaker`]: the circuit breaker of one target (scheme, host and port);
-//! - [`client`]: the HTTP client, with back pressure and isolation per target (a
+//! - `breaker`: the circuit breaker of one target (scheme, host and port);
+//! - `client`: the HTTP client, with back pressure and isolation per target (a
 //!   concurrency limit and a circuit breaker), so one slow or dead endpoint neither floods
 //!   nor stalls the others;
-//! - [`outcome`]: the classification of a failed delivery for the retry logic
+//! - `outcome`: the classification of a failed delivery for the retry logic
 //!   ([`WebhookError`]).
 //!
 //! The delay before the next attempt is [`crate::notify::backoff`], shared by every
