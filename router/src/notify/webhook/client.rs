@@ -319,8 +319,9 @@ mod tests {
     use axum::routing::post;
 
     use super::*;
+    use crate::notify::webhook::AllowRule;
 
-    fn rule(s: &str) -> super::super::AllowRule {
+    fn rule(s: &str) -> AllowRule {
         s.parse().unwrap()
     }
 
