@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::dead_letter::{DeadLetterKind, Refusal};
-use crate::model::TenantId;
+use crate::model::{BatchView, TenantId};
 
 /// Version of the [`DerivedEvent`] format.
 pub const FORMAT_VERSION: u32 = 1;
@@ -71,6 +71,20 @@ impl Event {
     /// The id of reading `index` of batch `batch`.
     pub fn reading_id(batch: Uuid, index: u32) -> String {
         format!("{}:{index}", batch.simple())
+    }
+
+    /// The event of reading `index` of `batch` (which must be in range).
+    pub fn reading(batch: &BatchView<'_>, index: u32) -> Self {
+        let i = index as usize;
+        Self {
+            id: Self::reading_id(batch.id, index),
+            kind: EventKind::Reading,
+            device: batch.devices[batch.d[i] as usize].to_owned(),
+            metric: batch.metrics[batch.m[i] as usize].to_owned(),
+            t: batch.t[i],
+            value: Some(batch.x[i]),
+            detail: None,
+        }
     }
 }
 
@@ -171,6 +185,21 @@ mod tests {
             value: Some(2.0),
             detail: None,
         }
+    }
+
+    #[test]
+    fn a_reading_event_names_its_batch_and_index() {
+        let mut b = crate::model::BatchBuilder::new("acme", "p", 0);
+        b.push("d1", "temp", 5, 1.5);
+        b.push("d2", "hum", 6, 2.5);
+        let body = crate::codec::encode(&b.finish(7)).unwrap();
+        let view = crate::codec::decode(&body).unwrap();
+        let e = Event::reading(&view, 1);
+        assert_eq!(e.id, format!("{}:1", view.id.simple()));
+        assert_eq!(
+            (e.kind, e.device.as_str(), e.metric.as_str(), e.t, e.value),
+            (EventKind::Reading, "d2", "hum", 6, Some(2.5))
+        );
     }
 
     #[test]

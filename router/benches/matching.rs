@@ -24,12 +24,11 @@ use std::hint::black_box;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use sluice_binding::event::EventKind;
 use sluice_binding::model::BatchBuilder;
 use sluice_binding::{TenantId, codec};
 use sluice_router::matching::{Index, Matcher};
-use sluice_router::subscription::{
-    Criteria, EventKind, Policy, Subscription, Target, ValuePredicate,
-};
+use sluice_router::subscription::{Criteria, Policy, Subscription, Target, ValuePredicate};
 use uuid::Uuid;
 
 const TENANTS: usize = 10;

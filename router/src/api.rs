@@ -34,7 +34,9 @@ use sluice_binding::transport::Transport;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::notify::amqp::AmqpNotifier;
+use crate::internal_events::{LiveListenerClosed, LiveListenerOpened};
+use crate::notify::amqp::AmqpGrants;
+use crate::notify::live::LiveFeed;
 use crate::notify::webhook::WebhookNotifier;
 use crate::store::{Store, StoreError};
 use crate::subscription::{NewSubscription, Subscription, Target};
@@ -46,47 +48,35 @@ const MAX_BODY: usize = 64 * 1024;
 /// What the API needs. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct ApiState {
-    inner: Arc<Inner>,
+    inner: Arc<ApiParts>,
 }
 
+/// The parts of the API's state.
 #[derive(Debug)]
-struct Inner {
-    tenants: Tenants,
-    store: Store,
-    webhook: WebhookNotifier,
-    amqp: AmqpNotifier,
+pub struct ApiParts {
+    /// Authenticates requests: the API key names the tenant.
+    pub tenants: Tenants,
+    /// The subscriptions.
+    pub store: Store,
+    /// Checks webhook targets against its address rules (nothing is sent).
+    pub webhook: WebhookNotifier,
+    /// Checks AMQP targets against the tenants' grants.
+    pub amqp: AmqpGrants,
+    /// The live feeds that `GET /v1/subscriptions/{id}/live` follows.
+    pub live: LiveFeed,
     /// The router's broker connections, for `/readyz`.
-    transport: Transport,
+    pub transport: Transport,
     /// This instance's index: a change applies to it before the API answers.
-    index: SharedIndex,
+    pub index: SharedIndex,
     /// Ends live feeds, which would otherwise hold graceful shutdown open forever.
-    shutdown: CancellationToken,
+    pub shutdown: CancellationToken,
 }
 
 impl ApiState {
-    /// The API over `store`, authenticating with `tenants`, checking webhook targets with
-    /// `webhook`'s address rules and AMQP targets against `amqp`'s grants, and applying
-    /// each change to `index` before answering. `/readyz` asks `transport` and Redis.
-    /// Live feeds end at `shutdown`.
-    pub fn new(
-        tenants: Tenants,
-        store: Store,
-        webhook: WebhookNotifier,
-        amqp: AmqpNotifier,
-        transport: Transport,
-        index: SharedIndex,
-        shutdown: CancellationToken,
-    ) -> Self {
+    /// The API over `parts.store`; `/readyz` asks `parts.transport` and the store.
+    pub fn new(parts: ApiParts) -> Self {
         Self {
-            inner: Arc::new(Inner {
-                tenants,
-                store,
-                webhook,
-                amqp,
-                transport,
-                index,
-                shutdown,
-            }),
+            inner: Arc::new(parts),
         }
     }
 }
@@ -336,38 +326,26 @@ async fn live(
             "this subscription's target is not the live feed",
         ));
     }
-    let store = &state.inner.store;
-    let mut pubsub = store
-        .client()
-        .get_async_pubsub()
+    let feed = state
+        .inner
+        .live
+        .listen(tenant.as_str(), id)
         .await
         .map_err(StoreError::from)?;
-    pubsub
-        .subscribe(store.live_channel(tenant.as_str(), id))
-        .await
-        .map_err(StoreError::from)?;
-    metrics::gauge!("sluice_live_listeners").increment(1.0);
+    LiveListenerOpened.emit();
     let guard = ListenerGuard;
     let ended = state.inner.shutdown.clone().cancelled_owned();
-    let stream = pubsub
-        .into_on_message()
-        .take_until(ended)
-        .filter_map(move |msg| {
-            let _held = &guard;
-            let data: Option<String> = msg.get_payload().ok();
-            async move {
-                data.map(|d| {
-                    let id = serde_json::from_str::<serde_json::Value>(&d)
-                        .ok()
-                        .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_owned));
-                    let ev = SseEvent::default().event("notification").data(d);
-                    Ok(match id {
-                        Some(id) => ev.id(id),
-                        None => ev,
-                    })
-                })
-            }
-        });
+    let stream = feed.take_until(ended).map(move |d| {
+        let _held = &guard;
+        let id = serde_json::from_str::<serde_json::Value>(&d)
+            .ok()
+            .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_owned));
+        let ev = SseEvent::default().event("notification").data(d);
+        Ok(match id {
+            Some(id) => ev.id(id),
+            None => ev,
+        })
+    });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
@@ -376,6 +354,9 @@ struct ListenerGuard;
 
 impl Drop for ListenerGuard {
     fn drop(&mut self) {
-        metrics::gauge!("sluice_live_listeners").decrement(1.0);
+        LiveListenerClosed.emit();
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -4,28 +4,33 @@
 //!
 //! Layout, in data-path order:
 //! - [`subscription`]: the subscription API's JSON shape and its rules;
-//! - [`store`] and [`sync`]: subscriptions and policy counters in Redis, and this
-//!   instance's copy of them;
+//! - [`store`] and [`sync`]: subscriptions and policy counters (in Redis, or in memory
+//!   for tests), and this instance's copy of them;
 //! - [`api`]: the tenant-authenticated subscription API and the live feed;
-//! - [`matching`]: the indexed matching engine (patterns, value predicates);
-//! - [`route`]: the match stage, a consumer group on the telemetry partitions and the
+//! - [`matching`]: the indexed matching engine (patterns, index, matcher);
+//! - [`match_stage`]: the match stage, a consumer group on the telemetry partitions and the
 //!   events queue, publishing jobs to the outbox;
-//! - [`event`]: events, jobs and notifications on the wire;
+//! - [`job`]: the outbox's jobs on the wire (events and notifications are the
+//!   contract's, `sluice_binding::event`);
 //! - [`outbox`]: the durable path between matching and delivery (notify, delay and
 //!   dead-letter queues);
 //! - [`deliver`]: the notification policies and the delivery stage;
-//! - [`notify`]: the notifiers.
+//! - [`notify`]: the notifiers (webhook, AMQP, Redis stream, live feed) behind one type;
+//! - [`internal_events`]: what the router logs and counts, with its metric names.
 
 pub mod api;
 pub mod deliver;
-pub mod event;
+pub mod internal_events;
+pub mod job;
+pub mod match_stage;
 pub mod matching;
 pub mod notify;
 pub mod outbox;
-pub mod route;
 pub mod store;
 pub mod subscription;
 pub mod sync;
+#[cfg(test)]
+mod testing;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -37,8 +42,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use deliver::DeliverConfig;
+pub use match_stage::MatchConfig;
 pub use notify::webhook::{WebhookConfig, WebhookNotifier};
-pub use route::MatchConfig;
 
 /// Settings of a router instance.
 #[derive(Clone, Debug)]
@@ -102,17 +107,25 @@ pub async fn run(
     cfg: RouterConfig,
     shutdown: CancellationToken,
 ) -> Result<(), RouterError> {
-    let store = store::Store::connect(
+    let redis = store::RedisStore::connect(
         &cfg.redis_url,
         &cfg.redis_namespace,
         cfg.max_subscriptions_per_tenant,
     )
     .await?;
-    let webhook = WebhookNotifier::new(cfg.webhook.clone())?;
-    let amqp = notify::amqp::AmqpNotifier::new(transport.clone(), tenants.clone());
+    let notifiers = notify::Notifiers {
+        webhook: WebhookNotifier::new(cfg.webhook.clone())?,
+        amqp: notify::amqp::AmqpNotifier::new(transport.clone(), tenants.clone()),
+        stream: notify::stream::StreamNotifier::new(redis.connection(), &cfg.redis_namespace),
+        live: notify::live::LiveNotifier::new(
+            notify::live::LiveFeed::new(redis.client().clone(), &cfg.redis_namespace),
+            redis.connection(),
+        ),
+    };
+    let store = store::Store::redis(redis);
     let outbox = outbox::Outbox::new(transport.clone(), cfg.notify_partitions);
     let generic = Transport::Amqp(transport.clone());
-    generic.declare(&[route::GROUP]).await?;
+    generic.declare(&[match_stage::GROUP]).await?;
     outbox.declare().await?;
     let (index, version) = sync::load(&store).await?;
     tracing::info!(subscriptions = index.len(), "subscriptions loaded");
@@ -127,15 +140,16 @@ pub async fn run(
         shutdown.clone(),
     ));
     if let Some(listener) = listener {
-        let app = api::app(api::ApiState::new(
+        let app = api::app(api::ApiState::new(api::ApiParts {
             tenants,
-            store.clone(),
-            webhook.clone(),
-            amqp.clone(),
-            generic.clone(),
-            index.clone(),
-            shutdown.clone(),
-        ));
+            store: store.clone(),
+            webhook: notifiers.webhook.clone(),
+            amqp: notifiers.amqp.grants().clone(),
+            live: notifiers.live.feed().clone(),
+            transport: generic.clone(),
+            index: index.clone(),
+            shutdown: shutdown.clone(),
+        }));
         let stop = shutdown.clone();
         tasks.spawn(async move {
             let served = axum::serve(listener, app)
@@ -150,12 +164,11 @@ pub async fn run(
         outbox.clone(),
         store.clone(),
         index.clone(),
-        webhook,
-        amqp,
+        notifiers,
         cfg.deliver.clone(),
         shutdown.clone(),
     ));
-    let matched = route::run(
+    let matched = match_stage::run(
         generic,
         outbox,
         index,

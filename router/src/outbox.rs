@@ -31,7 +31,7 @@ use sluice_binding::transport::amqp::AmqpTransport;
 use sluice_binding::transport::{Consumer, PublishError, TransportError};
 use uuid::Uuid;
 
-use crate::event::Job;
+use crate::job::Job;
 
 /// Content type of jobs and derived events.
 pub const CONTENT_TYPE: &str = "application/msgpack";
@@ -116,8 +116,7 @@ impl Outbox {
 
     /// The notify partition of a subscription.
     pub fn partition_of(&self, subscription: Uuid) -> u32 {
-        // UUID v7 ends in random bits: a fair spread.
-        (subscription.as_u128() % u128::from(self.partitions)) as u32
+        partition_of(subscription, self.partitions)
     }
 
     fn queue_args(&self) -> FieldTable {
@@ -237,12 +236,7 @@ impl Outbox {
     /// most the longest tier).
     pub async fn delay(&self, job: &Job, key: &str, after: Duration) -> Result<(), PublishError> {
         let p = self.partition_of(job.subscription);
-        let tier = DELAY_TIERS
-            .iter()
-            .copied()
-            .find(|t| *t >= after)
-            .unwrap_or(DELAY_TIERS[DELAY_TIERS.len() - 1]);
-        let ms = after.min(tier).as_millis().max(1);
+        let (tier, ms) = delay_tier(after);
         let props = Self::props(key).with_expiration(ms.to_string().into());
         self.transport
             .publish_to(
@@ -295,5 +289,60 @@ impl Outbox {
         self.transport
             .consume_queues(&[self.events_queue()], prefetch)
             .await
+    }
+}
+
+/// The notify partition of `subscription` among `partitions`.
+fn partition_of(subscription: Uuid, partitions: u32) -> u32 {
+    // UUID v7 ends in random bits: a fair spread.
+    (subscription.as_u128() % u128::from(partitions.max(1))) as u32
+}
+
+/// The tier a delay of `after` waits in (the shortest at least as long, else the longest),
+/// and the per-message expiration in whole milliseconds (at least 1, at most the tier).
+fn delay_tier(after: Duration) -> (Duration, u128) {
+    let tier = DELAY_TIERS
+        .iter()
+        .copied()
+        .find(|t| *t >= after)
+        .unwrap_or(DELAY_TIERS[DELAY_TIERS.len() - 1]);
+    (tier, after.min(tier).as_millis().max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delay_waits_in_the_shortest_tier_that_holds_it() {
+        let s = Duration::from_secs;
+        let cases = [
+            (Duration::ZERO, (s(1), 1)),
+            (Duration::from_micros(10), (s(1), 1)),
+            (Duration::from_millis(500), (s(1), 500)),
+            (s(1), (s(1), 1000)),
+            (Duration::from_millis(1001), (s(4), 1001)),
+            (s(60), (s(64), 60_000)),
+            (s(1025), (s(3600), 1_025_000)),
+            // Longer than every tier: the longest, capped.
+            (s(7200), (s(3600), 3_600_000)),
+        ];
+        for (after, want) in cases {
+            assert_eq!(delay_tier(after), want, "{after:?}");
+        }
+        assert!(DELAY_TIERS.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn one_subscription_always_takes_one_partition_and_all_are_used() {
+        let ids: Vec<Uuid> = (0..400).map(|_| Uuid::now_v7()).collect();
+        let mut seen = [0u32; 4];
+        for id in &ids {
+            let p = partition_of(*id, 4);
+            assert_eq!(p, partition_of(*id, 4));
+            seen[p as usize] += 1;
+        }
+        assert!(seen.iter().all(|n| *n > 50), "{seen:?}");
+        assert_eq!(partition_of(ids[0], 0), 0, "no partitions counts as one");
     }
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sluice_binding::TenantId;
+use sluice_binding::event::EventKind;
 use uuid::Uuid;
 
 /// Most patterns a criteria list may hold (each list).
@@ -93,9 +94,6 @@ fn all() -> Vec<String> {
 fn readings_only() -> Vec<EventKind> {
     vec![EventKind::Reading]
 }
-
-/// The kind of an event: the contract's (`docs/binding.md` section 7).
-pub use sluice_binding::event::EventKind;
 
 /// A predicate on the value of an event. Exactly one key:
 /// `{"above": x}`, `{"below": x}`, `{"outside": [lo, hi]}`, `{"changed_by": d}`.

@@ -1,6 +1,6 @@
 //! Keeps this instance's [`Index`] equal to the subscriptions in Redis.
 //!
-//! A change is announced on a pub/sub channel with the tenant's id; the tenant's set is
+//! A change is announced ([`Store::follow`]; a pub/sub channel in Redis) with the tenant's id; the tenant's set is
 //! reloaded at once (milliseconds). Pub/sub loses messages while a connection is down, so
 //! the change counter is also polled every `poll` and any change not accounted for causes a
 //! full reload. Either way a change reaches every instance within a second.
@@ -12,6 +12,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::internal_events::IndexChanged;
 use crate::matching::Index;
 use crate::store::{Store, StoreError};
 
@@ -26,7 +27,10 @@ pub async fn load(store: &Store) -> Result<(Index, u64), StoreError> {
         let subs = store.list(&tenant).await?;
         index.replace_tenant(&tenant, subs);
     }
-    metrics::gauge!("sluice_router_subscriptions").set(index.len() as f64);
+    IndexChanged {
+        subscriptions: index.len(),
+    }
+    .emit();
     Ok((index, version))
 }
 
@@ -45,13 +49,8 @@ pub async fn run(
         .into_iter()
         .collect();
     'connect: while !shutdown.is_cancelled() {
-        let pubsub = async {
-            let mut ps = store.client().get_async_pubsub().await?;
-            ps.subscribe(store.changes_channel()).await?;
-            Ok::<_, redis::RedisError>(ps)
-        };
-        let mut messages = match pubsub.await {
-            Ok(ps) => ps.into_on_message(),
+        let mut changes = match store.follow().await {
+            Ok(changes) => changes,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot follow subscription changes; retrying");
                 tokio::select! {
@@ -66,12 +65,11 @@ pub async fn run(
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                msg = messages.next() => {
-                    let Some(msg) = msg else {
+                tenant = changes.next() => {
+                    let Some(tenant) = tenant else {
                         tracing::warn!("subscription change channel closed; reconnecting");
                         continue 'connect;
                     };
-                    let Ok(tenant) = msg.get_payload::<String>() else { continue };
                     let before = version;
                     let now = store.version().await.unwrap_or(before);
                     if reload_tenant(&store, &index, &tenant).await.is_ok() {
@@ -106,7 +104,10 @@ pub async fn reload_tenant(
         Ok(subs) => {
             let mut ix = index.write().unwrap_or_else(|p| p.into_inner());
             ix.replace_tenant(tenant, subs);
-            metrics::gauge!("sluice_router_subscriptions").set(ix.len() as f64);
+            IndexChanged {
+                subscriptions: ix.len(),
+            }
+            .emit();
             Ok(())
         }
         Err(e) => {
@@ -138,10 +139,102 @@ async fn full_reload(
             for (t, subs) in sets {
                 ix.replace_tenant(&t, subs);
             }
-            metrics::gauge!("sluice_router_subscriptions").set(ix.len() as f64);
+            IndexChanged {
+                subscriptions: ix.len(),
+            }
+            .emit();
             *version = v;
             *known = tenants;
         }
         Err(e) => tracing::warn!(error = %e, "cannot reload subscriptions"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::testing::sub;
+
+    fn ids(index: &SharedIndex, tenant: &str) -> Vec<Uuid> {
+        let index = index.read().unwrap();
+        index
+            .tenant_subscriptions(tenant)
+            .iter()
+            .map(|s| s.id)
+            .collect()
+    }
+
+    /// Waits (at most 2 s) until `tenant`'s indexed subscriptions are `want`.
+    async fn until_indexed(index: &SharedIndex, tenant: &str, want: &[Uuid]) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while ids(index, tenant) != want {
+            assert!(
+                Instant::now() < deadline,
+                "{tenant}: indexed {:?}, want {want:?}",
+                ids(index, tenant)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn load_reads_every_tenant_s_subscriptions() {
+        let store = Store::memory(10);
+        let (a, b) = (sub("acme", &["*"], &["*"]), sub("globex", &["*"], &["*"]));
+        store.create(&a).await.unwrap();
+        store.create(&b).await.unwrap();
+        let (index, version) = load(&store).await.unwrap();
+        assert_eq!((index.len(), version), (2, 2));
+        assert!(index.get("acme", a.id).is_some());
+        assert!(index.get("globex", b.id).is_some());
+        assert!(index.get("acme", b.id).is_none());
+    }
+
+    #[tokio::test]
+    async fn changes_reach_the_index_whether_announced_or_made_before_following() {
+        let store = Store::memory(10);
+        let (index, version) = load(&store).await.unwrap();
+        let index: SharedIndex = Arc::new(RwLock::new(index));
+        // Made after the load, before `run` follows: the reload on (re)connecting has it.
+        let early = sub("acme", &["*"], &["*"]);
+        store.create(&early).await.unwrap();
+        let shutdown = CancellationToken::new();
+        // A poll far longer than the test: announcements must carry the changes.
+        let task = tokio::spawn(run(
+            store.clone(),
+            index.clone(),
+            version,
+            Duration::from_secs(3600),
+            shutdown.clone(),
+        ));
+        until_indexed(&index, "acme", &[early.id]).await;
+        let (late, other) = (sub("acme", &["*"], &["*"]), sub("globex", &["*"], &["*"]));
+        store.create(&late).await.unwrap();
+        store.create(&other).await.unwrap();
+        until_indexed(&index, "acme", &[early.id, late.id]).await;
+        until_indexed(&index, "globex", &[other.id]).await;
+        store.delete(&early.tenant, early.id).await.unwrap();
+        until_indexed(&index, "acme", &[late.id]).await;
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn reload_tenant_replaces_only_that_tenant_s_set() {
+        let store = Store::memory(10);
+        let (a, b) = (sub("acme", &["*"], &["*"]), sub("globex", &["*"], &["*"]));
+        store.create(&a).await.unwrap();
+        store.create(&b).await.unwrap();
+        let index: SharedIndex = Arc::new(RwLock::new(Index::new()));
+        reload_tenant(&store, &index, "acme").await.unwrap();
+        assert_eq!(ids(&index, "acme"), [a.id]);
+        assert!(ids(&index, "globex").is_empty());
+        store.delete(&a.tenant, a.id).await.unwrap();
+        reload_tenant(&store, &index, "acme").await.unwrap();
+        assert!(index.read().unwrap().is_empty());
     }
 }

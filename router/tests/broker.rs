@@ -19,14 +19,14 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 use serde_json::{Value, json};
+use sluice_binding::event::{DerivedEvent, Event, EventKind, FORMAT_VERSION};
 use sluice_binding::model::now_ns;
 use sluice_binding::tenancy::Tenants;
 use sluice_binding::transport::amqp::{AmqpConfig, AmqpTransport};
 use sluice_binding::transport::{Outgoing, Transport};
 use sluice_binding::{Batch, Topology, codec};
-use sluice_router::event::{DerivedEvent, Event, FORMAT_VERSION, Job};
+use sluice_router::job::Job;
 use sluice_router::outbox::{DELAY_TIERS, Outbox};
-use sluice_router::subscription::EventKind;
 use sluice_router::{RouterConfig, WebhookConfig};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;

@@ -27,7 +27,7 @@ use crate::report::LatencyRecorder;
 /// The path the router POSTs to.
 pub const NOTIFY_PATH: &str = "/notify";
 
-/// What loadgen reads of a router notification (`sluice_router::event::Notification`);
+/// What loadgen reads of a router notification (`sluice_binding::event::Notification`);
 /// other fields are ignored.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Notification {

@@ -43,23 +43,21 @@ impl AmqpError {
     }
 }
 
-/// Publishes AMQP notifications. Cheap to clone.
+/// Which exchanges each tenant may send notifications to: the grants of the tenants
+/// file, minus the names no tenant may ever reach. Cheap to clone.
 #[derive(Clone, Debug)]
-pub struct AmqpNotifier {
-    transport: AmqpTransport,
+pub struct AmqpGrants {
     tenants: Tenants,
     /// `{namespace}.`: Sluice's own exchanges and queues.
     reserved: String,
 }
 
-impl AmqpNotifier {
-    /// A notifier over `transport`, with the grants of `tenants`.
-    pub fn new(transport: AmqpTransport, tenants: Tenants) -> Self {
-        let reserved = format!("{}.", transport.topology().namespace);
+impl AmqpGrants {
+    /// The grants of `tenants`, with Sluice's own objects under `namespace` out of reach.
+    pub fn new(tenants: Tenants, namespace: &str) -> Self {
         Self {
-            transport,
             tenants,
-            reserved,
+            reserved: format!("{namespace}."),
         }
     }
 
@@ -83,6 +81,27 @@ impl AmqpNotifier {
         }
         Ok(())
     }
+}
+
+/// Publishes AMQP notifications. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct AmqpNotifier {
+    transport: AmqpTransport,
+    grants: AmqpGrants,
+}
+
+impl AmqpNotifier {
+    /// A notifier over `transport`, with the grants of `tenants`.
+    pub fn new(transport: AmqpTransport, tenants: Tenants) -> Self {
+        let grants = AmqpGrants::new(tenants, &transport.topology().namespace);
+        Self { transport, grants }
+    }
+
+    /// The grants checked at every delivery (and by the API when a subscription is
+    /// created).
+    pub fn grants(&self) -> &AmqpGrants {
+        &self.grants
+    }
 
     /// Publishes `json` to `exchange` with `routing_key`, on `tenant`'s lane; returns once
     /// the broker confirmed it.
@@ -94,7 +113,7 @@ impl AmqpNotifier {
         key: &str,
         json: &str,
     ) -> Result<(), AmqpError> {
-        self.check_target(tenant, exchange)?;
+        self.grants.check_target(tenant, exchange)?;
         let props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
@@ -104,5 +123,27 @@ impl AmqpNotifier {
             .publish_in_lane(&lane, exchange, routing_key, json.as_bytes(), props, true)
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_granted_exchanges_outside_reserved_names_are_reachable() {
+        let acme = TenantId::new("acme").unwrap();
+        let globex = TenantId::new("globex").unwrap();
+        let tenants = Tenants::single(acme.clone(), &["k-acme"])
+            .grant_exchange(&acme, "alerts")
+            .grant_exchange(&acme, "amq.topic")
+            .grant_exchange(&acme, "sluice.notify");
+        let grants = AmqpGrants::new(tenants, "sluice");
+        assert!(grants.check_target(&acme, "alerts").is_ok());
+        for refused in ["", "amq.topic", "sluice.notify", "other"] {
+            let e = grants.check_target(&acme, refused).unwrap_err();
+            assert!(e.is_permanent(), "{refused:?}: {e}");
+        }
+        assert!(grants.check_target(&globex, "alerts").is_err());
     }
 }

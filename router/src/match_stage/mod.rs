@@ -2,29 +2,34 @@
 //! derived-events queue, matches every event against the index, and publishes one job per
 //! matched subscription to the outbox. A delivery is acked only after every job it produced
 //! was confirmed by the broker: from then on the notifications are on a durable path. A
-//! delivery whose jobs could not all be published is requeued (a redelivery re-publishes
-//! the same events with the same ids, so subscribers can drop repeats).
+//! delivery whose jobs could not all be published is held and those jobs published again
+//! with backoff (requeued only at shutdown; a redelivery re-publishes the same events with
+//! the same ids, so subscribers can drop repeats).
 //!
-//! One task per consumer, each with its own [`Matcher`]: with device-hash partitioning a
-//! series always reaches the same matcher, which keeps `changed_by` exact.
+//! One task per consumer, each with its own `JobMatcher` (the matching
+//! half, in `jobs.rs`): with device-hash partitioning a series always reaches the same
+//! matcher, which keeps `changed_by` exact.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+mod jobs;
+
 use futures::future::join_all;
 use sluice_binding::Refusal;
-use sluice_binding::codec;
-use sluice_binding::model::now_ns;
 use sluice_binding::transport::{Consumer, DeadLetter, Delivery, Transport};
-use sluice_binding::validate::{self, Limits};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{self, DerivedEvent, Event, Job, Stage};
-use crate::matching::Matcher;
+use sluice_binding::event::idempotency_key;
+
+use crate::internal_events::{
+    DeliveryMatched, DeliveryRefused, DeliveryRequeued, JobsPublishFailed,
+};
+use crate::job::Job;
 use crate::outbox::Outbox;
-use crate::subscription::EventKind;
 use crate::sync::SharedIndex;
+use jobs::JobMatcher;
 
 /// The consumer group of the router on the telemetry partitions.
 pub const GROUP: &str = "router";
@@ -77,8 +82,7 @@ pub async fn run(
         let worker = Worker {
             transport: transport.clone(),
             outbox: outbox.clone(),
-            index: index.clone(),
-            matcher: Matcher::new(cfg.max_series),
+            jobs: JobMatcher::new(index.clone(), cfg.max_series, cfg.max_events_per_job),
             cfg: cfg.clone(),
             source,
         };
@@ -97,8 +101,7 @@ enum Source {
 struct Worker {
     transport: Transport,
     outbox: Outbox,
-    index: SharedIndex,
-    matcher: Matcher,
+    jobs: JobMatcher,
     cfg: MatchConfig,
     source: Source,
 }
@@ -134,8 +137,8 @@ impl Worker {
     ) -> impl Future<Output = ()> + Send + 'static {
         let started = Instant::now();
         let jobs = match self.source {
-            Source::Telemetry => self.match_batch(&d.body),
-            Source::Events => self.match_derived(&d.body),
+            Source::Telemetry => self.jobs.telemetry(&d.body),
+            Source::Events => self.jobs.derived(&d.body),
         };
         let (outbox, transport) = (self.outbox.clone(), self.transport.clone());
         let requeue_delay = self.cfg.requeue_delay;
@@ -145,63 +148,6 @@ impl Worker {
                 Err(refusal) => refuse(&transport, d, &refusal, requeue_delay).await,
             }
         }
-    }
-
-    /// Jobs of one telemetry batch, or why it is refused.
-    fn match_batch(&mut self, body: &[u8]) -> Result<Vec<Job>, Refusal> {
-        let view = codec::decode(body)?;
-        validate::validate(&view, now_ns(), &Limits::default())?;
-        metrics::counter!("sluice_router_events_total", "kind" => "reading")
-            .increment(view.len() as u64);
-        let matches = {
-            let index = self.index.read().unwrap_or_else(|p| p.into_inner());
-            self.matcher.match_batch(&index, &view)
-        };
-        let mut jobs = Vec::new();
-        for (sub, readings) in matches.per_subscription {
-            for chunk in readings.chunks(self.cfg.max_events_per_job) {
-                let events: Vec<Event> = chunk
-                    .iter()
-                    .map(|&i| {
-                        let i_us = i as usize;
-                        Event {
-                            id: Event::reading_id(view.id, i),
-                            kind: EventKind::Reading,
-                            device: view.devices[view.d[i_us] as usize].to_owned(),
-                            metric: view.metrics[view.m[i_us] as usize].to_owned(),
-                            t: view.t[i_us],
-                            value: Some(view.x[i_us]),
-                            detail: None,
-                        }
-                    })
-                    .collect();
-                jobs.push(Job::new(view.tenant, sub.id, Stage::Fresh, events));
-            }
-        }
-        Ok(jobs)
-    }
-
-    /// Jobs of one derived event, or why it is refused.
-    fn match_derived(&mut self, body: &[u8]) -> Result<Vec<Job>, Refusal> {
-        let ev = DerivedEvent::decode(body)?;
-        metrics::counter!("sluice_router_events_total", "kind" => ev.event.kind.as_str())
-            .increment(1);
-        let e = &ev.event;
-        let subs = {
-            let index = self.index.read().unwrap_or_else(|p| p.into_inner());
-            self.matcher.match_event(
-                &index,
-                &ev.tenant,
-                e.kind,
-                &e.device,
-                &e.metric,
-                e.value.unwrap_or(f64::NAN),
-            )
-        };
-        Ok(subs
-            .into_iter()
-            .map(|s| Job::new(&ev.tenant, s.id, Stage::Fresh, vec![ev.event.clone()]))
-            .collect())
     }
 }
 
@@ -225,7 +171,7 @@ async fn publish(
     let mut wait = retry_delay;
     loop {
         let results = join_all(jobs.iter().map(|job| {
-            let key = event::idempotency_key(job.subscription, &job.events);
+            let key = idempotency_key(job.subscription, &job.events);
             async move { outbox.enqueue(job, &key).await }
         }))
         .await;
@@ -239,11 +185,16 @@ async fn publish(
             _ => false,
         });
         let Some(e) = failed else { break };
-        tracing::warn!(error = %e, queue = %d.queue, jobs = jobs.len(), retry_in = ?wait, "cannot publish notification jobs; holding the delivery and trying again");
-        metrics::counter!("sluice_router_publish_retries_total").increment(1);
+        JobsPublishFailed {
+            error: &e,
+            queue: &d.queue,
+            jobs: jobs.len(),
+            retry_in: wait,
+        }
+        .emit();
         tokio::select! {
             () = shutdown.cancelled() => {
-                metrics::counter!("sluice_router_requeued_total").increment(1);
+                DeliveryRequeued.emit();
                 let _ = d.acker.requeue().await;
                 return;
             }
@@ -251,9 +202,12 @@ async fn publish(
         }
         wait = (wait * 2).min(MAX_RETRY_DELAY);
     }
-    metrics::counter!("sluice_router_jobs_total").increment(n_jobs as u64);
-    metrics::counter!("sluice_router_matched_events_total").increment(events as u64);
-    metrics::histogram!("sluice_router_match_seconds").record(started.elapsed().as_secs_f64());
+    DeliveryMatched {
+        jobs: n_jobs,
+        events,
+        elapsed: started.elapsed(),
+    }
+    .emit();
     if let Err(e) = d.acker.ack().await {
         tracing::warn!(error = %e, "ack failed; the delivery will come again");
     }
@@ -264,9 +218,12 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 
 /// Moves an unusable delivery to the dead-letter queue with the reason.
 async fn refuse(transport: &Transport, d: Delivery, refusal: &Refusal, requeue_delay: Duration) {
-    let error = refusal.kind.as_str();
-    tracing::warn!(queue = %d.queue, error, reason = refusal.reason, "refusing a delivery to the dead-letter queue");
-    metrics::counter!("sluice_router_refused_total", "error" => error).increment(1);
+    DeliveryRefused {
+        queue: &d.queue,
+        error: refusal.kind.as_str(),
+        reason: &refusal.reason,
+    }
+    .emit();
     let dl = DeadLetter {
         body: &d.body,
         refusal,
@@ -281,5 +238,48 @@ async fn refuse(transport: &Transport, d: Delivery, refusal: &Refusal, requeue_d
             tokio::time::sleep(requeue_delay).await;
             let _ = d.acker.requeue().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_binding::Topology;
+    use sluice_binding::dead_letter::DeadLetterKind;
+    use sluice_binding::transport::Outgoing;
+    use sluice_binding::transport::inproc::InProcessTransport;
+    use uuid::Uuid;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_refused_delivery_is_dead_lettered_with_its_reason_then_acked() {
+        let inproc = InProcessTransport::new(Topology::new("t", 1), 8);
+        let transport = Transport::InProcess(inproc.clone());
+        transport.declare(&[GROUP]).await.unwrap();
+        let msg = Outgoing {
+            partition: 0,
+            body: b"not a batch",
+            batch_id: Uuid::now_v7(),
+            producer: "test",
+        };
+        transport.publish(msg).await.unwrap();
+        let mut consumer = transport.consume_group(GROUP, 8).await.unwrap().remove(0);
+        let d = consumer.next().await.unwrap();
+        let refusal = Refusal::new(DeadLetterKind::Decode, "not MessagePack");
+        refuse(&transport, d, &refusal, Duration::from_millis(1)).await;
+        let dead = inproc.dead_letters();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(&dead[0].body[..], b"not a batch");
+        assert_eq!(
+            (
+                dead[0].kind,
+                dead[0].reason.as_str(),
+                dead[0].group.as_str()
+            ),
+            (DeadLetterKind::Decode, "not MessagePack", GROUP)
+        );
+        // Acked: it does not come back.
+        let again = tokio::time::timeout(Duration::from_millis(100), consumer.next()).await;
+        assert!(again.is_err(), "the refused delivery came back");
     }
 }

@@ -1,12 +1,11 @@
-//! The router's own messages on the wire: [`Job`], a unit of the notification outbox
-//! (MessagePack, durable AMQP queues). The events it carries, the derived events it reads
-//! and the notifications it sends are the contract's (`sluice_binding::event`); they are
-//! re-exported here with the content shaping a subscription asks for ([`Shape`]).
+//! The router's own message on the wire: [`Job`], a unit of the notification outbox
+//! (MessagePack, durable AMQP queues), and how an event is shown to a subscription
+//! ([`Shape`]). The events a job carries, the derived events the router reads and the
+//! notifications it sends are the contract's (`sluice_binding::event`).
 
 use serde::{Deserialize, Serialize};
+use sluice_binding::event::Event;
 use uuid::Uuid;
-
-pub use sluice_binding::event::{DerivedEvent, Event, Notification, idempotency_key};
 
 use crate::subscription::Content;
 

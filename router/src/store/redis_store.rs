@@ -1,4 +1,4 @@
-//! The shared state of the router, in Redis, so that every router instance sees the same
+//! The subscription store in Redis, so that every router instance sees the same
 //! subscriptions and enforces the same policy counters:
 //!
 //! | key | type | holds |
@@ -9,8 +9,9 @@
 //! | `{ns}:subs:changed` | pub/sub channel | the tenant whose set changed |
 //! | `{ns}:exc:{tenant}:{id}` | counter | notifications sent (expirationCounter) |
 //! | `{ns}:rl:{tenant}:{id}` | sorted set | send times in the rate-limit window |
-//! | `{ns}:live:{tenant}:{id}` | pub/sub channel | the live feed of one subscription |
-//! | `{ns}:notify:{tenant}:{stream}` | stream | Redis-stream targets |
+//!
+//! The Redis notifiers' keys (`{ns}:live:…`, `{ns}:notify:…`) are theirs:
+//! [`crate::notify::live`], [`crate::notify::stream`].
 //!
 //! Instances learn of a change from the pub/sub message (milliseconds), and, since pub/sub
 //! drops messages while a connection is down, also by polling the version counter (see
@@ -18,53 +19,14 @@
 
 use std::time::Duration;
 
+use futures::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use sluice_binding::TenantId;
 use uuid::Uuid;
 
+use super::{Changes, Expiration, StoreError, expiration, now_ms};
 use crate::subscription::{RateLimit, Subscription};
-
-/// Default key namespace.
-pub const DEFAULT_NAMESPACE: &str = "sluice";
-
-/// A Redis operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// Redis failed or is unreachable.
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
-    /// The first connection failed.
-    #[error("cannot connect to Redis at {url}: {source}")]
-    Connect {
-        /// The URL tried, without credentials.
-        url: String,
-        /// Cause.
-        source: redis::RedisError,
-    },
-    /// A stored subscription is not valid JSON of the current shape.
-    #[error("stored subscription {key} is unreadable: {source}")]
-    Corrupt {
-        /// Hash field.
-        key: String,
-        /// Cause.
-        source: serde_json::Error,
-    },
-    /// The tenant has as many subscriptions as it may have.
-    #[error("tenant has {0} subscriptions, the most allowed")]
-    TooMany(usize),
-}
-
-/// What the expiration counter says about one more notification.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Expiration {
-    /// Send it; more may follow.
-    Send,
-    /// Send it; it is the last one: the subscription ends.
-    SendLast,
-    /// Do not send: the counter was already reached.
-    Expired,
-}
 
 /// `KEYS[1]` = counter, `ARGV[1]` = limit. Returns the count after this notification, or
 /// -1 when the limit had already been reached (the counter is not moved past it).
@@ -92,9 +54,9 @@ if wait < 1 then wait = 1 end
 return wait
 ";
 
-/// The subscription store and policy counters. Cheap to clone.
+/// The subscription store and policy counters in Redis. Cheap to clone.
 #[derive(Clone)]
-pub struct Store {
+pub struct RedisStore {
     client: redis::Client,
     conn: ConnectionManager,
     ns: String,
@@ -103,16 +65,16 @@ pub struct Store {
     rate: Script,
 }
 
-impl std::fmt::Debug for Store {
+impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store")
+        f.debug_struct("RedisStore")
             .field("ns", &self.ns)
             .field("max_per_tenant", &self.max_per_tenant)
             .finish_non_exhaustive()
     }
 }
 
-impl Store {
+impl RedisStore {
     /// Connects to `url`; keys live under `ns`; a tenant may hold `max_per_tenant`
     /// subscriptions. The connection manager reconnects by itself after failures, at most
     /// 1 s apart (its default backoff grows to 3.2 s, which held deliveries seconds after
@@ -135,6 +97,11 @@ impl Store {
             expiration: Script::new(EXPIRATION_SCRIPT),
             rate: Script::new(RATE_SCRIPT),
         })
+    }
+
+    /// The connection (multiplexed, reconnecting), shared with the Redis notifiers.
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
     }
 
     /// The Redis client (for pub/sub connections).
@@ -164,14 +131,14 @@ impl Store {
         format!("{}:subs:changed", self.ns)
     }
 
-    /// The pub/sub channel of a subscription's live feed.
-    pub fn live_channel(&self, tenant: &str, id: Uuid) -> String {
-        format!("{}:live:{tenant}:{id}", self.ns)
-    }
-
-    /// The stream key of a Redis-stream target: under the tenant's own prefix.
-    pub fn stream_key(&self, tenant: &str, stream: &str) -> String {
-        format!("{}:notify:{tenant}:{stream}", self.ns)
+    /// The tenants whose set changes from now on, on a pub/sub connection of its own.
+    pub async fn follow(&self) -> Result<Changes, StoreError> {
+        let mut pubsub = self.client.get_async_pubsub().await?;
+        pubsub.subscribe(self.changes_channel()).await?;
+        Ok(pubsub
+            .into_on_message()
+            .filter_map(|msg| async move { msg.get_payload::<String>().ok() })
+            .boxed())
     }
 
     /// Stores a new subscription and announces the change.
@@ -273,11 +240,7 @@ impl Store {
             .arg(max)
             .invoke_async(&mut self.conn.clone())
             .await?;
-        Ok(match n {
-            n if n < 0 => Expiration::Expired,
-            n if n as u64 >= max => Expiration::SendLast,
-            _ => Expiration::Send,
-        })
+        Ok(expiration(n, max))
     }
 
     /// Takes a send slot of the rate limit: `None` if the notification may go now, else
@@ -289,10 +252,7 @@ impl Store {
         limit: &RateLimit,
         member: &str,
     ) -> Result<Option<Duration>, StoreError> {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as u64;
+        let now_ms = now_ms();
         let wait_ms: u64 = self
             .rate
             .key(format!("{}:rl:{tenant}:{id}", self.ns))
@@ -303,43 +263,6 @@ impl Store {
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok((wait_ms > 0).then(|| Duration::from_millis(wait_ms)))
-    }
-
-    /// Publishes to a live feed; the number of listeners that received it.
-    pub async fn publish_live(
-        &self,
-        tenant: &str,
-        id: Uuid,
-        json: &str,
-    ) -> Result<u64, StoreError> {
-        Ok(self
-            .conn
-            .clone()
-            .publish(self.live_channel(tenant, id), json)
-            .await?)
-    }
-
-    /// Appends a notification to a tenant's stream.
-    pub async fn xadd(
-        &self,
-        tenant: &str,
-        stream: &str,
-        maxlen: Option<u64>,
-        key: &str,
-        json: &str,
-    ) -> Result<(), StoreError> {
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(self.stream_key(tenant, stream));
-        if let Some(n) = maxlen {
-            cmd.arg("MAXLEN").arg("~").arg(n);
-        }
-        cmd.arg("*")
-            .arg("id")
-            .arg(key)
-            .arg("notification")
-            .arg(json);
-        let _: String = cmd.query_async(&mut self.conn.clone()).await?;
-        Ok(())
     }
 }
 
