@@ -153,7 +153,7 @@ pub struct Notification {
     pub subscription: Uuid,
     /// Tenant.
     pub tenant: String,
-    /// The events, oldest first (one, or up to `batch_notify.count`).
+    /// The events in the order they were matched (one, or up to `batch_notify.count`).
     pub events: Vec<Event>,
     /// When the router sent it (ns since the Unix epoch).
     pub sent: i64,

@@ -4,7 +4,8 @@
 //! Two rules keep one tenant's target from reaching or stalling anything else:
 //! - **Confinement.** A target names an exchange from its tenant's `amqp_exchanges` in the
 //!   tenants file, checked when the subscription is created and again at every delivery
-//!   (the file may have changed since). The default exchange (every queue by name),
+//!   (a subscription created by a router with another tenants file may be delivered by
+//!   this one). The default exchange (every queue by name),
 //!   `amq.*` and Sluice's own namespace are never reachable, whatever the file says.
 //! - **Isolation.** Each tenant's notifications go on a channel lane of that tenant's own
 //!   ([`AmqpTransport::publish_in_lane`]). A publish the broker refuses by closing the
