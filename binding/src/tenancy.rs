@@ -3,10 +3,20 @@
 //! ```toml
 //! [[tenant]]
 //! id = "demo"
-//! api_keys = ["demo-key-change-me"]
+//! api_keys = [
+//!     "demo-key-change-me",                                      # every scope
+//!     { key = "demo-device-key-change-me", scopes = ["ingest"] }, # telemetry only
+//! ]
 //! # Optional: the AMQP exchanges this tenant's subscriptions may publish notifications to.
 //! amqp_exchanges = ["demo.alerts"]
 //! ```
+//!
+//! Each key has [scopes](Scope): what a request with it may do. `ingest` sends telemetry,
+//! `subscribe` manages subscriptions and follows live feeds, `query` reads stored data and
+//! `admin` reaches a tenant's operator interfaces. A bare string key has every scope (the
+//! file format before scopes); a key that ships inside devices should be written with
+//! `scopes = ["ingest"]`, so that a key pulled out of a device cannot read or redirect the
+//! tenant's data. A request whose key lacks the scope is answered 403.
 //!
 //! AMQP notification targets are confined to the exchanges the operator grants a tenant
 //! here: none by default, never the default exchange (it reaches every queue by name) nor
@@ -33,7 +43,60 @@ use http::{HeaderMap, header};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-/// Why a request was not authenticated; each answers 401 with this message.
+/// What a key lets a request do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// Send telemetry (ingest's readings endpoints).
+    Ingest,
+    /// Create, list and delete subscriptions, and follow live feeds (the router's API).
+    Subscribe,
+    /// Read stored data (the query interfaces).
+    Query,
+    /// The tenant's operator interfaces (its worker pools, its dead letters).
+    Admin,
+}
+
+impl Scope {
+    /// Every scope, in a fixed order.
+    pub const ALL: [Scope; 4] = [Scope::Ingest, Scope::Subscribe, Scope::Query, Scope::Admin];
+
+    /// The name in the tenants file and in error messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Ingest => "ingest",
+            Scope::Subscribe => "subscribe",
+            Scope::Query => "query",
+            Scope::Admin => "admin",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        1 << self as u8
+    }
+}
+
+/// A set of [`Scope`]s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Scopes(u8);
+
+impl Scopes {
+    /// Every scope (a bare key in the tenants file).
+    pub const ALL: Scopes = Scopes(0b1111);
+
+    /// The set of `scopes`.
+    pub fn of(scopes: &[Scope]) -> Self {
+        Scopes(scopes.iter().fold(0, |acc, s| acc | s.bit()))
+    }
+
+    /// Whether the set holds `scope`.
+    pub fn contains(self, scope: Scope) -> bool {
+        self.0 & scope.bit() != 0
+    }
+}
+
+/// Why a request was not authenticated (401) or not allowed (403, [`AuthError::status`]);
+/// the message says which.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     /// Neither header is present (or `X-Api-Key` is blank).
@@ -51,6 +114,29 @@ pub enum AuthError {
     /// A well-formed key that belongs to no tenant.
     #[error("unknown API key")]
     UnknownKey,
+    /// A known key without the scope the request needs.
+    #[error("this API key may not {what}: it lacks the {scope} scope", what = verb(*.0), scope = .0.as_str())]
+    MissingScope(Scope),
+}
+
+fn verb(scope: Scope) -> &'static str {
+    match scope {
+        Scope::Ingest => "send telemetry",
+        Scope::Subscribe => "manage subscriptions",
+        Scope::Query => "query data",
+        Scope::Admin => "use the operator interfaces",
+    }
+}
+
+impl AuthError {
+    /// The HTTP status to answer with: 403 for a known key without the scope, 401 for
+    /// every other failure.
+    pub fn status(&self) -> u16 {
+        match self {
+            AuthError::MissingScope(_) => 403,
+            _ => 401,
+        }
+    }
 }
 
 /// The API key a request presents: `Authorization: Bearer <key>` (which wins) or
@@ -117,6 +203,14 @@ pub enum TenantsError {
         /// Position of the key in the tenant's `api_keys` (from 1).
         index: usize,
     },
+    /// A key written with `scopes = []`, which could do nothing.
+    #[error("tenant {tenant}: API key #{index} has no scope (scopes is empty)")]
+    NoScopes {
+        /// The tenant.
+        tenant: TenantId,
+        /// Position of the key in the tenant's `api_keys` (from 1).
+        index: usize,
+    },
     /// An `amqp_exchanges` entry that may not be granted.
     #[error("tenant {tenant}: amqp_exchanges entry {name:?}: {why}")]
     BadExchange {
@@ -158,15 +252,60 @@ struct File {
 #[serde(deny_unknown_fields)]
 struct Entry {
     id: TenantId,
-    api_keys: Vec<String>,
+    api_keys: Vec<KeyEntry>,
     #[serde(default)]
     amqp_exchanges: Vec<String>,
+}
+
+/// One `api_keys` entry: a bare key (every scope) or a key with its scopes.
+enum KeyEntry {
+    Bare(String),
+    Scoped(ScopedKey),
+}
+
+impl<'de> Deserialize<'de> for KeyEntry {
+    // By hand rather than `#[serde(untagged)]`, so that a misspelt scope or field is
+    // reported as such (with its line) instead of "did not match any variant".
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = KeyEntry;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a key, or a table { key = \"…\", scopes = [\"ingest\", …] }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<KeyEntry, E> {
+                Ok(KeyEntry::Bare(v.to_owned()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<KeyEntry, A::Error> {
+                ScopedKey::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(KeyEntry::Scoped)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScopedKey {
+    key: String,
+    scopes: Vec<Scope>,
+}
+
+impl KeyEntry {
+    fn parts(&self) -> (&str, Scopes) {
+        match self {
+            KeyEntry::Bare(key) => (key, Scopes::ALL),
+            KeyEntry::Scoped(k) => (&k.key, Scopes::of(&k.scopes)),
+        }
+    }
 }
 
 /// The tenants of a deployment, the key → tenant map and the exchanges granted to each.
 #[derive(Clone)]
 pub struct Tenants {
-    by_key_digest: HashMap<[u8; 32], TenantId>,
+    /// Key digest → the key's tenant and scopes.
+    by_key_digest: HashMap<[u8; 32], (TenantId, Scopes)>,
     ids: Vec<TenantId>,
     /// Exchange → the tenant it is granted to.
     exchanges: HashMap<String, TenantId>,
@@ -215,13 +354,21 @@ impl Tenants {
                 return Err(TenantsError::NoKeys(entry.id));
             }
             for (i, key) in entry.api_keys.iter().enumerate() {
+                let (key, scopes) = key.parts();
                 if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
                     return Err(TenantsError::BadKey {
                         tenant: entry.id,
                         index: i + 1,
                     });
                 }
-                if let Some(first) = by_key_digest.insert(digest(key), entry.id.clone()) {
+                if scopes == Scopes::of(&[]) {
+                    return Err(TenantsError::NoScopes {
+                        tenant: entry.id,
+                        index: i + 1,
+                    });
+                }
+                let previous = by_key_digest.insert(digest(key), (entry.id.clone(), scopes));
+                if let Some((first, _)) = previous {
                     return Err(TenantsError::DuplicateKey {
                         first,
                         second: entry.id,
@@ -270,7 +417,10 @@ impl Tenants {
     /// A single tenant with the given keys (tests, embedded mode).
     pub fn single(id: TenantId, api_keys: &[&str]) -> Self {
         Self {
-            by_key_digest: api_keys.iter().map(|k| (digest(k), id.clone())).collect(),
+            by_key_digest: api_keys
+                .iter()
+                .map(|k| (digest(k), (id.clone(), Scopes::ALL)))
+                .collect(),
             ids: vec![id],
             exchanges: HashMap::new(),
         }
@@ -288,14 +438,31 @@ impl Tenants {
         self.exchanges.get(name) == Some(tenant)
     }
 
-    /// The tenant a key belongs to.
-    pub fn lookup(&self, key: &str) -> Option<&TenantId> {
-        self.by_key_digest.get(&digest(key))
+    /// Adds a key of `tenant` with `scopes` (tests, embedded mode); the same rules as the
+    /// file's `api_keys` are the caller's to keep.
+    pub fn with_key(mut self, tenant: &TenantId, key: &str, scopes: Scopes) -> Self {
+        self.by_key_digest
+            .insert(digest(key), (tenant.clone(), scopes));
+        self
     }
 
-    /// The tenant whose key the request presents ([`api_key`]).
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<&TenantId, AuthError> {
-        self.lookup(api_key(headers)?).ok_or(AuthError::UnknownKey)
+    /// The tenant a key belongs to, and what the key may do.
+    pub fn lookup(&self, key: &str) -> Option<(&TenantId, Scopes)> {
+        self.by_key_digest
+            .get(&digest(key))
+            .map(|(tenant, scopes)| (tenant, *scopes))
+    }
+
+    /// The tenant whose key the request presents ([`api_key`]), if the key has `scope`.
+    pub fn authenticate(&self, headers: &HeaderMap, scope: Scope) -> Result<&TenantId, AuthError> {
+        let (tenant, scopes) = self
+            .lookup(api_key(headers)?)
+            .ok_or(AuthError::UnknownKey)?;
+        if scopes.contains(scope) {
+            Ok(tenant)
+        } else {
+            Err(AuthError::MissingScope(scope))
+        }
     }
 
     /// Every tenant id, in file order.
@@ -332,14 +499,16 @@ mod tests {
         let t = Tenants::load(path).unwrap();
         let ids: Vec<&str> = t.ids().iter().map(TenantId::as_str).collect();
         assert_eq!(ids, ["demo", "acme"]);
-        assert_eq!(t.lookup("demo-key-change-me").unwrap().as_str(), "demo");
-        assert_eq!(t.lookup("acme-key-change-me").unwrap().as_str(), "acme");
-        assert_eq!(
-            t.lookup("acme-key-rotated-change-me").unwrap().as_str(),
-            "acme"
-        );
-        assert_eq!(t.lookup("demo-key-change-m"), None);
-        assert_eq!(t.lookup(""), None);
+        let tenant = |key: &str| t.lookup(key).map(|(id, _)| id.as_str().to_owned());
+        assert_eq!(tenant("demo-key-change-me").unwrap(), "demo");
+        assert_eq!(tenant("acme-key-change-me").unwrap(), "acme");
+        assert_eq!(tenant("acme-key-rotated-change-me").unwrap(), "acme");
+        assert_eq!(tenant("demo-key-change-m"), None);
+        assert_eq!(tenant(""), None);
+        assert_eq!(t.lookup("demo-key-change-me").unwrap().1, Scopes::ALL);
+        let (_, device) = t.lookup("demo-device-key-change-me").unwrap();
+        assert!(device.contains(Scope::Ingest));
+        assert!(!device.contains(Scope::Subscribe));
     }
 
     #[test]
@@ -416,7 +585,10 @@ mod tests {
             }
             h
         };
-        let ok = |h: HeaderMap| t.authenticate(&h).map(|id| id.as_str().to_owned());
+        let ok = |h: HeaderMap| {
+            t.authenticate(&h, Scope::Ingest)
+                .map(|id| id.as_str().to_owned())
+        };
         assert_eq!(
             ok(headers(&[("authorization", b"Bearer k1")])).unwrap(),
             "a"
@@ -450,6 +622,59 @@ mod tests {
             AuthError::NotAscii("Authorization").to_string(),
             "the Authorization header is not visible ASCII"
         );
+    }
+
+    #[test]
+    fn keys_carry_scopes_and_a_key_without_the_scope_is_forbidden() {
+        let t = Tenants::from_toml_str(
+            "[[tenant]]\nid = \"a\"\napi_keys = [\"all\", { key = \"dev\", scopes = [\"ingest\"] }, \
+             { key = \"ops\", scopes = [\"subscribe\", \"query\"] }]\n",
+        )
+        .unwrap();
+        let with = |key: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("x-api-key", key.parse().unwrap());
+            h
+        };
+        for scope in Scope::ALL {
+            assert!(t.authenticate(&with("all"), scope).is_ok(), "{scope:?}");
+        }
+        assert!(t.authenticate(&with("dev"), Scope::Ingest).is_ok());
+        let denied = t.authenticate(&with("dev"), Scope::Subscribe).unwrap_err();
+        assert_eq!(denied, AuthError::MissingScope(Scope::Subscribe));
+        assert_eq!(denied.status(), 403);
+        assert_eq!(
+            denied.to_string(),
+            "this API key may not manage subscriptions: it lacks the subscribe scope"
+        );
+        assert_eq!(
+            t.authenticate(&with("ops"), Scope::Ingest),
+            Err(AuthError::MissingScope(Scope::Ingest))
+        );
+        assert!(t.authenticate(&with("ops"), Scope::Query).is_ok());
+        assert_eq!(
+            t.authenticate(&with("nope"), Scope::Ingest)
+                .unwrap_err()
+                .status(),
+            401
+        );
+    }
+
+    #[test]
+    fn bad_scoped_keys_are_refused_with_what_is_wrong() {
+        let typo =
+            err("[[tenant]]\nid = \"a\"\napi_keys = [{ key = \"k\", scopes = [\"ingst\"] }]\n");
+        assert!(typo.contains("unknown variant `ingst`"), "{typo}");
+        let field = err("[[tenant]]\nid = \"a\"\napi_keys = [{ key = \"k\", scope = [] }]\n");
+        assert!(field.contains("unknown field `scope`"), "{field}");
+        assert_eq!(
+            err("[[tenant]]\nid = \"a\"\napi_keys = [{ key = \"k\", scopes = [] }]\n"),
+            "tenant a: API key #1 has no scope (scopes is empty)"
+        );
+        let dup = err(
+            "[[tenant]]\nid = \"a\"\napi_keys = [\"k\", { key = \"k\", scopes = [\"ingest\"] }]\n",
+        );
+        assert!(dup.contains("already a key of tenant a"), "{dup}");
     }
 
     #[test]

@@ -29,7 +29,7 @@ use futures::{Stream, StreamExt};
 use serde::Serialize;
 use sluice_binding::TenantId;
 use sluice_binding::model::now_ns;
-use sluice_binding::tenancy::Tenants;
+use sluice_binding::tenancy::{AuthError, Scope, Tenants};
 use sluice_binding::transport::Transport;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -166,9 +166,14 @@ fn tenant(state: &ApiState, headers: &HeaderMap) -> Result<TenantId, ApiError> {
     state
         .inner
         .tenants
-        .authenticate(headers)
+        .authenticate(headers, Scope::Subscribe)
         .cloned()
-        .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()))
+        .map_err(|e| match e {
+            AuthError::MissingScope(_) => {
+                ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())
+            }
+            _ => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()),
+        })
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {

@@ -29,6 +29,8 @@ pub enum ErrorCode {
     TenantInBody,
     /// 401: no API key, or an unknown one.
     Unauthorized,
+    /// 403: the key is known but lacks the `ingest` scope.
+    Forbidden,
     /// 404: no such route.
     NotFound,
     /// 405: the route exists, not with this method.
@@ -63,6 +65,7 @@ impl ErrorCode {
             ErrorCode::InvalidQuery => "invalid_query",
             ErrorCode::TenantInBody => "tenant_in_body",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::RequestTimeout => "request_timeout",
@@ -84,6 +87,7 @@ impl ErrorCode {
                 StatusCode::BAD_REQUEST
             }
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,

@@ -49,7 +49,7 @@ use crate::internal_events::{ReadingsAccepted, RequestCompleted, RequestRejected
 pub use body::{Format, Precision};
 pub use error::{ApiError, Detail, ErrorCode};
 use sluice_binding::producer::{Producer, SendError};
-use sluice_binding::tenancy::Tenants;
+use sluice_binding::tenancy::{AuthError, Scope, Tenants};
 
 /// Bodies larger than this are parsed on the blocking pool rather than on an async worker,
 /// so a multi-megabyte parse does not delay other requests' confirms.
@@ -346,8 +346,14 @@ fn admit(
 ) -> Result<(TenantId, Format, Precision, Permits), ApiError> {
     let tenant = s
         .tenants
-        .authenticate(req.headers())
-        .map_err(|e| ApiError::new(ErrorCode::Unauthorized, e.to_string()))?
+        .authenticate(req.headers(), Scope::Ingest)
+        .map_err(|e| {
+            let code = match e {
+                AuthError::MissingScope(_) => ErrorCode::Forbidden,
+                _ => ErrorCode::Unauthorized,
+            };
+            ApiError::new(code, e.to_string())
+        })?
         .clone();
     *tenant_out = Some(tenant.clone());
 

@@ -20,10 +20,12 @@ use sluice_binding::producer::ProducerConfig;
 
 const DEMO_KEY: &str = "demo-key";
 const ACME_KEY: &str = "acme-key";
+/// A key of `acme` that may manage subscriptions but not send telemetry.
+const ACME_SUBSCRIBE_KEY: &str = "acme-subscribe-key";
 
 fn tenants() -> Tenants {
     Tenants::from_toml_str(&format!(
-        "[[tenant]]\nid = \"demo\"\napi_keys = [\"{DEMO_KEY}\"]\n[[tenant]]\nid = \"acme\"\napi_keys = [\"{ACME_KEY}\"]\n"
+        "[[tenant]]\nid = \"demo\"\napi_keys = [\"{DEMO_KEY}\"]\n[[tenant]]\nid = \"acme\"\napi_keys = [\"{ACME_KEY}\", {{ key = \"{ACME_SUBSCRIBE_KEY}\", scopes = [\"subscribe\"] }}]\n"
     ))
     .unwrap()
 }
@@ -336,6 +338,30 @@ async fn missing_wrong_or_unknown_keys_get_401() {
         assert_eq!(answer["error"], "unauthorized");
     }
     assert_eq!(published(&t).await.0, 0);
+}
+
+#[tokio::test]
+async fn a_key_without_the_ingest_scope_gets_403_and_sends_nothing() {
+    let (app, _state, t) = setup(IngestConfig::default()).await;
+    let body = json!({"readings": [reading("d1", ts(), 1.0)]}).to_string();
+    let (status, _, answer) = call(
+        &app,
+        post(
+            Some("application/json"),
+            Some(ACME_SUBSCRIBE_KEY),
+            body.clone(),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+    assert_eq!(answer["error"], "forbidden");
+    assert_eq!(
+        answer["message"],
+        "this API key may not send telemetry: it lacks the ingest scope"
+    );
+    assert_eq!(published(&t).await.0, 0);
+    let (status, _, _) = call(&app, post(Some("application/json"), Some(ACME_KEY), body)).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
 }
 
 #[tokio::test]

@@ -20,7 +20,7 @@ const GLOBEX: &str = "k-globex";
 const TENANTS: &str = r#"
 [[tenant]]
 id = "acme"
-api_keys = ["k-acme"]
+api_keys = ["k-acme", { key = "k-acme-device", scopes = ["ingest"] }]
 amqp_exchanges = ["acme.alerts"]
 
 [[tenant]]
@@ -164,6 +164,39 @@ async fn requests_without_a_known_key_are_unauthorized() {
         }
     }
     assert!(api.indexed("acme").is_empty());
+}
+
+#[tokio::test]
+async fn a_key_without_the_subscribe_scope_is_forbidden_everywhere() {
+    let api = api(10);
+    let existing = id_of(&api.create(ACME, live()).await);
+    for (method, path) in [
+        (Method::GET, "/v1/subscriptions".to_owned()),
+        (Method::POST, "/v1/subscriptions".to_owned()),
+        (Method::GET, format!("/v1/subscriptions/{existing}")),
+        (Method::DELETE, format!("/v1/subscriptions/{existing}")),
+        (Method::GET, format!("/v1/subscriptions/{existing}/live")),
+    ] {
+        let a = api
+            .call(method.clone(), &path, Some("k-acme-device"), Some(live()))
+            .await;
+        assert_eq!(a.status, StatusCode::FORBIDDEN, "{method} {path}");
+        assert_eq!(
+            a.error(),
+            (
+                "forbidden",
+                "this API key may not manage subscriptions: it lacks the subscribe scope"
+            )
+        );
+    }
+    // Nothing was created or deleted by the device key.
+    assert_eq!(api.indexed("acme"), [existing]);
+    assert_eq!(
+        api.get(ACME, &format!("/v1/subscriptions/{existing}"))
+            .await
+            .status,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]
