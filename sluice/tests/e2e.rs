@@ -192,11 +192,12 @@ mod broker {
 
     use super::*;
     use futures::StreamExt;
+    use lapin::BasicProperties;
     use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
-    use lapin::types::{AMQPValue, FieldTable};
-    use lapin::{BasicProperties, Connection, ConnectionProperties};
+    use lapin::types::FieldTable;
     use sluice_binding::codec;
     use sluice_binding::model::{BatchBuilder, now_ns};
+    use sluice_testkit::amqp;
 
     use support::broker::*;
 
@@ -315,15 +316,13 @@ mod broker {
 
     #[test]
     fn python_publisher_batches_are_all_stored_once() {
-        let Ok(python) = std::env::var("SLUICE_PYTHON") else {
-            panic!("SLUICE_PYTHON is not set: run the tests through scripts/test.sh");
-        };
+        let python = sluice_testkit::env::python();
         let w = World::new();
         let _processors = w.processors();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/python/publish.py");
         let out = Command::new(python)
             .arg(script)
-            .args(["--amqp-url", &amqp_addr(), "--namespace", &w.ns])
+            .args(["--amqp-url", &amqp_addr(), "--namespace", w.ns.name()])
             .args(["--partitions", &PARTITIONS.to_string(), "--tenant", "acme"])
             .args(["--devices", "50", "--metrics", "2", "--readings", "100000"])
             .args(["--batch-size", "500", "--seed", "11"])
@@ -358,7 +357,7 @@ mod broker {
     fn processors_killed_mid_stream_lose_and_duplicate_nothing() {
         let w = World::new();
         let mut first = w.processors();
-        let ns = w.ns.clone();
+        let ns = w.ns.name().to_owned();
         let dir = w.dir.path().join("results");
         let amqp = amqp_addr();
         // 100 000 readings straight to the broker at 20 000/s: about 5 s of stream.
@@ -590,14 +589,11 @@ mod broker {
         let w = World::new();
         let _processors = w.processors();
         rt().block_on(async {
-            let conn = Connection::connect(&amqp_addr(), ConnectionProperties::default())
-                .await
-                .unwrap();
-            let ch = conn.create_channel().await.unwrap();
+            let (conn, ch) = amqp::connect().await;
             ch.confirm_select(ConfirmSelectOptions::default())
                 .await
                 .unwrap();
-            let exchange = format!("{}.telemetry", w.ns);
+            let exchange = w.ns.topology().telemetry_exchange();
             let publish = |body: Vec<u8>| {
                 let (ch, exchange) = (ch.clone(), exchange.clone());
                 async move {
@@ -646,7 +642,7 @@ mod broker {
 
             let mut consumer = ch
                 .basic_consume(
-                    format!("{}.dead-letter", w.ns).into(),
+                    w.ns.topology().dead_letter_queue().into(),
                     "".into(),
                     BasicConsumeOptions {
                         no_ack: true,
@@ -663,11 +659,7 @@ mod broker {
                     .expect("3 dead letters")
                     .unwrap()
                     .unwrap();
-                let headers = d.properties.headers().clone().unwrap_or_default();
-                let get = |k: &str| match headers.inner().get(k) {
-                    Some(AMQPValue::LongString(s)) => s.to_string(),
-                    other => panic!("header {k}: {other:?}"),
-                };
+                let get = |k: &str| amqp::header(&d.properties, k);
                 seen.push((
                     get("x-sluice-error"),
                     get("x-sluice-reason"),
@@ -727,7 +719,7 @@ mod broker {
         rate: u64,
         batch: u32,
     ) -> std::thread::JoinHandle<Output> {
-        let (ns, amqp) = (w.ns.clone(), amqp_addr());
+        let (ns, amqp) = (w.ns.name().to_owned(), amqp_addr());
         let dir = w.dir.path().join("results");
         let (count, rate, batch) = (count.to_string(), rate.to_string(), batch.to_string());
         std::thread::spawn(move || {
@@ -1000,7 +992,8 @@ mod broker {
         assert_eq!(status, 201, "{body}");
 
         // 40 batches of 250 readings straight to the broker, 10 a second.
-        let (ns, mut expected) = (w.ns.clone(), std::collections::BTreeSet::new());
+        let telemetry = w.ns.topology().telemetry_exchange();
+        let mut expected = std::collections::BTreeSet::new();
         let mut batches = Vec::new();
         for seq in 0..40u64 {
             let mut b = BatchBuilder::new("acme", "router-e2e", seq);
@@ -1013,10 +1006,7 @@ mod broker {
         }
         let publisher = std::thread::spawn(move || {
             rt().block_on(async move {
-                let conn = Connection::connect(&amqp_addr(), ConnectionProperties::default())
-                    .await
-                    .unwrap();
-                let ch = conn.create_channel().await.unwrap();
+                let (_conn, ch) = amqp::connect().await;
                 ch.confirm_select(ConfirmSelectOptions::default())
                     .await
                     .unwrap();
@@ -1025,7 +1015,7 @@ mod broker {
                     let key = (i as u32 % PARTITIONS).to_string();
                     let confirm = ch
                         .basic_publish(
-                            format!("{ns}.telemetry").into(),
+                            telemetry.as_str().into(),
                             key.into(),
                             BasicPublishOptions::default(),
                             &body,
