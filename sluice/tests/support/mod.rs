@@ -9,7 +9,6 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use sluice_sinks::query::TenantQuery;
-pub use sluice_testkit::wait::wait_until;
 
 pub fn sluice_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_sluice"))
@@ -137,6 +136,7 @@ pub mod broker {
     use sluice_sinks::latest::RedisLatest;
     pub use sluice_testkit::env::{amqp_addr, redis_url};
     use sluice_testkit::wait::wait_for;
+    pub use sluice_testkit::wait::wait_until;
     use sluice_testkit::{Namespace, amqp};
 
     pub const PARTITIONS: u32 = 4;
@@ -236,6 +236,31 @@ pub mod broker {
                 .output()
                 .unwrap();
             summary(&output_ok(&out, "loadgen"))
+        }
+
+        /// Loadgen straight to the broker in the background: `count` readings at `rate`/s.
+        pub fn background_load(
+            &self,
+            count: u64,
+            rate: u64,
+            batch: u32,
+        ) -> std::thread::JoinHandle<Output> {
+            let (ns, amqp) = (self.ns.name().to_owned(), amqp_addr());
+            let dir = self.dir.path().join("results");
+            let (count, rate, batch) = (count.to_string(), rate.to_string(), batch.to_string());
+            std::thread::spawn(move || {
+                Command::new(loadgen_bin())
+                    .args(["--amqp-url", &amqp, "--namespace", &ns])
+                    .args(["--partitions", &PARTITIONS.to_string()])
+                    .args(["--target", "amqp", "--tenant", "acme", "--devices", "50"])
+                    .args(["--count", &count, "--rate", &rate, "--batch-size", &batch])
+                    .args(["--duration", "300s", "--json", "--quiet"])
+                    .args(["--drain-timeout", "1s"])
+                    .arg("--out")
+                    .arg(dir)
+                    .output()
+                    .unwrap()
+            })
         }
 
         /// A router with its API on `port`; `extra` environment variables override.
