@@ -35,18 +35,6 @@ fn outgoing(partition: u32, body: &[u8]) -> Outgoing<'_> {
     }
 }
 
-/// Messages ready in `queue`, counted by the broker.
-async fn ready(ch: &lapin::Channel, queue: &str) -> u32 {
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    ch.queue_declare(queue.into(), passive, FieldTable::default())
-        .await
-        .expect("queue declared")
-        .message_count()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_group_gets_every_partition_and_acks_settle_deliveries() {
     let ns = Namespace::new("bt").on_broker(4, &[GROUP]);
@@ -96,10 +84,10 @@ async fn a_consumer_group_gets_every_partition_and_acks_settle_deliveries() {
         }
         t.close().await;
         // Acked, not merely unsettled: with every connection closed nothing came back.
-        let (conn, ch) = amqp::connect().await;
+        let (conn, _) = amqp::connect().await;
         for p in 0..4 {
             let queue = topology.partition_queue(GROUP, p);
-            assert_eq!(ready(&ch, &queue).await, 0, "{queue}");
+            assert_eq!(amqp::ready(&conn, &queue).await, Some(0), "{queue}");
         }
         let _ = conn.close(200, "done".into()).await;
     })
@@ -201,7 +189,7 @@ async fn dead_letters_reach_the_dead_letter_queue_with_their_headers() {
             })
             .collect();
         assert_eq!(got, want, "the original bodies, with why and by whom");
-        assert_eq!(ready(&ch, &dlq).await, 0);
+        assert_eq!(amqp::ready(&conn, &dlq).await, Some(0));
         let _ = conn.close(200, "done".into()).await;
         t.close().await;
     })

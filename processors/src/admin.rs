@@ -151,11 +151,14 @@ mod tests {
     use crate::autoscale::AutoscaleConfig;
     use crate::control::{Desired, Mode};
 
+    fn transport() -> Transport {
+        Transport::InProcess(InProcessTransport::new(Topology::new("t", 2), 8))
+    }
+
     fn app(running: usize) -> Router {
         let control = PoolControl::new("storage", 2, None);
         control.running(running);
-        let transport = Transport::InProcess(InProcessTransport::new(Topology::new("t", 2), 8));
-        router(control, transport)
+        router(control, transport())
     }
 
     async fn get(app: Router, path: &str) -> (StatusCode, String) {
@@ -198,8 +201,7 @@ mod tests {
     fn running(control: &PoolControl) -> (Router, watch::Receiver<Desired>) {
         let pool = control.subscribe();
         control.running(control.desired().workers);
-        let transport = Transport::InProcess(InProcessTransport::new(Topology::new("t", 2), 8));
-        (router(control.clone(), transport), pool)
+        (router(control.clone(), transport()), pool)
     }
 
     #[tokio::test]

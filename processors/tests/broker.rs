@@ -11,8 +11,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use lapin::options::{BasicGetOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicGetOptions;
 use sluice_binding::codec;
 use sluice_binding::model::{BatchBuilder, now_ns};
 use sluice_binding::shutdown::CancellationToken;
@@ -20,9 +19,8 @@ use sluice_binding::transport::{Outgoing, Transport};
 use sluice_processors::{PoolConfig, PoolControl, PoolReport, Sinks, run};
 use sluice_sinks::latest::LatestStore;
 use sluice_sinks::parquet::{ParquetStore, ParquetStoreConfig};
-use sluice_sinks::query::TenantQuery;
 use sluice_testkit::wait::wait_for;
-use sluice_testkit::{Namespace, amqp};
+use sluice_testkit::{Namespace, amqp, store};
 
 const PARTITIONS: u32 = 2;
 const GROUP: &str = "storage";
@@ -65,19 +63,11 @@ async fn publish(t: &Transport, bodies: &[Vec<u8>]) {
     }
 }
 
-/// (rows, distinct (device, metric, ts)) of acme in the store.
+/// (rows, distinct readings) of acme in the store.
 async fn rows(root: &Path) -> (u64, u64) {
-    if !root.join("tenant=acme").exists() {
-        return (0, 0);
-    }
-    let q = TenantQuery::new(root, "acme").unwrap();
-    let count = |sql: &'static str| {
-        let q = &q;
-        async move { q.sql_json(sql).await.unwrap()[0]["n"].as_u64().unwrap_or(0) }
-    };
     (
-        count("SELECT count(*) AS n FROM readings").await,
-        count("SELECT count(*) AS n FROM (SELECT DISTINCT device, metric, ts FROM readings)").await,
+        store::total(root, "acme").await,
+        store::distinct(root, "acme").await,
     )
 }
 
@@ -99,19 +89,11 @@ fn start(
 
 /// Messages ready in the partition queues, counted by the broker.
 async fn ready(ns: &Namespace) -> u32 {
-    let (conn, ch) = amqp::connect().await;
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
+    let (conn, _) = amqp::connect().await;
     let mut n = 0;
     for p in 0..PARTITIONS {
-        let q = ns.topology().partition_queue(GROUP, p);
-        n += ch
-            .queue_declare(q.into(), passive, FieldTable::default())
-            .await
-            .unwrap()
-            .message_count();
+        let queue = ns.topology().partition_queue(GROUP, p);
+        n += amqp::ready(&conn, &queue).await.expect("declared");
     }
     let _ = conn.close(200, "done".into()).await;
     n

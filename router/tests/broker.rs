@@ -18,10 +18,10 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, ExchangeKind};
 use serde_json::{Value, json};
-use sluice_binding::model::now_ns;
+use sluice_binding::codec;
+use sluice_binding::model::{BatchBuilder, now_ns};
 use sluice_binding::transport::amqp::AmqpTransport;
 use sluice_binding::transport::{Outgoing, Transport};
-use sluice_binding::{Batch, codec};
 use sluice_ingest::Tenants;
 use sluice_router::event::{DerivedEvent, Event, FORMAT_VERSION, Job};
 use sluice_router::outbox::Outbox;
@@ -155,34 +155,11 @@ impl Router {
 
     /// Publishes one telemetry batch of `tenant` and waits for the broker's confirm.
     async fn publish(&self, tenant: &str, readings: &[(&str, &str, f64)]) -> Uuid {
-        let mut b = Batch {
-            v: 1,
-            id: Uuid::now_v7(),
-            producer: "router-test".into(),
-            seq: 0,
-            created: now_ns(),
-            tenant: tenant.into(),
-            devices: vec![],
-            metrics: vec![],
-            d: vec![],
-            m: vec![],
-            t: vec![],
-            x: vec![],
-        };
+        let mut b = BatchBuilder::new(tenant, "router-test", 0);
         for (i, (d, m, x)) in readings.iter().enumerate() {
-            let di = b.devices.iter().position(|v| v == d).unwrap_or_else(|| {
-                b.devices.push((*d).to_owned());
-                b.devices.len() - 1
-            });
-            let mi = b.metrics.iter().position(|v| v == m).unwrap_or_else(|| {
-                b.metrics.push((*m).to_owned());
-                b.metrics.len() - 1
-            });
-            b.d.push(di as u32);
-            b.m.push(mi as u32);
-            b.t.push(now_ns() - 1000 + i as i64);
-            b.x.push(*x);
+            b.push(d, m, now_ns() - 1000 + i as i64, *x);
         }
+        let b = b.finish(now_ns());
         let body = codec::encode(&b).unwrap();
         Transport::Amqp(self.transport.clone())
             .publish(Outgoing {

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use lapin::types::AMQPValue;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use sluice_binding::Topology;
 use sluice_binding::transport::amqp::{AmqpConfig, AmqpTransport};
@@ -39,4 +40,20 @@ pub fn header(properties: &BasicProperties, key: &str) -> String {
         Some(AMQPValue::LongString(s)) => s.to_string(),
         other => panic!("header {key}: {other:?}"),
     }
+}
+
+/// Messages ready in `queue` (not counting unacked ones), or `None` if it does not exist.
+/// On a channel of its own: the broker closes the channel of a passive declare that fails.
+pub async fn ready(conn: &Connection, queue: &str) -> Option<u32> {
+    let ch = conn.create_channel().await.ok()?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let q = ch
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .ok()?;
+    let _ = ch.close(200, "counted".into()).await;
+    Some(q.message_count())
 }

@@ -6,12 +6,15 @@
 //!   which deletes what the topology declared (names from [`sluice_binding::Topology`] and,
 //!   with the `router` feature, the router's outbox);
 //! - [`amqp`]: raw broker access for tests that look at queues and headers themselves;
+//! - `store` (feature `store`): row counts in a Parquet store, through DataFusion;
 //! - [`wait`]: polling a condition until a deadline, with a panic that says what never
 //!   happened.
 
 pub mod amqp;
 pub mod env;
 pub mod namespace;
+#[cfg(feature = "store")]
+pub mod store;
 pub mod wait;
 
 pub use namespace::Namespace;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use sluice_sinks::query::TenantQuery;
+use sluice_testkit::store;
 
 pub fn sluice_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_sluice"))
@@ -82,31 +82,26 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// [`sluice_testkit::store::count`], for these synchronous tests.
 pub fn count_rows(data: &Path, tenant: &str, sql: &str) -> u64 {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let q = TenantQuery::new(data, tenant).unwrap();
-        let rows = q.sql_json(sql).await.unwrap();
-        rows.first()
-            .and_then(|r| r.values().next())
-            .and_then(|v| v.as_u64())
-            .unwrap_or(0)
-    })
+    block_on(store::count(data, tenant, sql))
 }
 
 pub fn total_rows(data: &Path, tenant: &str) -> u64 {
-    count_rows(data, tenant, "SELECT count(*) AS n FROM readings")
+    block_on(store::total(data, tenant))
 }
 
 pub fn distinct_rows(data: &Path, tenant: &str) -> u64 {
-    count_rows(
-        data,
-        tenant,
-        "SELECT count(*) AS n FROM (SELECT DISTINCT device, metric, ts FROM readings)",
-    )
+    block_on(store::distinct(data, tenant))
+}
+
+/// Runs `f` to completion on a runtime of its own.
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
 }
 
 pub fn output_ok(out: &Output, what: &str) -> String {
@@ -131,8 +126,6 @@ pub mod broker {
     //! The world of a test against real RabbitMQ and Redis.
 
     use super::*;
-    use lapin::options::QueueDeclareOptions;
-    use lapin::types::FieldTable;
     use sluice_sinks::latest::RedisLatest;
     pub use sluice_testkit::env::{amqp_addr, redis_url};
     use sluice_testkit::wait::wait_for;
@@ -297,16 +290,8 @@ pub mod broker {
             rt().block_on(async {
                 let (conn, _) = amqp::connect().await;
                 let what = format!("the queues of {}", self.ns.name());
-                wait_for(&what, Duration::from_secs(60), || async {
-                    // A passive declare of a missing queue closes its channel: one each.
-                    let ch = conn.create_channel().await.unwrap();
-                    let passive = QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    };
-                    ch.queue_declare(queue.as_str().into(), passive, FieldTable::default())
-                        .await
-                        .ok()
+                wait_for(&what, Duration::from_secs(60), || {
+                    amqp::ready(&conn, &queue)
                 })
                 .await;
                 let _ = conn.close(200, "done".into()).await;
