@@ -628,6 +628,7 @@ mod tests {
     use sluice_binding::transport::Outgoing;
     use sluice_binding::transport::inproc::InProcessTransport;
     use sluice_sinks::parquet::ParquetStoreConfig;
+    use std::future::Future;
     use tokio::task::JoinHandle;
 
     use super::*;
@@ -724,12 +725,13 @@ mod tests {
             .sum()
     }
 
-    async fn wait_for(what: &str, mut ready: impl AsyncFnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !ready().await {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    /// Waits up to 10 s for `ready`.
+    async fn wait_for<F: Future<Output = bool>>(what: &str, mut ready: impl FnMut() -> F) {
+        sluice_testkit::wait::wait_for(what, Duration::from_secs(10), || {
+            let ready = ready();
+            async move { ready.await.then_some(()) }
+        })
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -791,7 +793,7 @@ mod tests {
         publish(&t, &bodies).await;
         let pool = start(&t, &sinks, config());
 
-        wait_for("three dead letters", async || {
+        wait_for("three dead letters", || async {
             inproc.dead_letters().len() == 3
         })
         .await;
@@ -809,7 +811,7 @@ mod tests {
         assert!(dead[2].1.contains("version 2"), "{}", dead[2].1);
         assert!(dead.iter().all(|d| d.2 == "storage"));
         // The good batch next to them is stored.
-        wait_for("the good batch", async || {
+        wait_for("the good batch", || async {
             !sinks.latest.get("acme", "dev-1").await.unwrap().is_empty()
         })
         .await;
@@ -827,7 +829,10 @@ mod tests {
         let sinks = sinks(dir.path());
         t.declare(&["storage"]).await.unwrap();
         let pool = start(&t, &sinks, config());
-        wait_for("two workers", async || pool.control.status().workers == 2).await;
+        wait_for("two workers", || async {
+            pool.control.status().workers == 2
+        })
+        .await;
         let mut seq = 0;
         for n in [4usize, 1, 3] {
             let bodies: Vec<Vec<u8>> = (seq..seq + 10).map(batch).collect();
@@ -835,12 +840,12 @@ mod tests {
             publish(&t, &bodies).await;
             let status = pool.control.set_workers(n).unwrap();
             assert_eq!((status.desired, status.mode), (n, Mode::Manual));
-            wait_for(&format!("{n} workers"), async || {
+            wait_for(&format!("{n} workers"), || async {
                 pool.control.status().workers == n
             })
             .await;
         }
-        wait_for("every batch stored", async || {
+        wait_for("every batch stored", || async {
             let mut stored = 0;
             for s in 0..seq {
                 stored += usize::from(
@@ -875,7 +880,10 @@ mod tests {
             ..config()
         };
         let pool = start(&t, &sinks, cfg);
-        wait_for("every delivery received", async || backlog(&t).await == 0).await;
+        wait_for("every delivery received", || async {
+            backlog(&t).await == 0
+        })
+        .await;
         assert!(sinks.latest.get("acme", "dev-0").await.unwrap().is_empty());
         let control = pool.control.clone();
         let report = pool.stop().await;
@@ -899,7 +907,10 @@ mod tests {
         let bodies: Vec<Vec<u8>> = (0..4).map(batch).collect();
         publish(&t, &bodies).await;
         let pool = start(&t, &sinks, config());
-        wait_for("every delivery received", async || backlog(&t).await == 0).await;
+        wait_for("every delivery received", || async {
+            backlog(&t).await == 0
+        })
+        .await;
         // Retried in place: the deliveries stay in the pool's hands.
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(backlog(&t).await, 0, "held, not requeued, while retrying");

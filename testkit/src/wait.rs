@@ -5,8 +5,12 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-/// How often conditions are polled.
+/// How often async conditions are polled.
 pub const POLL: Duration = Duration::from_millis(50);
+
+/// How often [`wait_until`] polls: its conditions are often costly (a query through
+/// DataFusion, an HTTP probe of a child process).
+pub const POLL_BLOCKING: Duration = Duration::from_millis(100);
 
 /// Blocks until `ready()` holds; panics with `what` after `within`. For synchronous tests
 /// (child processes, files on disk).
@@ -17,7 +21,7 @@ pub fn wait_until(what: &str, within: Duration, mut ready: impl FnMut() -> bool)
             Instant::now() < deadline,
             "timed out waiting for {what} (after {within:?})"
         );
-        std::thread::sleep(POLL);
+        std::thread::sleep(POLL_BLOCKING);
     }
 }
 
