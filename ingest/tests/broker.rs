@@ -1,98 +1,32 @@
 //! Ingest against a real RabbitMQ (`AMQP_ADDR`, default `amqp://127.0.0.1:5672/%2f`;
 //! `scripts/services.sh` starts one). Each test works in a namespace of its own
-//! (`test-<uuid>`) and deletes its queues and exchanges at the end, pass or fail.
+//! (`test-<id>`, `sluice_testkit::Namespace`) and deletes its queues and exchanges at the
+//! end, pass or fail.
 //!
 //! Run with `cargo test -p sluice-ingest --features broker-tests`.
 #![cfg(feature = "broker-tests")]
 
-use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
-use futures::FutureExt;
-use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-use lapin::{Connection, ConnectionProperties};
 use serde_json::{Value, json};
-use sluice_binding::Topology;
 use sluice_binding::codec::decode;
 use sluice_binding::model::now_ns;
 use sluice_binding::producer::Producer;
 use sluice_binding::tenancy::Tenants;
 use sluice_binding::transport::Transport;
-use sluice_binding::transport::amqp::{AmqpConfig, AmqpTransport};
 use sluice_ingest::{AppState, IngestConfig, serve};
+use sluice_testkit::{Namespace, amqp};
 
 const KEY: &str = "broker-test-key";
 const PARTITIONS: u32 = 2;
 
-fn amqp_addr() -> String {
-    std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://127.0.0.1:5672/%2f".to_owned())
+/// A namespace of the test's own; teardown deletes the storage group's queues.
+fn namespace() -> Namespace {
+    Namespace::new("test").on_broker(PARTITIONS, &["storage"])
 }
 
-fn topology() -> Topology {
-    Topology::new(
-        format!("test-{}", uuid::Uuid::new_v4().simple()),
-        PARTITIONS,
-    )
-}
-
-async fn connect(topology: &Topology) -> Transport {
-    let mut cfg = AmqpConfig::new(vec![amqp_addr()], topology.clone());
-    cfg.connect_timeout = Duration::from_secs(30);
-    cfg.confirm_timeout = Duration::from_secs(10);
-    cfg.connection_name = "sluice-ingest-broker-test".into();
-    Transport::Amqp(
-        AmqpTransport::connect(cfg)
-            .await
-            .expect("RabbitMQ reachable at AMQP_ADDR"),
-    )
-}
-
-/// Runs `test`, then deletes every queue and exchange of `topology`, then re-raises a panic.
-async fn with_cleanup(topology: &Topology, test: impl Future<Output = ()>) {
-    let outcome = AssertUnwindSafe(test).catch_unwind().await;
-    cleanup(topology).await;
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
-}
-
-async fn cleanup(t: &Topology) {
-    let conn = match Connection::connect(&amqp_addr(), ConnectionProperties::default()).await {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("cleanup: cannot connect: {e}");
-            return;
-        }
-    };
-    let Ok(ch) = conn.create_channel().await else {
-        return;
-    };
-    let mut queues: Vec<String> = (0..t.partitions)
-        .map(|p| t.partition_queue("storage", p))
-        .collect();
-    queues.push(t.dead_letter_queue());
-    for q in queues {
-        if let Err(e) = ch
-            .queue_delete(q.clone().into(), QueueDeleteOptions::default())
-            .await
-        {
-            eprintln!("cleanup: queue {q}: {e}");
-        }
-    }
-    for x in [
-        t.telemetry_exchange(),
-        t.dead_letter_exchange(),
-        t.commits_exchange(),
-    ] {
-        if let Err(e) = ch
-            .exchange_delete(x.clone().into(), ExchangeDeleteOptions::default())
-            .await
-        {
-            eprintln!("cleanup: exchange {x}: {e}");
-        }
-    }
-    let _ = conn.close(200, "cleanup".into()).await;
+async fn connect(ns: &Namespace) -> Transport {
+    Transport::Amqp(amqp::transport(&ns.topology(), "sluice-ingest-broker-test").await)
 }
 
 /// Serves ingest on 127.0.0.1:0; returns its base URL, a stop sender and the server task.
@@ -138,9 +72,9 @@ async fn post(url: &str, body: &Value) -> (u16, Option<String>, Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepted_readings_are_in_the_partition_queues() {
-    let topology = topology();
-    with_cleanup(&topology, async {
-        let transport = connect(&topology).await;
+    let ns = namespace();
+    ns.guard(async {
+        let transport = connect(&ns).await;
         transport.declare(&["storage"]).await.unwrap();
         let cfg = IngestConfig {
             batch_max_readings: 10,
@@ -188,9 +122,9 @@ async fn accepted_readings_are_in_the_partition_queues() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undeclared_queues_give_503_not_202() {
-    let topology = topology();
-    with_cleanup(&topology, async {
-        let transport = connect(&topology).await;
+    let ns = namespace();
+    ns.guard(async {
+        let transport = connect(&ns).await;
         // Exchanges only: no partition queue is bound, so every batch is returned.
         transport.declare(&[]).await.unwrap();
         let (url, stop, server) = start(&transport, IngestConfig::default()).await;

@@ -1,7 +1,7 @@
 //! The `loadgen` binary as operators (and the sluice end-to-end tests, which drive it) use
 //! it: every flag documented with its environment variable, bad load shapes refused before
 //! anything is sent. Being an integration test also makes `cargo test --workspace` build
-//! the binary that `sluice/tests/e2e.rs` runs.
+//! the binary that the end-to-end tests (`sluice/tests/e2e/`) run.
 
 use std::process::Command;
 

@@ -141,17 +141,24 @@ async fn set(
 mod tests {
     use axum::body::Body;
     use axum::http::Request;
+    use serde_json::Value;
     use sluice_binding::Topology;
     use sluice_binding::transport::inproc::InProcessTransport;
+    use tokio::sync::watch;
     use tower::ServiceExt;
 
     use super::*;
+    use crate::autoscale::AutoscaleConfig;
+    use crate::control::{Desired, Mode};
+
+    fn transport() -> Transport {
+        Transport::InProcess(InProcessTransport::new(Topology::new("t", 2), 8))
+    }
 
     fn app(running: usize) -> Router {
         let control = PoolControl::new("storage", 2, None);
         control.running(running);
-        let transport = Transport::InProcess(InProcessTransport::new(Topology::new("t", 2), 8));
-        router(control, transport)
+        router(control, transport())
     }
 
     async fn get(app: Router, path: &str) -> (StatusCode, String) {
@@ -172,6 +179,133 @@ mod tests {
         let (status, body) = get(app(2), "/readyz").await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert!(body.contains("\"problems\":[]"), "{body}");
+    }
+
+    /// Sends `method path` with a JSON `body`; the status and the JSON answer.
+    async fn call(app: Router, method: &str, path: &str, body: &str) -> (StatusCode, Value) {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_owned()))
+            .unwrap();
+        let r = app.oneshot(req).await.unwrap();
+        let status = r.status();
+        let bytes = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+        let v = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {bytes:?}"));
+        (status, v)
+    }
+
+    /// The routes over `control` with the pool's side of it held open (a running pool).
+    fn running(control: &PoolControl) -> (Router, watch::Receiver<Desired>) {
+        let pool = control.subscribe();
+        control.running(control.desired().workers);
+        (router(control.clone(), transport()), pool)
+    }
+
+    #[tokio::test]
+    async fn get_workers_shows_what_runs_and_who_decides() {
+        let control = PoolControl::new("storage", 2, None);
+        let (app, _pool) = running(&control);
+        let (status, v) = call(app, "GET", "/v1/workers", "").await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        let got: WorkersStatus = serde_json::from_value(v).unwrap();
+        assert_eq!(got, control.status());
+        assert_eq!(
+            (got.group.as_str(), got.workers, got.desired),
+            ("storage", 2, 2)
+        );
+        assert_eq!(got.mode, Mode::Manual);
+        assert!(got.autoscale.is_none());
+    }
+
+    #[tokio::test]
+    async fn put_workers_pins_a_count_and_autoscale_hands_it_back() {
+        let control = PoolControl::new("storage", 2, Some(AutoscaleConfig::default()));
+        let (app, pool) = running(&control);
+        assert_eq!(control.status().mode, Mode::Auto);
+
+        let (status, v) = call(app.clone(), "PUT", "/v1/workers", r#"{"workers": 3}"#).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert_eq!(
+            (v["desired"].as_u64(), v["mode"].as_str()),
+            (Some(3), Some("manual"))
+        );
+        // The pool is asked for it.
+        assert_eq!(
+            *pool.borrow(),
+            Desired {
+                workers: 3,
+                mode: Mode::Manual
+            }
+        );
+
+        let (status, v) = call(app.clone(), "PUT", "/v1/workers", r#"{"autoscale": true}"#).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert_eq!(v["mode"], "auto");
+        assert_eq!(pool.borrow().mode, Mode::Auto);
+
+        // `false` pins the count the autoscaler had reached.
+        let (status, v) = call(app, "PUT", "/v1/workers", r#"{"autoscale": false}"#).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert_eq!(
+            (v["desired"].as_u64(), v["mode"].as_str()),
+            (Some(3), Some("manual"))
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_requests_are_refused_with_their_code_and_change_nothing() {
+        let control = PoolControl::new("storage", 2, None);
+        let (app, pool) = running(&control);
+        for (body, want, code) in [
+            (r#"{"workers": 0}"#, StatusCode::BAD_REQUEST, "out_of_range"),
+            (
+                r#"{"workers": 100000}"#,
+                StatusCode::BAD_REQUEST,
+                "out_of_range",
+            ),
+            (
+                r#"{"autoscale": true}"#,
+                StatusCode::CONFLICT,
+                "no_autoscaler",
+            ),
+            (r#"{}"#, StatusCode::BAD_REQUEST, "malformed_body"),
+            (
+                r#"{"workers": 1, "autoscale": true}"#,
+                StatusCode::BAD_REQUEST,
+                "malformed_body",
+            ),
+            (
+                r#"{"wrokers": 1}"#,
+                StatusCode::BAD_REQUEST,
+                "malformed_body",
+            ),
+            ("not json", StatusCode::BAD_REQUEST, "malformed_body"),
+        ] {
+            let (status, v) = call(app.clone(), "PUT", "/v1/workers", body).await;
+            assert_eq!(
+                (status, v["error"].as_str()),
+                (want, Some(code)),
+                "{body} → {v}"
+            );
+            assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        }
+        assert_eq!(control.status().desired, 2);
+        assert_eq!(pool.borrow().workers, 2);
+    }
+
+    #[tokio::test]
+    async fn a_stopped_pool_refuses_changes() {
+        let control = PoolControl::new("storage", 2, None);
+        let (app, pool) = running(&control);
+        drop(pool);
+        let (status, v) = call(app, "PUT", "/v1/workers", r#"{"workers": 3}"#).await;
+        assert_eq!(
+            (status, v["error"].as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, Some("not_running"))
+        );
     }
 
     #[tokio::test]

@@ -609,3 +609,325 @@ fn futures_ack(ackers: Vec<Acker>) -> impl std::future::Future<Output = ()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The pool on the in-process transport, with a Parquet store in a temporary directory
+    //! and the in-memory latest-value store: the same contract as over AMQP, no services.
+
+    use std::path::Path;
+
+    use sluice_binding::Topology;
+    use sluice_binding::codec;
+    use sluice_binding::model::{BatchBuilder, now_ns};
+    use sluice_binding::transport::Outgoing;
+    use sluice_binding::transport::inproc::InProcessTransport;
+    use sluice_sinks::parquet::ParquetStoreConfig;
+    use std::future::Future;
+    use tokio::task::JoinHandle;
+
+    use super::*;
+
+    const READINGS: usize = 10;
+
+    fn transport() -> (Transport, InProcessTransport) {
+        let inproc = InProcessTransport::new(Topology::new("t", 2), 64);
+        (Transport::InProcess(inproc.clone()), inproc)
+    }
+
+    fn sinks(root: &Path) -> Sinks {
+        let parquet = ParquetStore::open(ParquetStoreConfig {
+            root: root.to_owned(),
+            ..ParquetStoreConfig::default()
+        })
+        .unwrap();
+        Sinks {
+            parquet,
+            latest: LatestStore::memory(),
+        }
+    }
+
+    fn config() -> PoolConfig {
+        PoolConfig {
+            flush_interval: Duration::from_millis(50),
+            retry_backoff: Duration::from_millis(10),
+            ..PoolConfig::default()
+        }
+    }
+
+    /// A batch of `READINGS` readings of device `dev-{seq}`, values 0.., encoded.
+    fn batch(seq: u64) -> Vec<u8> {
+        let mut b = BatchBuilder::new("acme", "pool-test", seq);
+        let ts = now_ns() - 1_000_000_000;
+        for i in 0..READINGS {
+            b.push(&format!("dev-{seq}"), "temp", ts + i as i64, i as f64);
+        }
+        codec::encode(&b.finish(now_ns())).unwrap()
+    }
+
+    /// Declares the storage group (as the pool will) and publishes `bodies` round robin.
+    async fn publish(t: &Transport, bodies: &[Vec<u8>]) {
+        t.declare(&["storage"]).await.unwrap();
+        for (i, body) in bodies.iter().enumerate() {
+            t.publish(Outgoing {
+                partition: i as u32 % 2,
+                body,
+                batch_id: uuid::Uuid::nil(),
+                producer: "pool-test",
+            })
+            .await
+            .unwrap();
+        }
+    }
+
+    struct Running {
+        control: PoolControl,
+        stop: CancellationToken,
+        pool: JoinHandle<Result<PoolReport, PoolError>>,
+    }
+
+    fn start(t: &Transport, sinks: &Sinks, cfg: PoolConfig) -> Running {
+        let control = PoolControl::for_pool(&cfg);
+        let stop = CancellationToken::new();
+        let pool = tokio::spawn(run(
+            t.clone(),
+            sinks.clone(),
+            cfg,
+            control.clone(),
+            stop.clone(),
+        ));
+        Running {
+            control,
+            stop,
+            pool,
+        }
+    }
+
+    impl Running {
+        async fn stop(self) -> PoolReport {
+            self.stop.cancel();
+            self.pool.await.unwrap().unwrap()
+        }
+    }
+
+    /// Messages left in the storage queues: unacked deliveries come back there.
+    async fn backlog(t: &Transport) -> u64 {
+        t.backlog("storage")
+            .await
+            .unwrap()
+            .iter()
+            .map(|q| q.1)
+            .sum()
+    }
+
+    /// Waits up to 10 s for `ready`.
+    async fn wait_for<F: Future<Output = bool>>(what: &str, mut ready: impl FnMut() -> F) {
+        sluice_testkit::wait::wait_for(what, Duration::from_secs(10), || {
+            let ready = ready();
+            async move { ready.await.then_some(()) }
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn commits_every_delivery_then_acks_it_and_publishes_a_receipt() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, _) = transport();
+        let sinks = sinks(dir.path());
+        let mut receipts = t.subscribe_receipts(16).await.unwrap();
+        let bodies: Vec<Vec<u8>> = (0..6).map(batch).collect();
+        publish(&t, &bodies).await;
+        let pool = start(&t, &sinks, config());
+
+        let mut receipted = 0;
+        while receipted < 6 * READINGS as u64 {
+            let r = tokio::time::timeout(Duration::from_secs(10), receipts.recv())
+                .await
+                .expect("a receipt per commit")
+                .unwrap();
+            assert_eq!(r.tenant, "acme");
+            receipted += r.rows;
+        }
+        // Committed: the latest values are there, one per device.
+        for seq in 0..6 {
+            let latest = sinks
+                .latest
+                .get("acme", &format!("dev-{seq}"))
+                .await
+                .unwrap();
+            assert_eq!(latest.len(), 1);
+            assert_eq!(latest[0].value, (READINGS - 1) as f64);
+        }
+        let report = pool.stop().await;
+        assert_eq!(report.deliveries, 6);
+        assert_eq!(report.rows_committed, 6 * READINGS as u64);
+        assert_eq!(report.rows_duplicate, 0);
+        assert_eq!(report.dead_lettered, 0);
+        assert!(report.commits >= 1);
+        // Acked: nothing came back to the queues when the consumers went away.
+        assert_eq!(backlog(&t).await, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_deliveries_are_dead_lettered_with_their_reason_and_kind_then_acked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, inproc) = transport();
+        let sinks = sinks(dir.path());
+        let mut future = BatchBuilder::new("acme", "pool-test", 0);
+        future.push("d", "m", now_ns(), 1.0);
+        let mut future = future.finish(now_ns());
+        future.v = 2;
+        let mut stale = BatchBuilder::new("acme", "pool-test", 0);
+        stale.push("d", "m", 1_000, 1.0);
+        let bodies = vec![
+            b"not msgpack".to_vec(),
+            codec::encode(&future).unwrap(),
+            codec::encode(&stale.finish(now_ns())).unwrap(),
+            batch(1),
+        ];
+        publish(&t, &bodies).await;
+        let pool = start(&t, &sinks, config());
+
+        wait_for("three dead letters", || async {
+            inproc.dead_letters().len() == 3
+        })
+        .await;
+        let mut dead: Vec<(String, String, String, Vec<u8>)> = inproc
+            .dead_letters()
+            .into_iter()
+            .map(|d| {
+                (
+                    d.kind.as_str().to_owned(),
+                    d.reason,
+                    d.group,
+                    d.body.to_vec(),
+                )
+            })
+            .collect();
+        dead.sort();
+        assert_eq!(dead[0].0, "decode");
+        assert_eq!(dead[0].3, b"not msgpack", "the original body is kept");
+        assert_eq!(dead[1].0, "invalid");
+        assert!(dead[1].1.contains("invalid batch"), "{}", dead[1].1);
+        assert_eq!(dead[2].0, "unsupported-version");
+        assert!(dead[2].1.contains("version 2"), "{}", dead[2].1);
+        assert!(dead.iter().all(|d| d.2 == "storage"));
+        // The good batch next to them is stored.
+        wait_for("the good batch", || async {
+            !sinks.latest.get("acme", "dev-1").await.unwrap().is_empty()
+        })
+        .await;
+        let report = pool.stop().await;
+        assert_eq!(report.deliveries, 4);
+        assert_eq!(report.dead_lettered, 3);
+        assert_eq!(report.rows_committed, READINGS as u64);
+        assert_eq!(backlog(&t).await, 0, "dead-lettered deliveries are acked");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn resizing_while_deliveries_flow_loses_and_duplicates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, _) = transport();
+        let sinks = sinks(dir.path());
+        t.declare(&["storage"]).await.unwrap();
+        let pool = start(&t, &sinks, config());
+        wait_for("two workers", || async {
+            pool.control.status().workers == 2
+        })
+        .await;
+        let mut seq = 0;
+        for n in [4usize, 1, 3] {
+            let bodies: Vec<Vec<u8>> = (seq..seq + 10).map(batch).collect();
+            seq += 10;
+            publish(&t, &bodies).await;
+            let status = pool.control.set_workers(n).unwrap();
+            assert_eq!((status.desired, status.mode), (n, Mode::Manual));
+            wait_for(&format!("{n} workers"), || async {
+                pool.control.status().workers == n
+            })
+            .await;
+        }
+        wait_for("every batch stored", || async {
+            let mut stored = 0;
+            for s in 0..seq {
+                stored += usize::from(
+                    !sinks
+                        .latest
+                        .get("acme", &format!("dev-{s}"))
+                        .await
+                        .unwrap()
+                        .is_empty(),
+                );
+            }
+            stored == seq as usize
+        })
+        .await;
+        let report = pool.stop().await;
+        assert_eq!(report.deliveries, seq);
+        assert_eq!(report.rows_committed, seq * READINGS as u64);
+        assert_eq!(report.rows_duplicate, 0);
+        assert_eq!(backlog(&t).await, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_commits_and_acks_what_was_received() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, _) = transport();
+        let sinks = sinks(dir.path());
+        let bodies: Vec<Vec<u8>> = (0..20).map(batch).collect();
+        publish(&t, &bodies).await;
+        // No flush would come for a minute: only the drain at shutdown commits.
+        let cfg = PoolConfig {
+            flush_interval: Duration::from_secs(60),
+            ..config()
+        };
+        let pool = start(&t, &sinks, cfg);
+        wait_for("every delivery received", || async {
+            backlog(&t).await == 0
+        })
+        .await;
+        assert!(sinks.latest.get("acme", "dev-0").await.unwrap().is_empty());
+        let control = pool.control.clone();
+        let report = pool.stop().await;
+        assert_eq!(report.deliveries, 20);
+        assert_eq!(report.rows_committed, 20 * READINGS as u64);
+        assert_eq!(report.commits, 1);
+        assert_eq!(control.status().workers, 0, "a stopped pool runs no worker");
+        assert_eq!(backlog(&t).await, 0, "drained deliveries are acked");
+        assert_eq!(sinks.latest.get("acme", "dev-19").await.unwrap().len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_sink_holds_its_deliveries_unacked_and_requeues_them_at_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, _) = transport();
+        let root = dir.path().join("store");
+        let sinks = sinks(&root);
+        // The store's root is a file now: every commit fails.
+        std::fs::remove_dir(&root).unwrap();
+        std::fs::write(&root, b"").unwrap();
+        let bodies: Vec<Vec<u8>> = (0..4).map(batch).collect();
+        publish(&t, &bodies).await;
+        let pool = start(&t, &sinks, config());
+        wait_for("every delivery received", || async {
+            backlog(&t).await == 0
+        })
+        .await;
+        // Retried in place: the deliveries stay in the pool's hands.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(backlog(&t).await, 0, "held, not requeued, while retrying");
+        let report = pool.stop().await;
+        assert_eq!(report.rows_committed, 0);
+        assert_eq!(report.commits, 0);
+        // Never acked: back in the queues, redelivered, for the next consumer.
+        assert_eq!(backlog(&t).await, 4);
+        let mut consumers = t.consume_group("storage", 8).await.unwrap();
+        for c in &mut consumers {
+            for _ in 0..2 {
+                let d = c.next().await.unwrap();
+                assert!(d.redelivered);
+                d.acker.ack().await.unwrap();
+            }
+        }
+    }
+}

@@ -181,3 +181,148 @@ fn work(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use sluice_binding::Topology;
+    use sluice_binding::codec;
+    use sluice_binding::model::BatchBuilder;
+    use sluice_binding::transport::inproc::InProcessTransport;
+    use sluice_binding::transport::{Outgoing, Transport};
+
+    use super::*;
+
+    /// Three readings of tenant acme, encoded.
+    fn good() -> Vec<u8> {
+        let mut b = BatchBuilder::new("acme", "workers-test", 0);
+        for i in 0..3 {
+            b.push("d", "m", now_ns() - 1_000_000 + i, i as f64);
+        }
+        codec::encode(&b.finish(now_ns())).unwrap()
+    }
+
+    /// `bodies` as real deliveries (of the in-process transport's queue `t.storage.0`),
+    /// with the runtime their ackers belong to.
+    fn deliveries(bodies: &[Vec<u8>]) -> (tokio::runtime::Runtime, Vec<Delivery>) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let ds = rt.block_on(async {
+            let t = Transport::InProcess(InProcessTransport::new(Topology::new("t", 1), 64));
+            t.declare(&["storage"]).await.unwrap();
+            for body in bodies {
+                let msg = Outgoing {
+                    partition: 0,
+                    body,
+                    batch_id: uuid::Uuid::nil(),
+                    producer: "workers-test",
+                };
+                t.publish(msg).await.unwrap();
+            }
+            let mut c = t.consume_group("storage", 64).await.unwrap().remove(0);
+            let mut out = Vec::new();
+            for _ in bodies {
+                out.push(c.next().await.unwrap());
+            }
+            out
+        });
+        (rt, ds)
+    }
+
+    struct Harness {
+        work: Sender<Delivery>,
+        staged: mpsc::Receiver<Staged>,
+        stats: Arc<WorkerStats>,
+        set: WorkerSet,
+    }
+
+    fn harness() -> Harness {
+        let (work, rx) = crossbeam_channel::bounded(16);
+        let (tx, staged) = mpsc::channel(16);
+        let stats = Arc::new(WorkerStats::default());
+        let set = WorkerSet::new(rx, tx, Limits::default(), stats.clone());
+        Harness {
+            work,
+            staged,
+            stats,
+            set,
+        }
+    }
+
+    #[test]
+    fn each_delivery_is_staged_and_handed_to_the_committer() {
+        let (_rt, ds) = deliveries(&[good(), b"not msgpack".to_vec()]);
+        let Harness {
+            work,
+            mut staged,
+            stats,
+            mut set,
+        } = harness();
+        assert_eq!(set.resize(2).unwrap(), 2);
+        for d in ds {
+            work.send(d).unwrap();
+        }
+        let (mut stored, mut refused) = (None, None);
+        for _ in 0..2 {
+            match staged.blocking_recv().unwrap() {
+                Staged::Store {
+                    batch, stage_ns, ..
+                } => stored = Some((batch, stage_ns)),
+                Staged::Refuse {
+                    body,
+                    refusal,
+                    queue,
+                    ..
+                } => refused = Some((body, refusal, queue)),
+            }
+        }
+        let (batch, stage_ns) = stored.expect("the good batch is staged");
+        assert_eq!(batch.tenant, "acme");
+        assert_eq!(batch.rows.num_rows(), 3);
+        assert!(!batch.maybe_duplicate, "a first delivery");
+        assert!(stage_ns > 0);
+        let (body, refusal, queue) = refused.expect("the bad one is refused");
+        assert_eq!(&body[..], b"not msgpack", "the original body goes on");
+        assert_eq!(refusal.kind, sluice_binding::DeadLetterKind::Decode);
+        assert_eq!(&*queue, "t.storage.0");
+        assert_eq!(stats.processed(), 2);
+        assert!(stats.busy() > Duration::ZERO);
+        // The work channel closes (the consumers stopped): the workers finish and exit.
+        drop(work);
+        set.join();
+        assert!(staged.blocking_recv().is_none(), "every worker has exited");
+    }
+
+    #[test]
+    fn resizing_grows_and_retires_workers_and_every_delivery_is_still_handed_over() {
+        let (_rt, ds) = deliveries(&vec![good(); 5]);
+        let Harness {
+            work,
+            mut staged,
+            stats,
+            mut set,
+        } = harness();
+        assert_eq!(set.resize(3).unwrap(), 3);
+        assert_eq!(set.len(), 3);
+        assert_eq!(set.resize(1).unwrap(), 1);
+        assert_eq!(set.resize(0).unwrap(), 1, "never fewer than one worker");
+        assert_eq!(set.len(), 1);
+        for d in ds {
+            work.send(d).unwrap();
+        }
+        for _ in 0..5 {
+            assert!(matches!(
+                staged.blocking_recv().unwrap(),
+                Staged::Store { .. }
+            ));
+        }
+        drop(work);
+        set.join();
+        assert!(
+            staged.blocking_recv().is_none(),
+            "nothing handed over twice"
+        );
+        assert_eq!(stats.processed(), 5);
+    }
+}

@@ -5,43 +5,38 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ExchangeDeclareOptions,
-    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, ExchangeKind};
 use serde_json::{Value, json};
+use sluice_binding::codec;
 use sluice_binding::event::{DerivedEvent, Event, EventKind, FORMAT_VERSION};
-use sluice_binding::model::now_ns;
+use sluice_binding::model::{BatchBuilder, now_ns};
 use sluice_binding::tenancy::Tenants;
-use sluice_binding::transport::amqp::{AmqpConfig, AmqpTransport};
+use sluice_binding::transport::amqp::AmqpTransport;
 use sluice_binding::transport::{Outgoing, Transport};
-use sluice_binding::{Batch, Topology, codec};
 use sluice_router::job::Job;
-use sluice_router::outbox::{DELAY_TIERS, Outbox};
+use sluice_router::outbox::Outbox;
 use sluice_router::{RouterConfig, WebhookConfig};
+use sluice_testkit::env::redis_url;
+use sluice_testkit::wait::until;
+use sluice_testkit::{Namespace, amqp};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 const PARTITIONS: u32 = 2;
+const NOTIFY_PARTITIONS: u32 = 2;
 const KEY_A: &str = "key-tenant-a";
 const KEY_B: &str = "key-tenant-b";
-
-fn amqp_addr() -> String {
-    std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://127.0.0.1:5672/%2f".to_owned())
-}
-
-fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
 
 /// Tenant A is granted the exchanges `{ns}-a` and `{ns}-a-gone` (never declared) and,
 /// by operator error, `{ns}.telemetry`; tenant B `{ns}-b`.
@@ -98,20 +93,11 @@ struct Router {
     task: tokio::task::JoinHandle<()>,
 }
 
-async fn transport(ns: &str) -> AmqpTransport {
-    let mut cfg = AmqpConfig::new(vec![amqp_addr()], Topology::new(ns, PARTITIONS));
-    cfg.connect_timeout = Duration::from_secs(30);
-    cfg.connection_name = "sluice-router-test".into();
-    AmqpTransport::connect(cfg)
-        .await
-        .expect("RabbitMQ reachable at AMQP_ADDR")
-}
-
 fn test_config(ns: &str) -> RouterConfig {
     let mut cfg = RouterConfig {
         redis_url: redis_url(),
         redis_namespace: ns.to_owned(),
-        notify_partitions: 2,
+        notify_partitions: NOTIFY_PARTITIONS,
         ..RouterConfig::default()
     };
     cfg.webhook = WebhookConfig {
@@ -129,7 +115,8 @@ impl Router {
     async fn start(ns: &str, tweak: impl FnOnce(&mut RouterConfig)) -> Self {
         let mut cfg = test_config(ns);
         tweak(&mut cfg);
-        let transport = transport(ns).await;
+        let topology = sluice_binding::Topology::new(ns, PARTITIONS);
+        let transport = amqp::transport(&topology, "sluice-router-test").await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let api = format!("http://{}", listener.local_addr().unwrap());
         let stop = CancellationToken::new();
@@ -142,12 +129,10 @@ impl Router {
         });
         // The API answers once the router declared its topology and loaded the index.
         let client = reqwest::Client::new();
-        for _ in 0..100 {
-            if client.get(format!("{api}/healthz")).send().await.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        until(Duration::from_secs(5), || async {
+            client.get(format!("{api}/healthz")).send().await.ok()
+        })
+        .await;
         Self {
             api,
             transport,
@@ -170,34 +155,11 @@ impl Router {
 
     /// Publishes one telemetry batch of `tenant` and waits for the broker's confirm.
     async fn publish(&self, tenant: &str, readings: &[(&str, &str, f64)]) -> Uuid {
-        let mut b = Batch {
-            v: 1,
-            id: Uuid::now_v7(),
-            producer: "router-test".into(),
-            seq: 0,
-            created: now_ns(),
-            tenant: tenant.into(),
-            devices: vec![],
-            metrics: vec![],
-            d: vec![],
-            m: vec![],
-            t: vec![],
-            x: vec![],
-        };
+        let mut b = BatchBuilder::new(tenant, "router-test", 0);
         for (i, (d, m, x)) in readings.iter().enumerate() {
-            let di = b.devices.iter().position(|v| v == d).unwrap_or_else(|| {
-                b.devices.push((*d).to_owned());
-                b.devices.len() - 1
-            });
-            let mi = b.metrics.iter().position(|v| v == m).unwrap_or_else(|| {
-                b.metrics.push((*m).to_owned());
-                b.metrics.len() - 1
-            });
-            b.d.push(di as u32);
-            b.m.push(mi as u32);
-            b.t.push(now_ns() - 1000 + i as i64);
-            b.x.push(*x);
+            b.push(d, m, now_ns() - 1000 + i as i64, *x);
         }
+        let b = b.finish(now_ns());
         let body = codec::encode(&b).unwrap();
         Transport::Amqp(self.transport.clone())
             .publish(Outgoing {
@@ -233,7 +195,7 @@ async fn api(method: reqwest::Method, url: &str, key: &str, body: Option<Value>)
 }
 
 /// Runs `test` with a fresh namespace, then deletes the namespace's queues, exchanges and
-/// Redis keys, then re-raises a panic.
+/// Redis keys (the router's included), then re-raises a panic.
 async fn with_namespace<F, Fut>(test: F)
 where
     F: FnOnce(String) -> Fut,
@@ -245,71 +207,16 @@ where
             .with_test_writer()
             .try_init();
     }
-    let ns = format!("rt-{}", &Uuid::new_v4().simple().to_string()[..12]);
-    let outcome = AssertUnwindSafe(test(ns.clone())).catch_unwind().await;
-    cleanup(&ns).await;
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
+    let ns = Namespace::new("rt")
+        .on_broker(PARTITIONS, &["router"])
+        .with_router(NOTIFY_PARTITIONS)
+        .in_redis();
+    // The tenants' target exchanges, as `target_exchange` declares them.
+    for tenant in ["a", "b"] {
+        ns.add_exchange(format!("{}-{tenant}", ns.name()));
+        ns.add_queue(format!("{}-{tenant}.q", ns.name()));
     }
-}
-
-async fn cleanup(ns: &str) {
-    if let Ok(conn) = Connection::connect(&amqp_addr(), ConnectionProperties::default()).await
-        && let Ok(ch) = conn.create_channel().await
-    {
-        let t = Topology::new(ns, PARTITIONS);
-        let mut queues: Vec<String> = (0..PARTITIONS)
-            .map(|p| t.partition_queue("router", p))
-            .collect();
-        queues.push(t.dead_letter_queue());
-        queues.extend([
-            format!("{ns}.router.events"),
-            format!("{ns}.notify.dead"),
-            format!("{ns}-a.q"),
-            format!("{ns}-b.q"),
-        ]);
-        queues.extend((0..2).map(|p| format!("{ns}.notify.{p}")));
-        queues.extend(
-            DELAY_TIERS
-                .iter()
-                .map(|d| format!("{ns}.notify.delay.{}", d.as_millis())),
-        );
-        for q in queues {
-            let _ = ch
-                .queue_delete(q.into(), QueueDeleteOptions::default())
-                .await;
-        }
-        for x in [
-            "telemetry",
-            "dead-letter",
-            "commits",
-            "events",
-            "notify",
-            "notify.delay",
-        ] {
-            let _ = ch
-                .exchange_delete(format!("{ns}.{x}").into(), ExchangeDeleteOptions::default())
-                .await;
-        }
-        for x in [format!("{ns}-a"), format!("{ns}-b")] {
-            let _ = ch
-                .exchange_delete(x.into(), ExchangeDeleteOptions::default())
-                .await;
-        }
-        let _ = conn.close(200, "cleanup".into()).await;
-    }
-    if let Ok(client) = redis::Client::open(redis_url())
-        && let Ok(mut conn) = client.get_multiplexed_async_connection().await
-    {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{ns}:*"))
-            .query_async(&mut conn)
-            .await
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
-        }
-    }
+    ns.guard(test(ns.name().to_owned())).await;
 }
 
 /// A webhook receiver: records every notification; answers 503 while `down`, or
@@ -347,7 +254,7 @@ impl Receiver {
     }
 
     async fn wait_events(&self, n: usize, within: Duration) -> Vec<String> {
-        wait_until(within, || async {
+        until(within, || async {
             let ids = self.event_ids();
             (ids.len() >= n).then_some(ids)
         })
@@ -384,23 +291,6 @@ fn ids_of(notifications: &[Value]) -> Vec<String> {
         .collect()
 }
 
-async fn wait_until<T, F, Fut>(within: Duration, mut f: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f().await {
-            return Some(v);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn reading_id(batch: Uuid, i: u32) -> String {
     Event::reading_id(batch, i)
 }
@@ -415,8 +305,7 @@ async fn each_notifier_delivers_what_matched_and_nothing_else() {
                                      "target": {"type": "webhook", "url": url}}))
             .await;
         // AMQP target: an exchange granted to the tenant, with a queue of the subscriber's.
-        let conn = Connection::connect(&amqp_addr(), ConnectionProperties::default()).await.unwrap();
-        let ch = conn.create_channel().await.unwrap();
+        let (conn, ch) = amqp::connect().await;
         let queue = target_exchange(&ch, &format!("{ns}-a")).await;
         router
             .subscribe(KEY_A, json!({"criteria": {"devices": ["pump-1"]}, "policy": {"content": "ids"},
@@ -464,7 +353,7 @@ async fn each_notifier_delivers_what_matched_and_nothing_else() {
         router.publish("tenant-b", &[("boiler-1", "temp", 99.0), ("pump-1", "rpm", 1.0), ("fan-3", "speed", 50.0)]).await;
 
         assert_eq!(hook.wait_events(1, Duration::from_secs(10)).await, [reading_id(b, 0)]);
-        let got = wait_until(Duration::from_secs(10), || async {
+        let got = until(Duration::from_secs(10), || async {
             ch.basic_get(queue.clone().into(), BasicGetOptions::default()).await.ok().flatten()
         })
         .await
@@ -478,7 +367,7 @@ async fn each_notifier_delivers_what_matched_and_nothing_else() {
         let client = redis::Client::open(redis_url()).unwrap();
         let mut rc = client.get_multiplexed_async_connection().await.unwrap();
         let stream_key = format!("{ns}:notify:tenant-a:humidity");
-        let entries = wait_until(Duration::from_secs(10), || {
+        let entries = until(Duration::from_secs(10), || {
             let mut rc = rc.clone();
             let key = stream_key.clone();
             async move {
@@ -492,7 +381,7 @@ async fn each_notifier_delivers_what_matched_and_nothing_else() {
         let json: String = entries.ids[0].get("notification").unwrap();
         assert_eq!(ids_of(&[serde_json::from_str(&json).unwrap()]), [reading_id(b, 5)]);
 
-        let live_ids = wait_until(Duration::from_secs(10), || async {
+        let live_ids = until(Duration::from_secs(10), || async {
             let text = live_text.lock().unwrap().clone();
             let ids: Vec<String> = text
                 .lines()
@@ -593,7 +482,7 @@ async fn expiration_counter_ends_the_subscription() {
         router.publish("tenant-a", &[("e", "m", 1.0), ("e", "m", 2.0), ("e", "m", 3.0), ("e", "m", 4.0), ("e", "m", 5.0)]).await;
         hook.wait_events(3, Duration::from_secs(10)).await;
         let url = format!("{}/v1/subscriptions/{}", router.api, sub["id"].as_str().unwrap());
-        let gone = wait_until(Duration::from_secs(5), || async {
+        let gone = until(Duration::from_secs(5), || async {
             let (s, _) = api(reqwest::Method::GET, &url, KEY_A, None).await;
             (s == 404).then_some(())
         })
@@ -696,17 +585,12 @@ async fn undeliverable_notifications_end_in_the_dead_letter_queue_with_a_reason(
         let s2 = router.subscribe(KEY_A, json!({"criteria": {"devices": ["y"]}, "target": {"type": "webhook", "url": gone_url}})).await;
         router.publish("tenant-a", &[("x", "m", 1.0), ("y", "m", 1.0)]).await;
 
-        let conn = Connection::connect(&amqp_addr(), ConnectionProperties::default()).await.unwrap();
-        let ch = conn.create_channel().await.unwrap();
+        let (conn, ch) = amqp::connect().await;
         let mut dead: BTreeMap<String, String> = BTreeMap::new();
         let deadline = Instant::now() + Duration::from_secs(30);
         while dead.len() < 2 && Instant::now() < deadline {
             if let Some(m) = ch.basic_get(format!("{ns}.notify.dead").into(), BasicGetOptions::default()).await.unwrap() {
-                let h = m.delivery.properties.headers().clone().unwrap_or_default();
-                let get = |k: &str| match h.inner().get(k) {
-                    Some(AMQPValue::LongString(s)) => s.to_string(),
-                    other => panic!("header {k}: {other:?}"),
-                };
+                let get = |k: &str| amqp::header(&m.delivery.properties, k);
                 dead.insert(get("x-sluice-subscription"), get("x-sluice-reason"));
                 m.delivery.acker.ack(BasicAckOptions::default()).await.unwrap();
             } else {
@@ -780,12 +664,11 @@ async fn bad_input_gets_clear_errors() {
         }
         // A garbage telemetry message goes to the dead-letter queue with a reason; the
         // router keeps serving.
-        let conn = Connection::connect(&amqp_addr(), ConnectionProperties::default()).await.unwrap();
-        let ch = conn.create_channel().await.unwrap();
+        let (conn, ch) = amqp::connect().await;
         ch.basic_publish(format!("{ns}.telemetry").into(), "0".into(), BasicPublishOptions::default(), b"not msgpack", BasicProperties::default())
             .await
             .unwrap();
-        let m = wait_until(Duration::from_secs(10), || async {
+        let m = until(Duration::from_secs(10), || async {
             ch.basic_get(format!("{ns}.dead-letter").into(), BasicGetOptions::default()).await.ok().flatten()
         })
         .await
@@ -866,8 +749,7 @@ async fn amqp_targets_reach_only_the_exchanges_granted_to_their_tenant() {
 async fn a_target_the_broker_refuses_fails_alone() {
     with_namespace(|ns| async move {
         let router = Router::start(&ns, |c| c.deliver.max_attempts = 2).await;
-        let conn = Connection::connect(&amqp_addr(), ConnectionProperties::default()).await.unwrap();
-        let ch = conn.create_channel().await.unwrap();
+        let (conn, ch) = amqp::connect().await;
         let b_queue = target_exchange(&ch, &format!("{ns}-b")).await;
         let (hook_a, url_a) = Receiver::start().await;
         let (hook_b, url_b) = Receiver::start().await;
@@ -912,11 +794,7 @@ async fn a_target_the_broker_refuses_fails_alone() {
         while dead.len() < n && Instant::now() < deadline {
             match ch.basic_get(format!("{ns}.notify.dead").into(), BasicGetOptions::default()).await.unwrap() {
                 Some(m) => {
-                    let h = m.delivery.properties.headers().clone().unwrap_or_default();
-                    let get = |k: &str| match h.inner().get(k) {
-                        Some(AMQPValue::LongString(s)) => s.to_string(),
-                        other => panic!("header {k}: {other:?}"),
-                    };
+                    let get = |k: &str| amqp::header(&m.delivery.properties, k);
                     assert_eq!(get("x-sluice-subscription"), broken["id"].as_str().unwrap());
                     assert_eq!(get("x-sluice-tenant"), "tenant-a");
                     let reason = get("x-sluice-reason");

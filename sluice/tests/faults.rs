@@ -4,7 +4,9 @@
 //! stored exactly once, and they measure how long the pipeline takes to accept again.
 //!
 //! The tests of this binary take turns: each stops the broker every other test uses. Other
-//! test binaries run before or after this one (cargo runs binaries one at a time).
+//! test binaries run before or after this one (cargo runs binaries one at a time); never run
+//! it next to another test process on the same broker (the e2e tests, another crate's
+//! broker tests, a second `cargo test`): their connections would drop under them.
 //!
 //! `SLUICE_FAULT_RESTARTS=10 cargo test -p sluice --features broker-tests --test faults --
 //! --nocapture` repeats the restart as often as asked and prints each recovery time (the

@@ -1,13 +1,14 @@
 //! What the end-to-end and fault tests share: the binaries, child processes that die with
-//! the test, polling, row counts through DataFusion, and (with `broker-tests`) one test's
-//! isolated world on the broker, in Redis and on disk.
+//! the test, row counts through DataFusion, and (with `broker-tests`) one test's isolated
+//! world on the broker, in Redis and on disk. Service addresses, namespaces and their
+//! teardown, and polling come from `sluice_testkit`.
 #![allow(dead_code, unreachable_pub)] // each test binary uses its own part
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use sluice_sinks::query::TenantQuery;
+use sluice_testkit::store;
 
 pub fn sluice_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_sluice"))
@@ -81,39 +82,26 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
+/// [`sluice_testkit::store::count`], for these synchronous tests.
 pub fn count_rows(data: &Path, tenant: &str, sql: &str) -> u64 {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let q = TenantQuery::new(data, tenant).unwrap();
-        let rows = q.sql_json(sql).await.unwrap();
-        rows.first()
-            .and_then(|r| r.values().next())
-            .and_then(|v| v.as_u64())
-            .unwrap_or(0)
-    })
+    block_on(store::count(data, tenant, sql))
 }
 
 pub fn total_rows(data: &Path, tenant: &str) -> u64 {
-    count_rows(data, tenant, "SELECT count(*) AS n FROM readings")
+    block_on(store::total(data, tenant))
 }
 
 pub fn distinct_rows(data: &Path, tenant: &str) -> u64 {
-    count_rows(
-        data,
-        tenant,
-        "SELECT count(*) AS n FROM (SELECT DISTINCT device, metric, ts FROM readings)",
-    )
+    block_on(store::distinct(data, tenant))
+}
+
+/// Runs `f` to completion on a runtime of its own.
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
 }
 
 pub fn output_ok(out: &Output, what: &str) -> String {
@@ -138,31 +126,29 @@ pub mod broker {
     //! The world of a test against real RabbitMQ and Redis.
 
     use super::*;
-    use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
-    use lapin::types::FieldTable;
-    use lapin::{Connection, ConnectionProperties};
     use sluice_sinks::latest::RedisLatest;
+    pub use sluice_testkit::env::{amqp_addr, redis_url};
+    use sluice_testkit::wait::wait_for;
+    pub use sluice_testkit::wait::wait_until;
+    use sluice_testkit::{Namespace, amqp};
 
     pub const PARTITIONS: u32 = 4;
 
-    pub fn amqp_addr() -> String {
-        std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://127.0.0.1:5672/%2f".to_owned())
-    }
-
-    pub fn redis_url() -> String {
-        std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-    }
-
-    /// One test's isolated world: namespace on the broker, Redis prefix, data directory.
+    /// One test's isolated world: namespace on the broker and in Redis (torn down when the
+    /// world is dropped), data directory.
     pub struct World {
-        pub ns: String,
+        pub ns: Namespace,
         pub dir: tempfile::TempDir,
         pub tenants: PathBuf,
     }
 
     impl World {
         pub fn new() -> Self {
-            let ns = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+            // The storage pool's and, when a test runs one, the router's objects.
+            let ns = Namespace::new("t")
+                .on_broker(PARTITIONS, &["storage", "router"])
+                .with_router(sluice_router::RouterConfig::default().notify_partitions)
+                .in_redis();
             let dir = tempfile::tempdir().unwrap();
             let tenants = dir.path().join("tenants.toml");
             std::fs::write(
@@ -181,7 +167,7 @@ pub mod broker {
             cmd.env_clear()
                 .env("PATH", std::env::var("PATH").unwrap_or_default())
                 .env("SLUICE_AMQP_URL", amqp_addr())
-                .env("SLUICE_NAMESPACE", &self.ns)
+                .env("SLUICE_NAMESPACE", self.ns.name())
                 .env("SLUICE_PARTITIONS", PARTITIONS.to_string())
                 .env("SLUICE_METRICS_LISTEN", "")
                 .env("SLUICE_ADMIN_LISTEN", "")
@@ -198,7 +184,7 @@ pub mod broker {
             cmd.arg("process")
                 .env("SLUICE_DATA_DIR", self.data())
                 .env("SLUICE_REDIS_URL", redis_url())
-                .env("SLUICE_REDIS_PREFIX", &self.ns)
+                .env("SLUICE_REDIS_PREFIX", self.ns.name())
                 .env("SLUICE_FLUSH_INTERVAL", "200ms")
                 .env("SLUICE_PREFETCH", "200");
             for (k, v) in extra {
@@ -235,7 +221,7 @@ pub mod broker {
 
         pub fn loadgen(&self, args: &[&str]) -> serde_json::Value {
             let out = Command::new(loadgen_bin())
-                .args(["--amqp-url", &amqp_addr(), "--namespace", &self.ns])
+                .args(["--amqp-url", &amqp_addr(), "--namespace", self.ns.name()])
                 .args(["--partitions", &PARTITIONS.to_string(), "--json", "--quiet"])
                 .arg("--out")
                 .arg(self.dir.path().join("results"))
@@ -245,7 +231,31 @@ pub mod broker {
             summary(&output_ok(&out, "loadgen"))
         }
 
-        /// Waits until the processors declared the partition queues.
+        /// Loadgen straight to the broker in the background: `count` readings at `rate`/s.
+        pub fn background_load(
+            &self,
+            count: u64,
+            rate: u64,
+            batch: u32,
+        ) -> std::thread::JoinHandle<Output> {
+            let (ns, amqp) = (self.ns.name().to_owned(), amqp_addr());
+            let dir = self.dir.path().join("results");
+            let (count, rate, batch) = (count.to_string(), rate.to_string(), batch.to_string());
+            std::thread::spawn(move || {
+                Command::new(loadgen_bin())
+                    .args(["--amqp-url", &amqp, "--namespace", &ns])
+                    .args(["--partitions", &PARTITIONS.to_string()])
+                    .args(["--target", "amqp", "--tenant", "acme", "--devices", "50"])
+                    .args(["--count", &count, "--rate", &rate, "--batch-size", &batch])
+                    .args(["--duration", "300s", "--json", "--quiet"])
+                    .args(["--drain-timeout", "1s"])
+                    .arg("--out")
+                    .arg(dir)
+                    .output()
+                    .unwrap()
+            })
+        }
+
         /// A router with its API on `port`; `extra` environment variables override.
         pub fn router_with(&self, port: u16, extra: &[(&str, &str)]) -> Proc {
             let mut cmd = Command::new(sluice_bin());
@@ -254,7 +264,7 @@ pub mod broker {
                 .env("SLUICE_ROUTER_LISTEN", format!("127.0.0.1:{port}"))
                 .env("SLUICE_TENANTS", &self.tenants)
                 .env("SLUICE_REDIS_URL", redis_url())
-                .env("SLUICE_REDIS_PREFIX", &self.ns)
+                .env("SLUICE_REDIS_PREFIX", self.ns.name())
                 .env("SLUICE_WEBHOOK_ALLOW", "127.0.0.1");
             for (k, v) in extra {
                 cmd.env(k, v);
@@ -271,33 +281,20 @@ pub mod broker {
             self.router_with(port, &[])
         }
 
+        /// Waits until the processors declared the partition queues.
         pub fn wait_for_queues(&self) {
-            let queue = format!("{}.storage.{}", self.ns, PARTITIONS - 1);
+            let queue = self
+                .ns
+                .topology()
+                .partition_queue("storage", PARTITIONS - 1);
             rt().block_on(async {
-                let conn = Connection::connect(&amqp_addr(), ConnectionProperties::default())
-                    .await
-                    .unwrap();
-                let deadline = Instant::now() + Duration::from_secs(60);
-                loop {
-                    let ch = conn.create_channel().await.unwrap();
-                    let passive = QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    };
-                    if ch
-                        .queue_declare(queue.clone().into(), passive, FieldTable::default())
-                        .await
-                        .is_ok()
-                    {
-                        break;
-                    }
-                    assert!(
-                        Instant::now() < deadline,
-                        "queues of {} never declared",
-                        self.ns
-                    );
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                let (conn, _) = amqp::connect().await;
+                let what = format!("the queues of {}", self.ns.name());
+                wait_for(&what, Duration::from_secs(60), || {
+                    amqp::ready(&conn, &queue)
+                })
+                .await;
+                let _ = conn.close(200, "done".into()).await;
             });
         }
 
@@ -315,7 +312,7 @@ pub mod broker {
         /// The latest values of `device` in the Redis at `url`, by metric.
         pub fn latest_in(&self, url: &str, tenant: &str, device: &str) -> Vec<(String, i64, f64)> {
             rt().block_on(async {
-                let r = RedisLatest::connect(url, self.ns.clone()).await.unwrap();
+                let r = RedisLatest::connect(url, self.ns.name()).await.unwrap();
                 let mut v: Vec<_> = sluice_sinks::latest::LatestStore::Redis(r)
                     .get(tenant, device)
                     .await
@@ -331,52 +328,8 @@ pub mod broker {
 
     impl Drop for World {
         fn drop(&mut self) {
-            // Leave the broker as we found it.
-            let ns = self.ns.clone();
-            rt().block_on(async move {
-                let Ok(conn) =
-                    Connection::connect(&amqp_addr(), ConnectionProperties::default()).await
-                else {
-                    return;
-                };
-                let Ok(ch) = conn.create_channel().await else {
-                    return;
-                };
-                let mut queues: Vec<String> = (0..PARTITIONS)
-                    .map(|p| format!("{ns}.storage.{p}"))
-                    .collect();
-                queues.push(format!("{ns}.dead-letter"));
-                // The router's, when a test ran one.
-                queues.extend((0..PARTITIONS).map(|p| format!("{ns}.router.{p}")));
-                queues.extend((0..4).map(|p| format!("{ns}.notify.{p}")));
-                queues.extend(
-                    sluice_router::outbox::DELAY_TIERS
-                        .iter()
-                        .map(|d| format!("{ns}.notify.delay.{}", d.as_millis())),
-                );
-                queues.extend([format!("{ns}.router.events"), format!("{ns}.notify.dead")]);
-                for q in queues {
-                    let _ = ch
-                        .queue_delete(q.into(), QueueDeleteOptions::default())
-                        .await;
-                }
-                for x in [
-                    "telemetry",
-                    "dead-letter",
-                    "commits",
-                    "events",
-                    "notify",
-                    "notify.delay",
-                ] {
-                    let _ = ch
-                        .exchange_delete(
-                            format!("{ns}.{x}").into(),
-                            ExchangeDeleteOptions::default(),
-                        )
-                        .await;
-                }
-                let _ = conn.close(200, "done".into()).await;
-            });
+            // Leave the broker and Redis as we found them.
+            self.ns.teardown_blocking();
         }
     }
 

@@ -1,0 +1,101 @@
+//! `compose.yaml` against the code: secure defaults, and every service's environment read
+//! by the binary it runs.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::support::*;
+
+/// compose.yaml's secure defaults: only ingest and the subscription API listen on every
+/// interface; the broker's, Redis's and the dashboards' ports are on loopback; no default
+/// credentials (RabbitMQ's and Grafana's passwords are required variables).
+#[test]
+fn compose_publishes_operator_ports_on_loopback_only_and_defaults_no_credentials() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(root.join("compose.yaml")).unwrap();
+    assert!(
+        !text.contains("guest"),
+        "compose.yaml uses RabbitMQ's guest user"
+    );
+    assert!(
+        !text.contains(":-admin}"),
+        "compose.yaml defaults a Grafana password"
+    );
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let mut published = 0;
+    for (name, svc) in doc["services"].as_mapping().expect("services") {
+        let name = name.as_str().unwrap();
+        for port in svc["ports"].as_sequence().into_iter().flatten() {
+            let port = port.as_str().unwrap();
+            published += 1;
+            let public = matches!(name, "ingest" | "router");
+            assert!(
+                public || port.starts_with("127.0.0.1:"),
+                "service {name} publishes {port} on every interface"
+            );
+        }
+    }
+    assert!(published >= 6, "{published} ports found");
+    for var in [
+        "RABBITMQ_DEFAULT_PASS: ${RABBITMQ_PASSWORD:?",
+        "GF_SECURITY_ADMIN_PASSWORD: ${GRAFANA_ADMIN_PASSWORD:?",
+    ] {
+        assert!(text.contains(var), "{var} missing");
+    }
+}
+
+/// Every compose service's environment variables are flags of the binary it runs, so
+/// compose.yaml cannot drift from the code.
+#[test]
+fn compose_environment_matches_the_binaries_flags() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(root.join("compose.yaml")).unwrap();
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let services = doc["services"].as_mapping().expect("services");
+    let mut checked = 0;
+    for (name, svc) in services {
+        let Some(cmd) = svc["command"].as_sequence() else {
+            continue;
+        };
+        let argv: Vec<&str> = cmd.iter().filter_map(|v| v.as_str()).collect();
+        let help = match argv.first().copied() {
+            Some("sluice") => Command::new(sluice_bin())
+                .args(&argv[1..])
+                .arg("--help")
+                .output()
+                .unwrap(),
+            Some("loadgen") => Command::new(loadgen_bin()).arg("--help").output().unwrap(),
+            _ => continue,
+        };
+        let help = output_ok(&help, &format!("{name:?} --help"));
+        // Anchors (<<: *amqp-env) are merged by serde_yaml only as a `<<` key; resolve it.
+        let mut keys: Vec<String> = Vec::new();
+        if let Some(env) = svc["environment"].as_mapping() {
+            for (k, v) in env {
+                match k.as_str() {
+                    Some("<<") => {
+                        for (k2, _) in v.as_mapping().into_iter().flatten() {
+                            keys.push(k2.as_str().unwrap().to_owned());
+                        }
+                    }
+                    Some(k) => keys.push(k.to_owned()),
+                    None => {}
+                }
+            }
+        }
+        assert!(!keys.is_empty(), "service {name:?} has no environment");
+        for k in keys {
+            assert!(
+                // `env: K=value`, or `env: K]` where values are hidden (secrets).
+                help.contains(&format!("env: {k}=")) || help.contains(&format!("env: {k}]")),
+                "compose service {name:?} sets {k}, which `{}` does not read",
+                argv.join(" ")
+            );
+        }
+        checked += 1;
+    }
+    assert!(
+        checked >= 4,
+        "expected ingest, processors, router and loadgen in compose.yaml"
+    );
+}
