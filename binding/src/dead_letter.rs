@@ -15,15 +15,18 @@ pub enum DeadLetterKind {
     UnsupportedVersion,
     /// Decoded, but breaks a rule of the binding (tenant id, names, timestamps, values).
     Invalid,
+    /// Published by a broker user that may not publish for the tenant it names.
+    Forbidden,
 }
 
 impl DeadLetterKind {
-    /// The header value: `decode`, `unsupported-version` or `invalid`.
+    /// The header value: `decode`, `unsupported-version`, `invalid` or `forbidden`.
     pub fn as_str(self) -> &'static str {
         match self {
             DeadLetterKind::Decode => "decode",
             DeadLetterKind::UnsupportedVersion => "unsupported-version",
             DeadLetterKind::Invalid => "invalid",
+            DeadLetterKind::Forbidden => "forbidden",
         }
     }
 }
@@ -77,12 +80,16 @@ mod tests {
             DeadLetterKind::Decode,
             DeadLetterKind::UnsupportedVersion,
             DeadLetterKind::Invalid,
+            DeadLetterKind::Forbidden,
         ];
         let names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
-        assert_eq!(names, ["decode", "unsupported-version", "invalid"]);
+        assert_eq!(
+            names,
+            ["decode", "unsupported-version", "invalid", "forbidden"]
+        );
         let doc = include_str!("../../docs/binding.md");
         assert!(
-            doc.contains("`decode`, `unsupported-version`, `invalid`"),
+            doc.contains("`decode`, `unsupported-version`, `invalid`, `forbidden`"),
             "docs/binding.md lists other dead-letter kinds"
         );
     }

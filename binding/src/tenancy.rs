@@ -28,6 +28,13 @@
 //! the request carries and of every subscription it manages (`docs/binding.md` section 6).
 //! Ingest and the router's subscription API authenticate through the same function.
 //!
+//! Direct publishers (`docs/binding.md` section 6) are held to their tenant by their broker
+//! user: the broker stamps nothing, but refuses a message whose AMQP `user_id` is not the
+//! publishing connection's user, so `user_id` cannot be forged. A tenant lists the users
+//! that publish for it in `amqp_users`; consumers check every batch with
+//! [`Tenants::check_publisher`]: Sluice's own users may name any tenant, a mapped user only
+//! its tenant, and a message with another user or none is refused (`forbidden`).
+//!
 //! Keys are looked up by their SHA-256 digest: the time a lookup takes depends on the
 //! digest of the presented key, which tells a caller nothing about the stored keys. A map
 //! keyed by the keys themselves would end in a byte-by-byte comparison against a stored
@@ -38,10 +45,23 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
+use crate::dead_letter::{DeadLetterKind, Refusal};
 use crate::model::TenantId;
 use http::{HeaderMap, header};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+
+/// Who published a message, as far as the broker vouches for it (its `user_id`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Publisher {
+    /// This deployment: a broker user the consuming transport trusts (its own, or one
+    /// configured as Sluice's), or the in-process transport.
+    Sluice,
+    /// Another broker user.
+    User(String),
+    /// No `user_id`: the broker vouches for nothing.
+    Unknown,
+}
 
 /// What a key lets a request do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
@@ -221,6 +241,19 @@ pub enum TenantsError {
         /// What is wrong with it.
         why: &'static str,
     },
+    /// One broker user is listed under two tenants (or is empty).
+    #[error("broker user {name:?} publishes for tenants {first} and {second}; list it under one")]
+    SharedUser {
+        /// The user.
+        name: String,
+        /// The tenant that listed it first.
+        first: TenantId,
+        /// The tenant that listed it again.
+        second: TenantId,
+    },
+    /// An empty `amqp_users` entry.
+    #[error("tenant {0}: an amqp_users entry is empty")]
+    EmptyUser(TenantId),
     /// One exchange is granted to two tenants.
     #[error("exchange {name:?} is granted to tenants {first} and {second}; grant it to one")]
     SharedExchange {
@@ -255,6 +288,8 @@ struct Entry {
     api_keys: Vec<KeyEntry>,
     #[serde(default)]
     amqp_exchanges: Vec<String>,
+    #[serde(default)]
+    amqp_users: Vec<String>,
 }
 
 /// One `api_keys` entry: a bare key (every scope) or a key with its scopes.
@@ -309,6 +344,8 @@ pub struct Tenants {
     ids: Vec<TenantId>,
     /// Exchange → the tenant it is granted to.
     exchanges: HashMap<String, TenantId>,
+    /// Broker user → the tenant it publishes for.
+    amqp_users: HashMap<String, TenantId>,
 }
 
 impl std::fmt::Debug for Tenants {
@@ -323,6 +360,36 @@ impl std::fmt::Debug for Tenants {
 
 fn digest(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
+}
+
+/// Whether a message from `publisher` may carry data of `tenant`: always for Sluice's own
+/// users, for a user listed in `tenants`' `amqp_users` only its own tenant, never for any
+/// other user or one the broker does not vouch for. Without a tenants file (a storage pool
+/// started without one) only Sluice's own users are accepted. The refusal (`forbidden`)
+/// says why, for the dead letter.
+pub fn check_publisher(
+    tenants: Option<&Tenants>,
+    publisher: &Publisher,
+    tenant: &str,
+) -> Result<(), Refusal> {
+    let forbidden = |reason: String| Err(Refusal::new(DeadLetterKind::Forbidden, reason));
+    match publisher {
+        Publisher::Sluice => Ok(()),
+        Publisher::User(user) => match tenants.and_then(|t| t.amqp_users.get(user)) {
+            Some(own) if own.as_str() == tenant => Ok(()),
+            Some(own) => forbidden(format!(
+                "broker user {user:?} publishes for tenant {own}, not {tenant}"
+            )),
+            None => forbidden(format!(
+                "broker user {user:?} is not listed in any tenant's amqp_users"
+            )),
+        },
+        Publisher::Unknown => forbidden(
+            "no user_id: a direct publisher sets the AMQP user_id property to its broker user \
+             (docs/binding.md section 6)"
+                .to_owned(),
+        ),
+    }
 }
 
 impl Tenants {
@@ -346,6 +413,7 @@ impl Tenants {
         let mut seen = HashSet::new();
         let mut by_key_digest = HashMap::new();
         let mut exchanges: HashMap<String, TenantId> = HashMap::new();
+        let mut amqp_users: HashMap<String, TenantId> = HashMap::new();
         for entry in file.tenant {
             if !seen.insert(entry.id.clone()) {
                 return Err(TenantsError::DuplicateTenant(entry.id));
@@ -405,12 +473,30 @@ impl Tenants {
                     }
                 }
             }
+            for name in entry.amqp_users {
+                if name.is_empty() {
+                    return Err(TenantsError::EmptyUser(entry.id));
+                }
+                match amqp_users.get(&name) {
+                    Some(first) if *first != entry.id => {
+                        return Err(TenantsError::SharedUser {
+                            name,
+                            first: first.clone(),
+                            second: entry.id,
+                        });
+                    }
+                    _ => {
+                        amqp_users.insert(name, entry.id.clone());
+                    }
+                }
+            }
             ids.push(entry.id);
         }
         Ok(Self {
             by_key_digest,
             ids,
             exchanges,
+            amqp_users,
         })
     }
 
@@ -423,6 +509,7 @@ impl Tenants {
                 .collect(),
             ids: vec![id],
             exchanges: HashMap::new(),
+            amqp_users: HashMap::new(),
         }
     }
 
@@ -431,6 +518,19 @@ impl Tenants {
     pub fn grant_exchange(mut self, tenant: &TenantId, name: &str) -> Self {
         self.exchanges.insert(name.to_owned(), tenant.clone());
         self
+    }
+
+    /// Maps the broker user `name` to `tenant` (tests, embedded mode); the same rules as
+    /// the file's `amqp_users` are the caller's to keep.
+    pub fn with_amqp_user(mut self, tenant: &TenantId, name: &str) -> Self {
+        self.amqp_users.insert(name.to_owned(), tenant.clone());
+        self
+    }
+
+    /// Whether a message from `publisher` may carry data of `tenant`
+    /// ([`check_publisher`] with this file's `amqp_users`).
+    pub fn check_publisher(&self, publisher: &Publisher, tenant: &str) -> Result<(), Refusal> {
+        check_publisher(Some(self), publisher, tenant)
     }
 
     /// Whether `tenant` may publish notifications to the AMQP exchange `name`.
@@ -675,6 +775,36 @@ mod tests {
             "[[tenant]]\nid = \"a\"\napi_keys = [\"k\", { key = \"k\", scopes = [\"ingest\"] }]\n",
         );
         assert!(dup.contains("already a key of tenant a"), "{dup}");
+    }
+
+    #[test]
+    fn direct_publishers_are_held_to_their_tenant() {
+        let t = Tenants::from_toml_str(
+            "[[tenant]]\nid = \"a\"\napi_keys = [\"k\"]\namqp_users = [\"a-gw\"]\n\
+             [[tenant]]\nid = \"b\"\napi_keys = [\"j\"]\n",
+        )
+        .unwrap();
+        let user = |u: &str| Publisher::User(u.to_owned());
+        assert_eq!(t.check_publisher(&Publisher::Sluice, "b"), Ok(()));
+        assert_eq!(t.check_publisher(&user("a-gw"), "a"), Ok(()));
+        let other = t.check_publisher(&user("a-gw"), "b").unwrap_err();
+        assert_eq!(other.kind, DeadLetterKind::Forbidden);
+        assert_eq!(
+            other.reason,
+            "broker user \"a-gw\" publishes for tenant a, not b"
+        );
+        let unmapped = t.check_publisher(&user("mallory"), "a").unwrap_err();
+        assert!(unmapped.reason.contains("not listed"), "{unmapped}");
+        let unknown = t.check_publisher(&Publisher::Unknown, "a").unwrap_err();
+        assert_eq!(unknown.kind, DeadLetterKind::Forbidden);
+        // Without a tenants file only Sluice's own users pass.
+        assert_eq!(check_publisher(None, &Publisher::Sluice, "a"), Ok(()));
+        assert!(check_publisher(None, &user("a-gw"), "a").is_err());
+        let shared = err(
+            "[[tenant]]\nid = \"a\"\napi_keys = [\"k\"]\namqp_users = [\"gw\"]\n\
+             [[tenant]]\nid = \"b\"\napi_keys = [\"j\"]\namqp_users = [\"gw\"]\n",
+        );
+        assert!(shared.contains("publishes for tenants a and b"), "{shared}");
     }
 
     #[test]

@@ -235,6 +235,9 @@ class Publisher:
             content_type=CONTENT_TYPE,
             message_id=str(uuid.UUID(bytes=batch_id)),
             app_id=self.args.producer,
+            # The broker user, which RabbitMQ checks: Sluice holds a direct publisher to the
+            # tenant its user is listed under (`amqp_users`, docs/binding.md section 6).
+            user_id=self.params.credentials.username,
             headers={"sluice-version": FORMAT_VERSION},
         )
         for attempt in range(1, self.args.retries + 1):

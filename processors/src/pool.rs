@@ -40,6 +40,7 @@ use crate::internal_events::{
 use crate::latency;
 use crate::workers::{WorkerSet, WorkerStats};
 use sluice_binding::Refusal;
+use sluice_binding::tenancy::Tenants;
 
 /// Settings of a pool.
 #[derive(Clone, Debug)]
@@ -67,6 +68,10 @@ pub struct PoolConfig {
     /// Wait before a failed commit is tried again (doubling up to 30 s); the deliveries
     /// stay unacked meanwhile, so a sink outage neither spins nor counts redeliveries.
     pub retry_backoff: Duration,
+    /// The tenants file, for its direct publishers (`amqp_users`): a batch whose broker user
+    /// may not write its tenant is dead-lettered `forbidden`. `None` accepts batches from
+    /// Sluice's own broker users only.
+    pub tenants: Option<Arc<Tenants>>,
 }
 
 impl Default for PoolConfig {
@@ -81,6 +86,7 @@ impl Default for PoolConfig {
             limits: Limits::default(),
             backlog_interval: Duration::from_secs(5),
             retry_backoff: Duration::from_secs(1),
+            tenants: None,
         }
     }
 }
@@ -221,7 +227,12 @@ pub async fn run(
                                 // Cannot happen while the channel holds the whole window; if
                                 // it does, wait off the runtime rather than drop.
                                 let tx = tx.clone();
-                                let _ = tokio::task::spawn_blocking(move || tx.send(d)).await;
+                                // A send fails only once the workers are gone (shutdown); the
+                                // unacked delivery then comes back from the broker.
+                                let _ = tokio::task::spawn_blocking(move || {
+                                    let _ = tx.send(d);
+                                })
+                                .await;
                             }
                         }
                         None => {
@@ -240,7 +251,13 @@ pub async fn run(
     drop(work_tx);
 
     let stats = Arc::new(WorkerStats::default());
-    let mut workers = WorkerSet::new(work_rx, commit_tx, cfg.limits, stats.clone());
+    let mut workers = WorkerSet::new(
+        work_rx,
+        commit_tx,
+        cfg.limits,
+        cfg.tenants.clone(),
+        stats.clone(),
+    );
     let running = workers.resize(control.desired().workers)?;
     control.running(running);
     WorkersResized {

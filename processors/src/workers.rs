@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use sluice_binding::model::now_ns;
+use sluice_binding::tenancy::{Tenants, check_publisher};
 use sluice_binding::transport::Delivery;
 use sluice_binding::validate::Limits;
 use tokio::sync::mpsc;
@@ -57,6 +58,8 @@ pub(crate) struct WorkerSet {
     work: Receiver<Delivery>,
     commit: mpsc::Sender<Staged>,
     limits: Limits,
+    /// Who may publish each tenant's batches (`None`: Sluice's own broker users only).
+    tenants: Option<Arc<Tenants>>,
     stats: Arc<WorkerStats>,
     running: Vec<Worker>,
     /// Retired workers finishing their last delivery; joined at shutdown.
@@ -69,12 +72,14 @@ impl WorkerSet {
         work: Receiver<Delivery>,
         commit: mpsc::Sender<Staged>,
         limits: Limits,
+        tenants: Option<Arc<Tenants>>,
         stats: Arc<WorkerStats>,
     ) -> Self {
         Self {
             work,
             commit,
             limits,
+            tenants,
             stats,
             running: Vec::new(),
             retired: Vec::new(),
@@ -92,15 +97,16 @@ impl WorkerSet {
         let n = n.clamp(1, MAX_WORKERS);
         while self.running.len() < n {
             let (retire, retired) = crossbeam_channel::bounded::<()>(0);
-            let (rx, tx, limits, stats) = (
+            let (rx, tx, limits, tenants, stats) = (
                 self.work.clone(),
                 self.commit.clone(),
                 self.limits,
+                self.tenants.clone(),
                 self.stats.clone(),
             );
             let thread = std::thread::Builder::new()
                 .name(format!("sluice-worker-{}", self.spawned))
-                .spawn(move || work(rx, retired, tx, limits, &stats))?;
+                .spawn(move || work(rx, retired, tx, limits, tenants.as_deref(), &stats))?;
             self.spawned += 1;
             self.running.push(Worker { retire, thread });
         }
@@ -143,6 +149,7 @@ fn work(
     retired: Receiver<()>,
     tx: mpsc::Sender<Staged>,
     limits: Limits,
+    tenants: Option<&Tenants>,
     stats: &WorkerStats,
 ) {
     let stage_hist = stage_seconds();
@@ -157,7 +164,12 @@ fn work(
             },
         };
         let t0 = Instant::now();
-        let out = match stage(&d.body, d.redelivered, now_ns(), &limits) {
+        // A batch is stored only if its publisher may write its tenant (section 6 of the
+        // binding): the tenant is known once the batch is decoded.
+        let staged = stage(&d.body, d.redelivered, now_ns(), &limits).and_then(|batch| {
+            check_publisher(tenants, &d.publisher, &batch.tenant).map(|()| batch)
+        });
+        let out = match staged {
             Ok(batch) => Staged::Store {
                 batch,
                 acker: d.acker,
@@ -241,7 +253,7 @@ mod tests {
         let (work, rx) = crossbeam_channel::bounded(16);
         let (tx, staged) = mpsc::channel(16);
         let stats = Arc::new(WorkerStats::default());
-        let set = WorkerSet::new(rx, tx, Limits::default(), stats.clone());
+        let set = WorkerSet::new(rx, tx, Limits::default(), None, stats.clone());
         Harness {
             work,
             staged,

@@ -9,16 +9,21 @@
 #![cfg(feature = "broker-tests")]
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::options::BasicGetOptions;
+use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
 use sluice_binding::codec;
 use sluice_binding::model::{BatchBuilder, now_ns};
 use sluice_binding::shutdown::CancellationToken;
+use sluice_binding::tenancy::Tenants;
+use sluice_binding::transport::amqp::{AmqpConfig, AmqpTransport};
 use sluice_binding::transport::{Outgoing, Transport};
 use sluice_processors::{PoolConfig, PoolControl, PoolReport, Sinks, run};
 use sluice_sinks::latest::LatestStore;
 use sluice_sinks::parquet::{ParquetStore, ParquetStoreConfig};
+use sluice_testkit::amqp::BrokerUser;
 use sluice_testkit::wait::wait_for;
 use sluice_testkit::{Namespace, amqp, store};
 
@@ -42,7 +47,12 @@ fn sinks(root: &Path) -> Sinks {
 
 /// `n` readings of device `dev-{seq}` for tenant acme, encoded.
 fn batch(seq: u64, n: usize) -> Vec<u8> {
-    let mut b = BatchBuilder::new("acme", "processors-test", seq);
+    batch_of("acme", seq, n)
+}
+
+/// `n` readings of device `dev-{seq}` for `tenant`, encoded.
+fn batch_of(tenant: &str, seq: u64, n: usize) -> Vec<u8> {
+    let mut b = BatchBuilder::new(tenant, "processors-test", seq);
     let ts = now_ns() - 1_000_000_000;
     for i in 0..n {
         b.push(&format!("dev-{seq}"), "temp", ts + i as i64, i as f64);
@@ -77,9 +87,20 @@ fn start(
     sinks: &Sinks,
     stop: &CancellationToken,
 ) -> tokio::task::JoinHandle<PoolReport> {
+    start_with(t, sinks, None, stop)
+}
+
+/// A storage pool on `t` with the tenants file `tenants`, until `stop` is cancelled.
+fn start_with(
+    t: &Transport,
+    sinks: &Sinks,
+    tenants: Option<Tenants>,
+    stop: &CancellationToken,
+) -> tokio::task::JoinHandle<PoolReport> {
     let cfg = PoolConfig {
         flush_interval: Duration::from_millis(100),
         prefetch: 50,
+        tenants: tenants.map(Arc::new),
         ..PoolConfig::default()
     };
     let control = PoolControl::for_pool(&cfg);
@@ -195,6 +216,93 @@ async fn bad_batches_are_dead_lettered_with_their_reason_and_the_good_ones_store
         assert_eq!(report.dead_lettered, 2);
         assert_eq!(report.rows_committed, 10);
         assert_eq!(ready(&ns).await, 0, "dead-lettered deliveries are acked");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_publisher_stores_its_own_tenant_only() {
+    let ns = namespace();
+    let gw = BrokerUser::create("pt-gw");
+    ns.guard(async {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("data");
+        let t = Transport::Amqp(amqp::transport(&ns.topology(), "sluice-processors-test").await);
+        t.declare(&[GROUP]).await.unwrap();
+        let tenants = Tenants::from_toml_str(&format!(
+            "[[tenant]]\nid = \"acme\"\napi_keys = [\"k\"]\namqp_users = [\"{}\"]\n\
+             [[tenant]]\nid = \"globex\"\napi_keys = [\"j\"]\n",
+            gw.name()
+        ))
+        .unwrap();
+        // The gateway publishes through the binding's transport (which sets `user_id`):
+        // its own tenant, and a batch that claims another one.
+        let direct = Transport::Amqp(
+            AmqpTransport::connect(AmqpConfig::new(vec![gw.url()], ns.topology()))
+                .await
+                .expect("the gateway's user connects"),
+        );
+        publish(&direct, &[batch(1, 10), batch_of("globex", 2, 10)]).await;
+        direct.close().await;
+        // And one without `user_id`, which the broker cannot vouch for.
+        let conn = Connection::connect(&gw.url(), ConnectionProperties::default())
+            .await
+            .unwrap();
+        let raw = conn.create_channel().await.unwrap();
+        raw.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        raw.basic_publish(
+            ns.topology().telemetry_exchange().into(),
+            "0".into(),
+            BasicPublishOptions::default(),
+            &batch(3, 10),
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+        let _ = conn.close(200, "done".into()).await;
+
+        let sinks = sinks(&root);
+        let stop = CancellationToken::new();
+        let pool = start_with(&t, &sinks, Some(tenants), &stop);
+        let (conn, ch) = amqp::connect().await;
+        let dlq = ns.topology().dead_letter_queue();
+        let mut dead = Vec::new();
+        while dead.len() < 2 {
+            let m = wait_for("a dead letter", Duration::from_secs(30), || async {
+                ch.basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true })
+                    .await
+                    .unwrap()
+            })
+            .await;
+            let p = &m.delivery.properties;
+            dead.push((
+                amqp::header(p, "x-sluice-error"),
+                amqp::header(p, "x-sluice-reason"),
+            ));
+        }
+        dead.sort();
+        assert!(dead.iter().all(|d| d.0 == "forbidden"), "{dead:?}");
+        assert!(
+            dead.iter()
+                .any(|d| d.1.contains("publishes for tenant acme, not globex")),
+            "{dead:?}"
+        );
+        assert!(dead.iter().any(|d| d.1.contains("no user_id")), "{dead:?}");
+        wait_for("acme's own batch", Duration::from_secs(30), || async {
+            (rows(&root).await.0 == 10).then_some(())
+        })
+        .await;
+        stop.cancel();
+        let report = pool.await.unwrap();
+        t.close().await;
+        let _ = conn.close(200, "done".into()).await;
+        assert_eq!(report.dead_lettered, 2);
+        assert_eq!(report.rows_committed, 10, "only acme's own batch is stored");
+        assert_eq!(store::total(&root, "globex").await, 0);
     })
     .await;
 }

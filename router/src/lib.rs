@@ -113,6 +113,8 @@ pub async fn run(
         cfg.max_subscriptions_per_tenant,
     )
     .await?;
+    // The match stage holds direct publishers to their tenants (`amqp_users`).
+    let publishers = Arc::new(tenants.clone());
     let notifiers = notify::Notifiers {
         webhook: WebhookNotifier::new(cfg.webhook.clone())?,
         amqp: notify::amqp::AmqpNotifier::new(transport.clone(), tenants.clone()),
@@ -172,6 +174,7 @@ pub async fn run(
         generic,
         outbox,
         index,
+        publishers,
         cfg.matching.clone(),
         shutdown.clone(),
     )

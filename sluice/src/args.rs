@@ -51,6 +51,11 @@ pub(crate) struct BrokerArgs {
     /// is first declared; every service of a deployment must agree on this flag.
     #[arg(long, env = "SLUICE_SINGLE_ACTIVE_CONSUMER")]
     pub(crate) single_active_consumer: bool,
+    /// Broker users (comma-separated), besides the one of --amqp-url, that Sluice's own
+    /// services log in as: their batches may carry any tenant. Every other publisher is
+    /// held to its tenant's `amqp_users` in the tenants file.
+    #[arg(long, env = "SLUICE_TRUSTED_AMQP_USERS", value_delimiter = ',')]
+    pub(crate) trusted_amqp_users: Vec<String>,
 }
 
 impl BrokerArgs {
@@ -180,6 +185,11 @@ pub(crate) struct ProcessArgs {
     /// workers`); empty to disable. Operators only: keep it on a private address.
     #[arg(long, env = "SLUICE_ADMIN_LISTEN", default_value = "127.0.0.1:9091")]
     pub(crate) admin_listen: OptionalAddr,
+    /// Tenants file, for the broker users that publish batches directly (`amqp_users`).
+    /// Without it only batches from Sluice's own broker users are stored; others are
+    /// dead-lettered `forbidden`.
+    #[arg(long, env = "SLUICE_TENANTS")]
+    pub(crate) tenants: Option<PathBuf>,
 }
 
 /// Worker pool and storage flags (shared with `sluice embedded`).

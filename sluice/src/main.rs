@@ -150,6 +150,7 @@ async fn connect_amqp(broker: &BrokerArgs, name: &str) -> Result<AmqpTransport> 
     cfg.confirm_timeout = broker.confirm_timeout;
     cfg.connect_timeout = broker.connect_timeout;
     cfg.connection_name = name.to_owned();
+    cfg.trusted_users = broker.trusted_amqp_users.clone();
     Ok(AmqpTransport::connect(cfg).await?)
 }
 
@@ -178,7 +179,12 @@ async fn run_process(args: ProcessArgs, broker: BrokerArgs, ops: OpsArgs) -> Res
     let shutdown = start_ops(&ops)?;
     let sinks = args.sinks().await?;
     let transport = connect(&broker, "sluice-process").await?;
-    let cfg = args.pool_config();
+    let mut cfg = args.pool_config();
+    if let Some(path) = &args.tenants {
+        let tenants = sluice_binding::tenancy::Tenants::load(path)
+            .with_context(|| format!("cannot load tenants from {}", path.display()))?;
+        cfg.tenants = Some(std::sync::Arc::new(tenants));
+    }
     let control = sluice_processors::PoolControl::for_pool(&cfg);
     if let Some(addr) = args.admin_listen.0 {
         let listener = bind(addr).await?;

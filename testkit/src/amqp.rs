@@ -57,3 +57,69 @@ pub async fn ready(conn: &Connection, queue: &str) -> Option<u32> {
     let _ = ch.close(200, "counted".into()).await;
     Some(q.message_count())
 }
+
+/// A broker user of a test's own, made with `rabbitmqctl` (the test command's broker runs
+/// on this machine) and deleted when dropped: a direct publisher, as a third party would be
+/// given one.
+#[derive(Debug)]
+pub struct BrokerUser {
+    name: String,
+    password: String,
+}
+
+impl BrokerUser {
+    /// A new user `{prefix}-{random}` that may write everything on vhost `/` and read
+    /// and configure nothing.
+    pub fn create(prefix: &str) -> Self {
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let user = Self {
+            name: format!("{prefix}-{}", &suffix[..8]),
+            password: suffix,
+        };
+        rabbitmqctl(&["add_user", &user.name, &user.password]);
+        rabbitmqctl(&["set_permissions", "-p", "/", &user.name, "^$", ".*", "^$"]);
+        user
+    }
+
+    /// The user name (what the broker checks `user_id` against).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `AMQP_ADDR` with this user's credentials.
+    pub fn url(&self) -> String {
+        let addr = amqp_addr();
+        let (scheme, rest) = addr.split_once("://").unwrap_or(("amqp", addr.as_str()));
+        let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+        format!("{scheme}://{}:{}@{host}", self.name, self.password)
+    }
+}
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["delete_user", &self.name])
+            .output();
+    }
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("rabbitmqctl {args:?} (RabbitMQ on this machine): {e}"));
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The broker user of `AMQP_ADDR` (`guest` when it names none): what a test that publishes
+/// batches with plain lapin sets as `user_id`, as every direct publisher must.
+pub fn user() -> String {
+    amqp_addr()
+        .parse::<lapin::uri::AMQPUri>()
+        .map(|u| u.authority.userinfo.username)
+        .unwrap_or_else(|_| "guest".to_owned())
+}

@@ -5,7 +5,8 @@
 //! - [`namespace`]: a test's own namespace on the broker and in Redis, and its teardown,
 //!   which deletes what the topology declared (names from [`sluice_binding::Topology`] and,
 //!   with the `router` feature, the router's outbox);
-//! - [`amqp`]: raw broker access for tests that look at queues and headers themselves;
+//! - [`amqp`]: raw broker access for tests that look at queues and headers themselves, and
+//!   broker users of their own (direct publishers);
 //! - `store` (feature `store`): row counts in a Parquet store, through DataFusion;
 //! - [`wait`]: polling a condition until a deadline, with a panic that says what never
 //!   happened.

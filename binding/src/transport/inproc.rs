@@ -20,6 +20,7 @@ use super::{
 };
 use crate::dead_letter::DeadLetterKind;
 use crate::receipt::Receipt;
+use crate::tenancy::Publisher;
 use crate::topology::Topology;
 
 const DEAD_LETTER_RING: usize = 10_000;
@@ -241,6 +242,8 @@ impl InProcessConsumer {
             body: msg.body.clone(),
             redelivered: msg.redelivered,
             queue,
+            // Only this process publishes on the in-process transport.
+            publisher: Publisher::Sluice,
             acker: super::Acker::InProcess(InProcessAcker {
                 permit: Some(permit),
                 pending: Some((self.requeue.clone(), msg.body)),

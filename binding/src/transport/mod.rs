@@ -25,6 +25,7 @@ use uuid::Uuid;
 
 use crate::dead_letter::Refusal;
 use crate::receipt::Receipt;
+use crate::tenancy::Publisher;
 use crate::topology::Topology;
 
 /// A batch to publish.
@@ -318,6 +319,8 @@ pub struct Delivery {
     pub redelivered: bool,
     /// The queue it came from.
     pub queue: Arc<str>,
+    /// Who published it, as far as the broker vouches (`docs/binding.md` section 6).
+    pub publisher: Publisher,
     /// Settles the delivery.
     pub acker: Acker,
 }

@@ -1,9 +1,12 @@
 //! The matching half of the stage, which needs no broker: a telemetry batch or a derived
 //! event in, the jobs of the subscriptions it matched out (or why it is refused).
 
+use std::sync::Arc;
+
 use sluice_binding::Refusal;
 use sluice_binding::codec;
 use sluice_binding::model::now_ns;
+use sluice_binding::tenancy::{Publisher, Tenants};
 use sluice_binding::validate::{self, Limits};
 
 use sluice_binding::event::{DerivedEvent, Event, EventKind};
@@ -17,6 +20,8 @@ use crate::sync::SharedIndex;
 /// shared index.
 pub(super) struct JobMatcher {
     index: SharedIndex,
+    /// Who may publish each tenant's batches and derived events (`amqp_users`).
+    tenants: Arc<Tenants>,
     matcher: Matcher,
     max_events_per_job: usize,
 }
@@ -24,17 +29,28 @@ pub(super) struct JobMatcher {
 impl JobMatcher {
     /// Remembers at most `max_series` previous values; a job carries at most
     /// `max_events_per_job` events.
-    pub(super) fn new(index: SharedIndex, max_series: usize, max_events_per_job: usize) -> Self {
+    pub(super) fn new(
+        index: SharedIndex,
+        tenants: Arc<Tenants>,
+        max_series: usize,
+        max_events_per_job: usize,
+    ) -> Self {
         Self {
             index,
+            tenants,
             matcher: Matcher::new(max_series),
             max_events_per_job: max_events_per_job.max(1),
         }
     }
 
     /// Jobs of one telemetry batch, or why it is refused.
-    pub(super) fn telemetry(&mut self, body: &[u8]) -> Result<Vec<Job>, Refusal> {
+    pub(super) fn telemetry(
+        &mut self,
+        body: &[u8],
+        publisher: &Publisher,
+    ) -> Result<Vec<Job>, Refusal> {
         let view = codec::decode(body)?;
+        self.tenants.check_publisher(publisher, view.tenant)?;
         validate::validate(&view, now_ns(), &Limits::default())?;
         EventsReceived {
             kind: EventKind::Reading.as_str(),
@@ -56,8 +72,13 @@ impl JobMatcher {
     }
 
     /// Jobs of one derived event, or why it is refused.
-    pub(super) fn derived(&mut self, body: &[u8]) -> Result<Vec<Job>, Refusal> {
+    pub(super) fn derived(
+        &mut self,
+        body: &[u8],
+        publisher: &Publisher,
+    ) -> Result<Vec<Job>, Refusal> {
         let ev = DerivedEvent::decode(body)?;
+        self.tenants.check_publisher(publisher, &ev.tenant)?;
         EventsReceived {
             kind: ev.event.kind.as_str(),
             count: 1,
@@ -108,12 +129,26 @@ mod tests {
         )
     }
 
+    /// `acme` also publishes directly, as the broker user `acme-gw`.
+    fn tenants() -> Tenants {
+        Tenants::from_toml_str(
+            "[[tenant]]\nid = \"acme\"\napi_keys = [\"k\"]\namqp_users = [\"acme-gw\"]\n\
+             [[tenant]]\nid = \"globex\"\napi_keys = [\"j\"]\n",
+        )
+        .unwrap()
+    }
+
     fn matcher(subs: Vec<Subscription>, max_events_per_job: usize) -> JobMatcher {
         let mut index = Index::new();
         for s in subs {
             index.insert(s);
         }
-        JobMatcher::new(Arc::new(RwLock::new(index)), 1000, max_events_per_job)
+        JobMatcher::new(
+            Arc::new(RwLock::new(index)),
+            Arc::new(tenants()),
+            1000,
+            max_events_per_job,
+        )
     }
 
     /// A batch of `acme` readings (device, value) of metric `temp`, timestamped now.
@@ -157,7 +192,7 @@ mod tests {
             ("boiler-3", 55.0),
         ];
         let (batch_id, body) = batch("acme", &readings);
-        let jobs = m.telemetry(&body).unwrap();
+        let jobs = m.telemetry(&body, &Publisher::Sluice).unwrap();
         let ids = |j: &Job| j.events.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
         assert_eq!(jobs.len(), 2);
         let b = jobs.iter().find(|j| j.subscription == boilers_id).unwrap();
@@ -175,7 +210,7 @@ mod tests {
         assert_eq!(ids(p), [Event::reading_id(batch_id, 1)]);
         // Another tenant's batch never reaches acme's subscriptions.
         let (_, body) = batch("initech", &readings);
-        assert!(m.telemetry(&body).unwrap().is_empty());
+        assert!(m.telemetry(&body, &Publisher::Sluice).unwrap().is_empty());
     }
 
     #[test]
@@ -193,7 +228,7 @@ mod tests {
             ],
         );
         let sizes: Vec<usize> = m
-            .telemetry(&body)
+            .telemetry(&body, &Publisher::Sluice)
             .unwrap()
             .iter()
             .map(|j| j.events.len())
@@ -204,12 +239,12 @@ mod tests {
     #[test]
     fn unusable_batches_are_refused_with_their_kind() {
         let mut m = matcher(vec![], 1000);
-        let r = m.telemetry(b"not msgpack").unwrap_err();
+        let r = m.telemetry(b"not msgpack", &Publisher::Sluice).unwrap_err();
         assert_eq!(r.kind, DeadLetterKind::Decode, "{r}");
         let mut b = BatchBuilder::new("acme", "test", 0);
         b.push("boiler-1", "temp", now_ns(), f64::NAN);
         let body = codec::encode(&b.finish(now_ns())).unwrap();
-        let r = m.telemetry(&body).unwrap_err();
+        let r = m.telemetry(&body, &Publisher::Sluice).unwrap_err();
         assert_eq!(r.kind, DeadLetterKind::Invalid);
         assert!(r.reason.starts_with("invalid batch: "), "{r}");
     }
@@ -221,22 +256,27 @@ mod tests {
         let faults_id = faults.id;
         let mut m = matcher(vec![faults, readings], 1000);
         let jobs = m
-            .derived(&derived("acme", EventKind::Fault, event::FORMAT_VERSION))
+            .derived(
+                &derived("acme", EventKind::Fault, event::FORMAT_VERSION),
+                &Publisher::Sluice,
+            )
             .unwrap();
         assert_eq!(jobs.len(), 1);
         assert_eq!(jobs[0].subscription, faults_id);
         assert_eq!(jobs[0].events[0].detail.as_deref(), Some("stuck"));
         assert!(
-            m.derived(&derived("globex", EventKind::Fault, event::FORMAT_VERSION))
-                .unwrap()
-                .is_empty()
+            m.derived(
+                &derived("globex", EventKind::Fault, event::FORMAT_VERSION),
+                &Publisher::Sluice
+            )
+            .unwrap()
+            .is_empty()
         );
         assert!(
-            m.derived(&derived(
-                "acme",
-                EventKind::Threshold,
-                event::FORMAT_VERSION
-            ))
+            m.derived(
+                &derived("acme", EventKind::Threshold, event::FORMAT_VERSION),
+                &Publisher::Sluice
+            )
             .unwrap()
             .is_empty()
         );
@@ -245,7 +285,8 @@ mod tests {
     #[test]
     fn unusable_derived_events_are_refused_with_their_kind() {
         let mut m = matcher(vec![], 1000);
-        let refused = |m: &mut JobMatcher, body: &[u8]| m.derived(body).unwrap_err().kind;
+        let refused =
+            |m: &mut JobMatcher, body: &[u8]| m.derived(body, &Publisher::Sluice).unwrap_err().kind;
         assert_eq!(refused(&mut m, b"\x01\x02"), DeadLetterKind::Decode);
         assert_eq!(
             refused(&mut m, &derived("acme", EventKind::Fault, 99)),
@@ -265,5 +306,26 @@ mod tests {
             ),
             DeadLetterKind::Invalid
         );
+    }
+
+    #[test]
+    fn a_direct_publisher_is_held_to_its_tenant() {
+        let readings = over_50("acme", &["boiler-*"], &[EventKind::Reading]);
+        let mut m = matcher(vec![readings], 1000);
+        let gw = Publisher::User("acme-gw".into());
+        let (_, own) = batch("acme", &[("boiler-1", 70.0)]);
+        assert_eq!(m.telemetry(&own, &gw).unwrap().len(), 1);
+        let (_, spoofed) = batch("globex", &[("boiler-1", 70.0)]);
+        let r = m.telemetry(&spoofed, &gw).unwrap_err();
+        assert_eq!(r.kind, DeadLetterKind::Forbidden, "{r}");
+        let anonymous = m.telemetry(&own, &Publisher::Unknown).unwrap_err();
+        assert_eq!(anonymous.kind, DeadLetterKind::Forbidden);
+        let forged = derived("globex", EventKind::Fault, event::FORMAT_VERSION);
+        assert_eq!(
+            m.derived(&forged, &gw).unwrap_err().kind,
+            DeadLetterKind::Forbidden
+        );
+        let fault = derived("acme", EventKind::Fault, event::FORMAT_VERSION);
+        assert!(m.derived(&fault, &gw).is_ok());
     }
 }

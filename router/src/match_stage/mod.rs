@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 mod jobs;
 
 use futures::future::join_all;
+use std::sync::Arc;
+
 use sluice_binding::Refusal;
+use sluice_binding::tenancy::Tenants;
 use sluice_binding::transport::{Consumer, DeadLetter, Delivery, Transport};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -65,6 +68,7 @@ pub async fn run(
     transport: Transport,
     outbox: Outbox,
     index: SharedIndex,
+    tenants: Arc<Tenants>,
     cfg: MatchConfig,
     shutdown: CancellationToken,
 ) -> Result<(), sluice_binding::transport::TransportError> {
@@ -82,7 +86,12 @@ pub async fn run(
         let worker = Worker {
             transport: transport.clone(),
             outbox: outbox.clone(),
-            jobs: JobMatcher::new(index.clone(), cfg.max_series, cfg.max_events_per_job),
+            jobs: JobMatcher::new(
+                index.clone(),
+                tenants.clone(),
+                cfg.max_series,
+                cfg.max_events_per_job,
+            ),
             cfg: cfg.clone(),
             source,
         };
@@ -137,8 +146,8 @@ impl Worker {
     ) -> impl Future<Output = ()> + Send + 'static {
         let started = Instant::now();
         let jobs = match self.source {
-            Source::Telemetry => self.jobs.telemetry(&d.body),
-            Source::Events => self.jobs.derived(&d.body),
+            Source::Telemetry => self.jobs.telemetry(&d.body, &d.publisher),
+            Source::Events => self.jobs.derived(&d.body, &d.publisher),
         };
         let (outbox, transport) = (self.outbox.clone(), self.transport.clone());
         let requeue_delay = self.cfg.requeue_delay;

@@ -61,7 +61,9 @@ fn a_router_killed_mid_stream_loses_no_notification() {
                         key.into(),
                         BasicPublishOptions::default(),
                         &body,
-                        BasicProperties::default().with_delivery_mode(2),
+                        BasicProperties::default()
+                            .with_delivery_mode(2)
+                            .with_user_id(amqp::user().into()),
                     )
                     .await
                     .unwrap()

@@ -94,7 +94,9 @@ fn undecodable_messages_are_dead_lettered_with_a_reason_and_the_stream_continues
                             immediate: false,
                         },
                         &body,
-                        BasicProperties::default().with_delivery_mode(2),
+                        BasicProperties::default()
+                            .with_delivery_mode(2)
+                            .with_user_id(amqp::user().into()),
                     )
                     .await
                     .unwrap()

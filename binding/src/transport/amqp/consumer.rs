@@ -7,6 +7,7 @@
 //! channel cannot be settled any more (their acks fail and are counted by the caller); the
 //! broker redelivers them, flagged `redelivered`, and consumers deduplicate.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -23,6 +24,7 @@ use tokio::sync::mpsc;
 use super::link::{Link, MAX_BACKOFF};
 use crate::internal_events::ConsumerResubscribed;
 use crate::receipt::Receipt;
+use crate::tenancy::Publisher;
 use crate::transport::{Acker, Delivery};
 
 /// Wait before subscribing again after the broker refused or cancelled a consumer.
@@ -54,6 +56,8 @@ pub(in crate::transport) struct AmqpConsumer {
     current: Option<Subscription>,
     cancelled: bool,
     counts: Arc<ConsumerCounts>,
+    /// Broker users whose messages are Sluice's own ([`Publisher::Sluice`]).
+    trusted: Arc<HashSet<String>>,
 }
 
 impl Drop for AmqpConsumer {
@@ -77,6 +81,7 @@ impl AmqpConsumer {
         queue: &str,
         prefetch: u16,
         counts: Arc<ConsumerCounts>,
+        trusted: Arc<HashSet<String>>,
     ) -> Result<Self, lapin::Error> {
         counts.total.fetch_add(1, Ordering::Relaxed);
         let mut c = Self {
@@ -86,6 +91,7 @@ impl AmqpConsumer {
             current: None,
             cancelled: false,
             counts,
+            trusted,
         };
         if let Some(session) = c.link.current() {
             let sub = subscribe(&session.conn, session.generation, &c.queue, prefetch).await?;
@@ -151,10 +157,16 @@ impl AmqpConsumer {
             };
             match next {
                 Some(Ok(d)) => {
+                    let publisher = match d.properties.user_id() {
+                        Some(u) if self.trusted.contains(u.as_str()) => Publisher::Sluice,
+                        Some(u) => Publisher::User(u.to_string()),
+                        None => Publisher::Unknown,
+                    };
                     return Some(Delivery {
                         body: Bytes::from(d.data),
                         redelivered: d.redelivered,
                         queue,
+                        publisher,
                         acker: Acker::Amqp(d.acker),
                     });
                 }

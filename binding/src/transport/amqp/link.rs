@@ -270,6 +270,9 @@ pub(super) struct Session {
     /// Channels of callers' lanes, with their last use.
     lanes: Mutex<HashMap<String, (Arc<Slot>, Instant)>>,
     broker: String,
+    /// The broker user the connection logged in as; every publish carries it as
+    /// `user_id`, which the broker checks (a publisher cannot claim another user).
+    pub(super) user: String,
 }
 
 impl Session {
@@ -524,6 +527,7 @@ impl Supervisor {
                     next_slot: Default::default(),
                     lanes: Mutex::default(),
                     broker: self.shared.broker.clone(),
+                    user: self.uri.authority.userinfo.username.clone(),
                 },
                 events,
             )),

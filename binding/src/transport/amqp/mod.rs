@@ -22,6 +22,7 @@
 mod consumer;
 mod link;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -62,6 +63,11 @@ pub struct AmqpConfig {
     /// Connection name shown in the RabbitMQ management UI (` (publish)` or
     /// ` (consume)` is appended).
     pub connection_name: String,
+    /// Broker users, besides those of `urls`, whose batches are Sluice's own and may carry
+    /// any tenant: the users Sluice's other services log in as, when they differ from this
+    /// one's. Every other publisher is held to the tenant its user is mapped to
+    /// ([`crate::tenancy::Tenants::check_publisher`]).
+    pub trusted_users: Vec<String>,
 }
 
 impl AmqpConfig {
@@ -74,6 +80,7 @@ impl AmqpConfig {
             confirm_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(60),
             connection_name: "sluice".to_owned(),
+            trusted_users: Vec::new(),
         }
     }
 }
@@ -106,6 +113,8 @@ struct Inner {
     declarations: Declarations,
     next_broker: AtomicUsize,
     consumers: Arc<ConsumerCounts>,
+    /// The users of `cfg.urls` and `cfg.trusted_users`.
+    trusted: Arc<HashSet<String>>,
 }
 
 impl std::fmt::Debug for AmqpTransport {
@@ -144,8 +153,16 @@ impl AmqpTransport {
                 }
             }
         }
+        let trusted = cfg
+            .urls
+            .iter()
+            .filter_map(|u| u.parse::<lapin::uri::AMQPUri>().ok())
+            .map(|u| u.authority.userinfo.username)
+            .chain(cfg.trusted_users.iter().cloned())
+            .collect();
         Ok(Self {
             inner: Arc::new(Inner {
+                trusted: Arc::new(trusted),
                 cfg,
                 publish,
                 consume: OnceCell::new(),
@@ -357,7 +374,10 @@ impl AmqpTransport {
                         immediate: false,
                     },
                     body,
-                    props.clone(),
+                    // Every message names the broker user that published it; the broker
+                    // refuses a `user_id` other than the connection's own, so consumers
+                    // can tell Sluice's services from direct publishers (section 6).
+                    props.clone().with_user_id(session.user.as_str().into()),
                 )
                 .await?
                 .await
@@ -460,6 +480,7 @@ impl AmqpTransport {
                     queue,
                     prefetch,
                     self.inner.consumers.clone(),
+                    self.inner.trusted.clone(),
                 )
                 .await?;
                 out.push(Consumer {
