@@ -421,6 +421,10 @@ pub(crate) struct RouterArgs {
     /// Unsettled telemetry batches per partition consumer of the match stage.
     #[arg(long, env = "SLUICE_MATCH_PREFETCH", default_value_t = 32)]
     pub(crate) match_prefetch: u16,
+    /// How far ahead of this clock a device timestamp may be; set it as the storage pool's
+    /// (the same variable), or batches storage keeps are dead-lettered here.
+    #[arg(long, env = "SLUICE_MAX_FUTURE_SKEW", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub(crate) max_future_skew: Duration,
     /// Unsettled jobs per notify queue of the delivery stage; bounds what batches and
     /// pending notifications hold.
     #[arg(long, env = "SLUICE_NOTIFY_PREFETCH", default_value_t = 512)]
@@ -473,6 +477,10 @@ impl RouterArgs {
             max_subscriptions_per_tenant: self.max_subscriptions,
             matching: sluice_router::MatchConfig {
                 prefetch: self.match_prefetch,
+                limits: Limits {
+                    max_future_ns: self.max_future_skew.as_nanos() as i64,
+                    ..Limits::default()
+                },
                 ..d.matching
             },
             deliver: sluice_router::DeliverConfig {

@@ -22,6 +22,7 @@ pub(super) struct JobMatcher {
     index: SharedIndex,
     /// Who may publish each tenant's batches and derived events (`amqp_users`).
     tenants: Arc<Tenants>,
+    limits: Limits,
     matcher: Matcher,
     max_events_per_job: usize,
 }
@@ -32,12 +33,14 @@ impl JobMatcher {
     pub(super) fn new(
         index: SharedIndex,
         tenants: Arc<Tenants>,
+        limits: Limits,
         max_series: usize,
         max_events_per_job: usize,
     ) -> Self {
         Self {
             index,
             tenants,
+            limits,
             matcher: Matcher::new(max_series),
             max_events_per_job: max_events_per_job.max(1),
         }
@@ -51,7 +54,7 @@ impl JobMatcher {
     ) -> Result<Vec<Job>, Refusal> {
         let view = codec::decode(body)?;
         self.tenants.check_publisher(publisher, view.tenant)?;
-        validate::validate(&view, now_ns(), &Limits::default())?;
+        validate::validate(&view, now_ns(), &self.limits)?;
         EventsReceived {
             kind: EventKind::Reading.as_str(),
             count: view.len(),
@@ -146,6 +149,7 @@ mod tests {
         JobMatcher::new(
             Arc::new(RwLock::new(index)),
             Arc::new(tenants()),
+            Limits::default(),
             1000,
             max_events_per_job,
         )
@@ -327,5 +331,26 @@ mod tests {
         );
         let fault = derived("acme", EventKind::Fault, event::FORMAT_VERSION);
         assert!(m.derived(&fault, &gw).is_ok());
+    }
+
+    #[test]
+    fn the_future_skew_is_the_configured_one() {
+        let ahead = now_ns() + 90 * 60 * 1_000_000_000;
+        let mut b = BatchBuilder::new("acme", "test", 0);
+        b.push("boiler-1", "temp", ahead, 70.0);
+        let body = codec::encode(&b.finish(now_ns())).unwrap();
+        let subs = || vec![over_50("acme", &["boiler-*"], &[EventKind::Reading])];
+        // The default hour refuses a reading 90 min ahead; a two-hour bound, as storage
+        // may run with, takes it.
+        let r = matcher(subs(), 1000)
+            .telemetry(&body, &Publisher::Sluice)
+            .unwrap_err();
+        assert_eq!(r.kind, DeadLetterKind::Invalid);
+        let mut m = matcher(subs(), 1000);
+        m.limits = Limits {
+            max_future_ns: 2 * 3600 * 1_000_000_000,
+            ..Limits::default()
+        };
+        assert_eq!(m.telemetry(&body, &Publisher::Sluice).unwrap().len(), 1);
     }
 }

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use sluice_binding::Refusal;
 use sluice_binding::tenancy::Tenants;
 use sluice_binding::transport::{Consumer, DeadLetter, Delivery, Transport};
+use sluice_binding::validate::Limits;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -50,6 +51,9 @@ pub struct MatchConfig {
     /// again (doubling up to 30 s; the delivery stays unacked meanwhile), and before a
     /// delivery that cannot be dead-lettered is requeued.
     pub requeue_delay: Duration,
+    /// The binding's validation bounds; the same as the storage pool's, so that a batch
+    /// storage keeps is never dead-lettered here (`--max-future-skew` sets both).
+    pub limits: Limits,
 }
 
 impl Default for MatchConfig {
@@ -59,6 +63,7 @@ impl Default for MatchConfig {
             max_series: 1_000_000,
             max_events_per_job: 1000,
             requeue_delay: Duration::from_secs(1),
+            limits: Limits::default(),
         }
     }
 }
@@ -89,6 +94,7 @@ pub async fn run(
             jobs: JobMatcher::new(
                 index.clone(),
                 tenants.clone(),
+                cfg.limits,
                 cfg.max_series,
                 cfg.max_events_per_job,
             ),
