@@ -49,7 +49,7 @@ impl Notifiers {
             Target::Webhook { url } => {
                 let body = Bytes::from(json);
                 self.webhook
-                    .send(url, &sub.id.to_string(), key, body)
+                    .send(tenant, url, &sub.id.to_string(), key, body)
                     .await?;
             }
             Target::Amqp {

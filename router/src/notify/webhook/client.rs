@@ -1,5 +1,7 @@
-//! The HTTP client of the webhook notifier: one connection pool, and per target (scheme,
-//! host and port) a concurrency limit and a circuit breaker.
+//! The HTTP client of the webhook notifier: one connection pool, and per tenant and target
+//! (scheme, host and port) a concurrency limit and a circuit breaker. Per tenant, because
+//! tenants may post to different paths of one shared host: one tenant's failing endpoint
+//! must not open the circuit, nor take the slots, of another tenant's.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -161,8 +163,10 @@ impl WebhookNotifier {
     /// POSTs `body` (serialized JSON) to `url` with the headers `Content-Type:
     /// application/json`, `Idempotency-Key: {key}` and `X-Sluice-Subscription:
     /// {subscription}`. Any 2xx response is a success; redirects are not followed.
+    /// `tenant` owns the subscription: slots and circuit breakers are the tenant's own.
     pub async fn send(
         &self,
+        tenant: &str,
         url: &str,
         subscription: &str,
         key: &str,
@@ -170,7 +174,7 @@ impl WebhookNotifier {
     ) -> Result<(), WebhookError> {
         let (host, result, elapsed) = match WebhookUrl::parse(url) {
             Ok(url) => {
-                let (result, elapsed) = self.send_to(&url, subscription, key, body).await;
+                let (result, elapsed) = self.send_to(tenant, &url, subscription, key, body).await;
                 (url.host, result, elapsed)
             }
             Err(e) => (String::new(), Err(e), None),
@@ -188,6 +192,7 @@ impl WebhookNotifier {
     /// One attempt; the duration of the HTTP exchange if there was one.
     async fn send_to(
         &self,
+        tenant: &str,
         url: &WebhookUrl,
         subscription: &str,
         key: &str,
@@ -200,7 +205,7 @@ impl WebhookNotifier {
         {
             return (Err(permanent(refused_address(ip, class))), None);
         }
-        let target = self.target(&url.target);
+        let target = self.target(tenant, &url.target);
         if let Err(retry_in) = lock(&target.breaker).admit(Instant::now()) {
             let e = WebhookError::CircuitOpen {
                 target: url.target.clone(),
@@ -259,10 +264,11 @@ impl WebhookNotifier {
         classify_status(status, retry_after, &snippet)
     }
 
-    /// The state of a target, created on first use.
-    fn target(&self, key: &str) -> Arc<TargetState> {
+    /// The state of `tenant`'s use of a target, created on first use.
+    fn target(&self, tenant: &str, target: &str) -> Arc<TargetState> {
+        let key = format!("{tenant} {target}");
         let mut targets = lock(&self.inner.targets);
-        if let Some(t) = targets.get(key) {
+        if let Some(t) = targets.get(&key) {
             return Arc::clone(t);
         }
         if targets.len() >= PRUNE_ABOVE {
@@ -279,7 +285,7 @@ impl WebhookNotifier {
                 cfg.timeout.saturating_mul(2),
             )),
         });
-        targets.insert(key.to_owned(), Arc::clone(&t));
+        targets.insert(key, Arc::clone(&t));
         t
     }
 
@@ -341,8 +347,18 @@ mod tests {
     }
 
     async fn send(n: &WebhookNotifier, url: &str) -> Result<(), WebhookError> {
-        n.send(url, "sub-1", "key-1", Bytes::from_static(b"{\"a\":1}"))
-            .await
+        send_as(n, "t1", url).await
+    }
+
+    async fn send_as(n: &WebhookNotifier, tenant: &str, url: &str) -> Result<(), WebhookError> {
+        n.send(
+            tenant,
+            url,
+            "sub-1",
+            "key-1",
+            Bytes::from_static(b"{\"a\":1}"),
+        )
+        .await
     }
 
     /// A server answering every POST with `status`, `headers` and `body`; counts hits.
@@ -526,7 +542,7 @@ mod tests {
             timeout: Duration::from_millis(100),
             ..WebhookConfig::default()
         });
-        let target = n.target(&format!("http://{addr}"));
+        let target = n.target("t1", &format!("http://{addr}"));
         let _held = target.slots.acquire().await.unwrap();
         let e = send(&n, &format!("http://{addr}/hook")).await.unwrap_err();
         assert!(matches!(e, WebhookError::Retryable { .. }), "{e:?}");
@@ -561,6 +577,25 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        assert_eq!(hits.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn one_tenant_s_open_circuit_leaves_another_tenant_on_the_same_host_alone() {
+        let (addr, hits) = answering(503, &[], "").await;
+        let n = local(WebhookConfig {
+            breaker_failures: 1,
+            ..WebhookConfig::default()
+        });
+        let url = format!("http://{addr}/hook");
+        assert!(send_as(&n, "a", &url).await.is_err());
+        assert!(matches!(
+            send_as(&n, "a", &url).await,
+            Err(WebhookError::CircuitOpen { .. })
+        ));
+        // Tenant b's request to the same host still goes out (and fails on its own).
+        let b = send_as(&n, "b", &url).await;
+        assert!(matches!(b, Err(WebhookError::Retryable { .. })), "{b:?}");
         assert_eq!(hits.load(Ordering::SeqCst), 2);
     }
 
@@ -633,7 +668,7 @@ mod tests {
         // Refused addresses do not count against the circuit.
         assert!(
             lock(
-                &n.target(&format!("http://localhost:{}", addr.port()))
+                &n.target("t1", &format!("http://localhost:{}", addr.port()))
                     .breaker
             )
             .is_idle()
@@ -680,7 +715,13 @@ mod tests {
         let (addr, hits) = answering(200, &[], "").await;
         let n = local(WebhookConfig::default());
         let e = n
-            .send(&format!("http://{addr}/hook"), "sub\n1", "k", Bytes::new())
+            .send(
+                "t1",
+                &format!("http://{addr}/hook"),
+                "sub\n1",
+                "k",
+                Bytes::new(),
+            )
             .await
             .unwrap_err();
         assert!(e.is_permanent(), "{e:?}");
