@@ -30,17 +30,60 @@ const DENSE_PAIRS: usize = 4096;
 ///
 /// A series is (tenant, kind, device, metric): readings form one series per device and
 /// metric, and derived events of another kind never disturb it. At most `max_series`
-/// previous values are remembered: when a new series would exceed that, the whole memory
-/// is cleared and the clearing counted ([`Matcher::series_cleared`]), so the next value
-/// of each series does not match `changed_by` (as for a series seen for the first time).
-/// Clearing everything keeps the memory bounded without per-entry bookkeeping on the hot
-/// path; a bound sized above the live series count makes it a rare event.
+/// previous values are remembered ([`SeriesMemory`]).
 #[derive(Debug)]
 pub struct Matcher {
-    max_series: usize,
-    previous: HashMap<Box<[u8]>, f64>,
-    cleared: u64,
+    previous: SeriesMemory,
     scratch: Scratch,
+}
+
+/// The previous value of each watched series, per tenant, at most `max` in all. When a new
+/// series would exceed the bound, the tenant holding the most series forgets all of its
+/// own, and the clearing is counted ([`Matcher::series_cleared`]): the next value of each
+/// of its series does not match `changed_by` (as for a series seen for the first time).
+/// A tenant watching very many series so clears its own memory, never another tenant's
+/// (unless that one holds more). Clearing a whole tenant keeps the memory bounded without
+/// per-entry bookkeeping on the hot path; a bound sized above the live series count makes
+/// it a rare event.
+#[derive(Debug)]
+struct SeriesMemory {
+    max: usize,
+    len: usize,
+    by_tenant: HashMap<Box<str>, HashMap<Box<[u8]>, f64>>,
+    cleared: u64,
+}
+
+impl SeriesMemory {
+    fn get(&self, tenant: &str, key: &[u8]) -> Option<f64> {
+        self.by_tenant.get(tenant)?.get(key).copied()
+    }
+
+    fn remember(&mut self, tenant: &str, key: &[u8], x: f64) {
+        if let Some(v) = self.by_tenant.get_mut(tenant).and_then(|m| m.get_mut(key)) {
+            *v = x;
+            return;
+        }
+        if self.len >= self.max {
+            // Only when full: a walk over the tenants, not over their series.
+            let largest = self
+                .by_tenant
+                .iter()
+                .max_by_key(|(_, m)| m.len())
+                .map(|(t, _)| t.clone());
+            if let Some(t) = largest
+                && let Some(m) = self.by_tenant.remove(&t)
+            {
+                self.len -= m.len();
+                self.cleared += 1;
+                tracing::debug!(max_series = self.max, tenant = %t, series = m.len(), "series memory full, cleared the largest tenant's");
+            }
+        }
+        self.by_tenant
+            .entry(tenant.into())
+            .or_default()
+            .insert(key.into(), x);
+        self.len += 1;
+    }
 }
 
 /// Buffers reused from batch to batch.
@@ -86,21 +129,24 @@ impl Matcher {
     /// series would exceed the bound, the memory is cleared and the clearing counted.
     pub fn new(max_series: usize) -> Self {
         Self {
-            max_series: max_series.max(1),
-            previous: HashMap::new(),
-            cleared: 0,
+            previous: SeriesMemory {
+                max: max_series.max(1),
+                len: 0,
+                by_tenant: HashMap::new(),
+                cleared: 0,
+            },
             scratch: Scratch::default(),
         }
     }
 
-    /// How many times the series memory was cleared for exceeding its bound.
+    /// How many times a tenant's series memory was cleared for exceeding the bound.
     pub fn series_cleared(&self) -> u64 {
-        self.cleared
+        self.previous.cleared
     }
 
     /// How many series have a remembered previous value.
     pub fn series_len(&self) -> usize {
-        self.previous.len()
+        self.previous.len
     }
 
     /// Matches a batch of readings. Candidates are looked up once per distinct (device,
@@ -113,9 +159,7 @@ impl Matcher {
             return BatchMatches::default();
         };
         let Self {
-            max_series,
             previous,
-            cleared,
             scratch: s,
         } = self;
         let n = batch.d.len().min(batch.m.len()).min(batch.x.len());
@@ -187,7 +231,7 @@ impl Matcher {
             pair.cands = (start, s.cands.len() as u32);
             if pair.tracked {
                 series_key(&mut s.key, batch.tenant, EventKind::Reading, device, metric);
-                pair.prev = previous.get(&s.key[..]).copied();
+                pair.prev = previous.get(batch.tenant, &s.key);
             }
         }
 
@@ -226,7 +270,7 @@ impl Matcher {
                     batch.metrics[pair.m as usize],
                 );
                 series_key(&mut s.key, batch.tenant, EventKind::Reading, device, metric);
-                remember(previous, *max_series, cleared, &s.key, x);
+                previous.remember(batch.tenant, &s.key, x);
             }
         }
         BatchMatches {
@@ -255,7 +299,7 @@ impl Matcher {
         let tracked = s.slots.iter().any(|slot| t.entry(*slot).watches_changes());
         let prev = if tracked {
             series_key(&mut s.key, tenant, kind, device, metric);
-            self.previous.get(&s.key[..]).copied()
+            self.previous.get(tenant, &s.key)
         } else {
             None
         };
@@ -267,13 +311,7 @@ impl Matcher {
             .map(|e| e.sub.clone())
             .collect();
         if tracked {
-            remember(
-                &mut self.previous,
-                self.max_series,
-                &mut self.cleared,
-                &s.key,
-                value,
-            );
+            self.previous.remember(tenant, &s.key, value);
         }
         matched
     }
@@ -289,25 +327,6 @@ fn series_key(key: &mut Vec<u8>, tenant: &str, kind: EventKind, device: &str, me
     key.extend_from_slice(device.as_bytes());
     key.push(0xFF);
     key.extend_from_slice(metric.as_bytes());
-}
-
-fn remember(
-    previous: &mut HashMap<Box<[u8]>, f64>,
-    max_series: usize,
-    cleared: &mut u64,
-    key: &[u8],
-    x: f64,
-) {
-    if let Some(v) = previous.get_mut(key) {
-        *v = x;
-        return;
-    }
-    if previous.len() >= max_series {
-        previous.clear();
-        *cleared += 1;
-        tracing::debug!(max_series, "series memory full, cleared");
-    }
-    previous.insert(key.into(), x);
 }
 
 #[cfg(test)]
@@ -476,6 +495,33 @@ mod tests {
         let b = view("acme", &["a", "c"], &["t"], &[(0, 0, 2.0), (1, 0, 2.0)]);
         let got = m.match_batch(&ix, &b);
         assert_eq!(got.per_subscription[0].1, [1]);
+    }
+
+    #[test]
+    fn a_tenant_filling_the_series_memory_clears_its_own_not_another_s() {
+        let mut ix = Index::new();
+        for tenant in ["acme", "globex"] {
+            ix.insert(sub_with(
+                tenant,
+                &["*"],
+                &["t"],
+                &[EventKind::Reading],
+                Some(ValuePredicate::ChangedBy(0.5)),
+            ));
+        }
+        let mut m = Matcher::new(4);
+        // globex remembers one series.
+        m.match_batch(&ix, &view("globex", &["g"], &["t"], &[(0, 0, 1.0)]));
+        // acme floods the memory with many series.
+        let devices: Vec<String> = (0..10).map(|i| format!("d{i}")).collect();
+        let names: Vec<&str> = devices.iter().map(String::as_str).collect();
+        let readings: Vec<(u32, u32, f64)> = (0..10).map(|i| (i, 0, 1.0)).collect();
+        m.match_batch(&ix, &view("acme", &names, &["t"], &readings));
+        assert!(m.series_cleared() > 0);
+        // globex's series kept its previous value: a change of 1.0 matches.
+        let got = m.match_batch(&ix, &view("globex", &["g"], &["t"], &[(0, 0, 2.0)]));
+        assert_eq!(got.per_subscription.len(), 1, "globex's memory survived");
+        assert_eq!(got.per_subscription[0].1, [0]);
     }
 
     #[test]
