@@ -19,10 +19,12 @@
 //! - [`event`]: events, derived events and notifications (section 7);
 //! - [`config`]: serde adapters every service's config uses;
 //! - [`internal_events`]: the producer's and the transport's logs and metrics;
-//! - [`telemetry`] and [`shutdown`]: the process plumbing every service binary shares.
+//! - [`telemetry`], [`shutdown`] and [`serve`] (the accept loop of public HTTP
+//!   endpoints): the process plumbing every service shares.
 //!
 //! Features: `transport` (default) brings the transports, the producer and the shutdown
-//! signal; `telemetry` (default) the log and metrics exporters. Without them the crate is
+//! signal; `telemetry` (default) the log and metrics exporters; `serve` the HTTP accept
+//! loop (for the services with public endpoints). Without them the crate is
 //! the contract's data and rules alone, for crates like `sluice-sinks`.
 
 pub mod codec;
@@ -36,6 +38,8 @@ pub mod partition;
 #[cfg(feature = "transport")]
 pub mod producer;
 pub mod receipt;
+#[cfg(feature = "serve")]
+pub mod serve;
 #[cfg(feature = "transport")]
 pub mod shutdown;
 #[cfg(feature = "telemetry")]

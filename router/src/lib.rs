@@ -35,6 +35,7 @@ mod testing;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use sluice_binding::serve::ServerLimits;
 use sluice_binding::tenancy::Tenants;
 use sluice_binding::transport::amqp::AmqpTransport;
 use sluice_binding::transport::{Transport, TransportError};
@@ -64,6 +65,9 @@ pub struct RouterConfig {
     pub deliver: DeliverConfig,
     /// The webhook notifier.
     pub webhook: WebhookConfig,
+    /// The subscription API's connection cap and header timeout (a slow or flooding
+    /// client cannot hold every connection).
+    pub api_limits: ServerLimits,
 }
 
 impl Default for RouterConfig {
@@ -77,6 +81,7 @@ impl Default for RouterConfig {
             matching: MatchConfig::default(),
             deliver: DeliverConfig::default(),
             webhook: WebhookConfig::default(),
+            api_limits: ServerLimits::default(),
         }
     }
 }
@@ -152,10 +157,15 @@ pub async fn run(
             index: index.clone(),
             shutdown: shutdown.clone(),
         }));
-        let stop = shutdown.clone();
+        let (stop, limits) = (shutdown.clone(), cfg.api_limits);
         tasks.spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
+            let served =
+                sluice_binding::serve::run(
+                    listener,
+                    app,
+                    limits,
+                    async move { stop.cancelled().await },
+                )
                 .await;
             if let Err(e) = served {
                 tracing::error!(error = %e, "subscription API failed");

@@ -30,6 +30,7 @@ use sluice_router::{RouterConfig, WebhookConfig};
 use sluice_testkit::env::redis_url;
 use sluice_testkit::wait::until;
 use sluice_testkit::{Namespace, amqp};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -808,6 +809,38 @@ async fn a_target_the_broker_refuses_fails_alone() {
         }
         assert_eq!(dead, want_a, "every AMQP notification of tenant A is dead-lettered, none lost");
         let _ = conn.close(200, "done".into()).await;
+        router.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_subscription_api_closes_a_client_trickling_its_headers() {
+    with_namespace(|ns| async move {
+        let router = Router::start(&ns, |c| {
+            c.api_limits.header_read_timeout = Duration::from_millis(300);
+        })
+        .await;
+        let addr = router.api.trim_start_matches("http://").to_owned();
+        let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        slow.write_all(b"GET /v1/subscriptions HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let closed = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf)).await;
+        assert!(
+            matches!(closed, Ok(Ok(_)) | Ok(Err(_))),
+            "the connection stayed open: {closed:?}"
+        );
+        // Other clients are served meanwhile and after.
+        let (status, _) = api(
+            reqwest::Method::GET,
+            &format!("{}/v1/subscriptions", router.api),
+            KEY_A,
+            None,
+        )
+        .await;
+        assert_eq!(status, 200);
         router.stop().await;
     })
     .await;

@@ -421,6 +421,17 @@ pub(crate) struct RouterArgs {
     /// Unsettled telemetry batches per partition consumer of the match stage.
     #[arg(long, env = "SLUICE_MATCH_PREFETCH", default_value_t = 32)]
     pub(crate) match_prefetch: u16,
+    /// Connections the subscription API keeps open at once; more wait in the listen backlog.
+    #[arg(
+        long = "max-connections",
+        env = "SLUICE_ROUTER_MAX_CONNECTIONS",
+        default_value_t = 4096
+    )]
+    pub(crate) api_max_connections: usize,
+    /// Longest a client of the subscription API may take to send a request's headers
+    /// (slower: closed).
+    #[arg(long = "header-read-timeout", env = "SLUICE_ROUTER_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub(crate) api_header_read_timeout: Duration,
     /// How far ahead of this clock a device timestamp may be; set it as the storage pool's
     /// (the same variable), or batches storage keeps are dead-lettered here.
     #[arg(long, env = "SLUICE_MAX_FUTURE_SKEW", default_value = "1h", value_parser = humantime::parse_duration)]
@@ -498,6 +509,10 @@ impl RouterArgs {
                 breaker_open_for: self.breaker_open_for,
                 allow,
                 ..d.webhook
+            },
+            api_limits: sluice_binding::serve::ServerLimits {
+                max_connections: self.api_max_connections,
+                header_read_timeout: self.api_header_read_timeout,
             },
             ..d
         })

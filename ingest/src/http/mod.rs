@@ -21,7 +21,6 @@
 
 pub mod body;
 pub mod error;
-mod server;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -161,11 +160,11 @@ pub async fn serve(
         tracing::info!("ingest shutting down: finishing the requests in flight");
         batcher.stop_lingering();
     };
-    let limits = server::ServerLimits {
+    let limits = sluice_binding::serve::ServerLimits {
         max_connections: state.inner.cfg.max_connections,
         header_read_timeout: state.inner.cfg.header_read_timeout,
     };
-    let served = server::run(listener, app(state.clone()), limits, shutdown).await;
+    let served = sluice_binding::serve::run(listener, app(state.clone()), limits, shutdown).await;
     tracing::info!("ingest stopped accepting; flushing the batcher");
     state.shutdown().await;
     served

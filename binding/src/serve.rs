@@ -1,13 +1,14 @@
-//! The accept loop of the HTTP front end: HTTP/1.1 connections (hyper) with the limits
-//! that a public endpoint needs and `axum::serve` does not offer.
+//! The accept loop of every public HTTP endpoint (ingest, the router's subscription API):
+//! HTTP/1.1 connections (hyper) with the limits a public endpoint needs and `axum::serve`
+//! does not offer.
 //!
 //! - **At most `max_connections` open.** At the cap, new connections wait in the
 //!   listener's backlog (the kernel's queue) until one closes, rather than each taking a
 //!   task, buffers and a file descriptor.
 //! - **Headers within `header_read_timeout`.** A client that opens a connection and
 //!   trickles its request line and headers (slowloris) is closed when the time is up; the
-//!   timer restarts for each request of a kept-alive connection. Bodies have their own
-//!   bound, `body_read_timeout`, checked by the handler once the tenant is known.
+//!   timer restarts for each request of a kept-alive connection. Bodies are the handler's
+//!   to bound (ingest's `body_read_timeout`, checked once the tenant is known).
 //! - **Graceful shutdown.** When `shutdown` resolves, nothing more is accepted, idle
 //!   connections close, and the call returns once every request in flight was answered.
 
@@ -25,9 +26,20 @@ use tokio::sync::Semaphore;
 
 /// Limits of the accept loop.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct ServerLimits {
-    pub(crate) max_connections: usize,
-    pub(crate) header_read_timeout: Duration,
+pub struct ServerLimits {
+    /// Connections open at once; more wait in the listener's backlog.
+    pub max_connections: usize,
+    /// Longest a client may take to send a request's line and headers.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Wait after a failed `accept` (out of file descriptors, say) before the next one.
@@ -35,7 +47,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Serves `app` on `listener` within `limits` until `shutdown`, then drains (see the
 /// module docs).
-pub(crate) async fn run(
+pub async fn run(
     listener: TcpListener,
     app: Router,
     limits: ServerLimits,
