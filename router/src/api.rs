@@ -14,6 +14,7 @@
 //!
 //! Errors are `{"error": code, "message": text}` with the status of the code.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,6 +65,8 @@ pub struct ApiParts {
     pub amqp: AmqpGrants,
     /// The live feeds that `GET /v1/subscriptions/{id}/live` follows.
     pub live: LiveFeed,
+    /// Live feeds each tenant may hold open at once (each holds a Redis connection).
+    pub live_slots: LiveSlots,
     /// The router's broker connections, for `/readyz`.
     pub transport: Transport,
     /// This instance's index: a change applies to it before the API answers.
@@ -331,6 +334,21 @@ async fn live(
             "this subscription's target is not the live feed",
         ));
     }
+    // Before the Redis connection is opened: a tenant at its cap costs nothing more.
+    let slot = state
+        .inner
+        .live_slots
+        .take(tenant.as_str())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_live_feeds",
+                format!(
+                    "this tenant already has {} live feeds open; close one first",
+                    state.inner.live_slots.max
+                ),
+            )
+        })?;
     let feed = state
         .inner
         .live
@@ -338,7 +356,7 @@ async fn live(
         .await
         .map_err(StoreError::from)?;
     LiveListenerOpened.emit();
-    let guard = ListenerGuard;
+    let guard = (ListenerGuard, slot);
     let ended = state.inner.shutdown.clone().cancelled_owned();
     let stream = feed.take_until(ended).map(move |d| {
         let _held = &guard;
@@ -352,6 +370,55 @@ async fn live(
         })
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// The live feeds each tenant holds open, and the cap on them.
+#[derive(Clone, Debug)]
+pub struct LiveSlots {
+    max: usize,
+    open: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+}
+
+impl LiveSlots {
+    /// At most `max` open feeds per tenant (at least 1).
+    pub fn new(max: usize) -> Self {
+        Self {
+            max: max.max(1),
+            open: Arc::default(),
+        }
+    }
+
+    /// A place for one more feed of `tenant`, given back when dropped; `None` at the cap.
+    fn take(&self, tenant: &str) -> Option<LiveSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(tenant.to_owned()).or_default();
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(LiveSlot {
+            slots: self.clone(),
+            tenant: tenant.to_owned(),
+        })
+    }
+}
+
+/// One open feed's place among its tenant's.
+struct LiveSlot {
+    slots: LiveSlots,
+    tenant: String,
+}
+
+impl Drop for LiveSlot {
+    fn drop(&mut self) {
+        let mut open = self.slots.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.tenant) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.tenant);
+            }
+        }
+    }
 }
 
 /// Counts live listeners down when a feed's stream is dropped (the client went away).

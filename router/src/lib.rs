@@ -57,6 +57,9 @@ pub struct RouterConfig {
     pub notify_partitions: u32,
     /// Most subscriptions per tenant.
     pub max_subscriptions_per_tenant: usize,
+    /// Most live feeds a tenant holds open at once on this router (each holds a Redis
+    /// connection); one more is answered 429.
+    pub max_live_feeds_per_tenant: usize,
     /// How often the subscription change counter is polled (pub/sub is the fast path).
     pub sync_poll: Duration,
     /// The match stage.
@@ -77,6 +80,7 @@ impl Default for RouterConfig {
             redis_namespace: store::DEFAULT_NAMESPACE.to_owned(),
             notify_partitions: 4,
             max_subscriptions_per_tenant: 10_000,
+            max_live_feeds_per_tenant: 16,
             sync_poll: Duration::from_millis(500),
             matching: MatchConfig::default(),
             deliver: DeliverConfig::default(),
@@ -153,6 +157,7 @@ pub async fn run(
             webhook: notifiers.webhook.clone(),
             amqp: notifiers.amqp.grants().clone(),
             live: notifiers.live.feed().clone(),
+            live_slots: api::LiveSlots::new(cfg.max_live_feeds_per_tenant),
             transport: generic.clone(),
             index: index.clone(),
             shutdown: shutdown.clone(),

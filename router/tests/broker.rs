@@ -845,3 +845,51 @@ async fn the_subscription_api_closes_a_client_trickling_its_headers() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_tenant_at_its_live_feed_cap_gets_429_and_another_tenant_is_served() {
+    with_namespace(|ns| async move {
+        let router = Router::start(&ns, |c| c.max_live_feeds_per_tenant = 1).await;
+        let live = json!({"criteria": {}, "target": {"type": "live"}});
+        let a = router.subscribe(KEY_A, live.clone()).await;
+        let b = router.subscribe(KEY_B, live).await;
+        let open = |key: &'static str, sub: &Value| {
+            let url = format!(
+                "{}/v1/subscriptions/{}/live",
+                router.api,
+                sub["id"].as_str().unwrap()
+            );
+            async move {
+                reqwest::Client::new()
+                    .get(url)
+                    .bearer_auth(key)
+                    .send()
+                    .await
+                    .unwrap()
+            }
+        };
+        let first = open(KEY_A, &a).await;
+        assert_eq!(first.status(), 200);
+        let second = open(KEY_A, &a).await;
+        assert_eq!(second.status(), 429);
+        let body: Value = second.json().await.unwrap();
+        assert_eq!(body["error"], "too_many_live_feeds");
+        let other = open(KEY_B, &b).await;
+        assert_eq!(
+            other.status(),
+            200,
+            "another tenant's feed is not limited by acme's"
+        );
+        // Closing the first frees its place.
+        drop(first);
+        let again = until(Duration::from_secs(5), || async {
+            let r = open(KEY_A, &a).await;
+            (r.status() == 200).then_some(r)
+        })
+        .await;
+        assert!(again.is_some(), "the closed feed's place never came back");
+        drop((other, again));
+        router.stop().await;
+    })
+    .await;
+}

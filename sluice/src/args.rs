@@ -432,6 +432,10 @@ pub(crate) struct RouterArgs {
     /// (slower: closed).
     #[arg(long = "header-read-timeout", env = "SLUICE_ROUTER_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub(crate) api_header_read_timeout: Duration,
+    /// Live feeds (`/v1/subscriptions/{id}/live`) a tenant may hold open at once on this
+    /// router; one more gets 429.
+    #[arg(long, env = "SLUICE_MAX_LIVE_FEEDS", default_value_t = 16)]
+    pub(crate) max_live_feeds: usize,
     /// How far ahead of this clock a device timestamp may be; set it as the storage pool's
     /// (the same variable), or batches storage keeps are dead-lettered here.
     #[arg(long, env = "SLUICE_MAX_FUTURE_SKEW", default_value = "1h", value_parser = humantime::parse_duration)]
@@ -486,6 +490,7 @@ impl RouterArgs {
             redis_namespace: self.redis_prefix.clone(),
             notify_partitions: self.notify_partitions,
             max_subscriptions_per_tenant: self.max_subscriptions,
+            max_live_feeds_per_tenant: self.max_live_feeds,
             matching: sluice_router::MatchConfig {
                 prefetch: self.match_prefetch,
                 limits: Limits {

@@ -48,6 +48,7 @@ fn api(cap: usize) -> Api {
             redis::Client::open("redis://127.0.0.1:1").unwrap(),
             "sluice",
         ),
+        live_slots: LiveSlots::new(2),
         transport,
         index: index.clone(),
         shutdown: CancellationToken::new(),
@@ -369,4 +370,18 @@ async fn health_endpoints_answer() {
         let a = api.call(Method::GET, path, None, None).await;
         assert_eq!(a.status, StatusCode::OK, "{path}");
     }
+}
+
+#[test]
+fn each_tenant_holds_at_most_its_live_feeds_and_a_closed_one_frees_its_place() {
+    let slots = LiveSlots::new(2);
+    let (a1, a2) = (slots.take("acme").unwrap(), slots.take("acme").unwrap());
+    assert!(slots.take("acme").is_none(), "acme is at its cap");
+    let g = slots
+        .take("globex")
+        .expect("another tenant is not affected");
+    drop(a1);
+    let a3 = slots.take("acme").expect("a closed feed frees its place");
+    drop((a2, a3, g));
+    assert!(slots.open.lock().unwrap().is_empty());
 }
