@@ -108,6 +108,33 @@ fn start_with(
     tokio::spawn(async move { run(t, sinks, cfg, control, stop).await.expect("pool ran") })
 }
 
+/// The next `n` dead letters of `ns`, waited for: (`x-sluice-error`, `x-sluice-reason`,
+/// `x-sluice-group`, body).
+async fn dead_letters(
+    ch: &lapin::Channel,
+    ns: &Namespace,
+    n: usize,
+) -> Vec<(String, String, String, Vec<u8>)> {
+    let dlq = ns.topology().dead_letter_queue();
+    let mut dead = Vec::new();
+    while dead.len() < n {
+        let m = wait_for("a dead letter", Duration::from_secs(30), || async {
+            ch.basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true })
+                .await
+                .unwrap()
+        })
+        .await;
+        let p = &m.delivery.properties;
+        dead.push((
+            amqp::header(p, "x-sluice-error"),
+            amqp::header(p, "x-sluice-reason"),
+            amqp::header(p, "x-sluice-group"),
+            m.delivery.data.clone(),
+        ));
+    }
+    dead
+}
+
 /// Messages ready in the partition queues, counted by the broker.
 async fn ready(ns: &Namespace) -> u32 {
     let (conn, _) = amqp::connect().await;
@@ -182,23 +209,7 @@ async fn bad_batches_are_dead_lettered_with_their_reason_and_the_good_ones_store
         let pool = start(&t, &sinks, &stop);
 
         let (conn, ch) = amqp::connect().await;
-        let dlq = ns.topology().dead_letter_queue();
-        let mut dead = Vec::new();
-        while dead.len() < 2 {
-            let m = wait_for("a dead letter", Duration::from_secs(30), || async {
-                ch.basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true })
-                    .await
-                    .unwrap()
-            })
-            .await;
-            let p = &m.delivery.properties;
-            dead.push((
-                amqp::header(p, "x-sluice-error"),
-                amqp::header(p, "x-sluice-reason"),
-                amqp::header(p, "x-sluice-group"),
-                m.delivery.data.clone(),
-            ));
-        }
+        let mut dead = dead_letters(&ch, &ns, 2).await;
         dead.sort();
         assert_eq!(dead[0].0, "decode");
         assert_eq!(dead[0].3, b"not msgpack", "the original body is kept");
@@ -269,21 +280,7 @@ async fn a_direct_publisher_stores_its_own_tenant_only() {
         let stop = CancellationToken::new();
         let pool = start_with(&t, &sinks, Some(tenants), &stop);
         let (conn, ch) = amqp::connect().await;
-        let dlq = ns.topology().dead_letter_queue();
-        let mut dead = Vec::new();
-        while dead.len() < 2 {
-            let m = wait_for("a dead letter", Duration::from_secs(30), || async {
-                ch.basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true })
-                    .await
-                    .unwrap()
-            })
-            .await;
-            let p = &m.delivery.properties;
-            dead.push((
-                amqp::header(p, "x-sluice-error"),
-                amqp::header(p, "x-sluice-reason"),
-            ));
-        }
+        let mut dead = dead_letters(&ch, &ns, 2).await;
         dead.sort();
         assert!(dead.iter().all(|d| d.0 == "forbidden"), "{dead:?}");
         assert!(
