@@ -123,3 +123,27 @@ pub fn user() -> String {
         .map(|u| u.authority.userinfo.username)
         .unwrap_or_else(|_| "guest".to_owned())
 }
+
+/// Publishes `body` to `exchange` with routing key `key` on `ch` (in confirm mode) as a
+/// direct publisher of the binding would: persistent, mandatory, `user_id` set to the
+/// connection's user; panics unless the broker acked it.
+pub async fn publish_confirmed(ch: &Channel, exchange: &str, key: &str, body: &[u8]) {
+    let confirm = ch
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            lapin::options::BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            },
+            body,
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_user_id(user().into()),
+        )
+        .await
+        .expect("published")
+        .await
+        .expect("confirmed");
+    assert!(confirm.is_ack(), "the broker did not ack: {confirm:?}");
+}

@@ -4,8 +4,7 @@
 
 use std::time::Duration;
 
-use lapin::BasicProperties;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::ConfirmSelectOptions;
 use sluice_binding::codec;
 use sluice_binding::model::{BatchBuilder, now_ns};
 use sluice_testkit::amqp;
@@ -55,21 +54,7 @@ fn a_router_killed_mid_stream_loses_no_notification() {
             for (i, b) in batches.iter().enumerate() {
                 let body = codec::encode(b).unwrap();
                 let key = (i as u32 % PARTITIONS).to_string();
-                let confirm = ch
-                    .basic_publish(
-                        telemetry.as_str().into(),
-                        key.into(),
-                        BasicPublishOptions::default(),
-                        &body,
-                        BasicProperties::default()
-                            .with_delivery_mode(2)
-                            .with_user_id(amqp::user().into()),
-                    )
-                    .await
-                    .unwrap()
-                    .await
-                    .unwrap();
-                assert!(confirm.is_ack());
+                amqp::publish_confirmed(&ch, &telemetry, &key, &body).await;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })

@@ -7,8 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::BasicProperties;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{BasicConsumeOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use sluice_binding::codec;
 use sluice_binding::model::{BatchBuilder, now_ns};
@@ -84,26 +83,7 @@ fn undecodable_messages_are_dead_lettered_with_a_reason_and_the_stream_continues
         let exchange = w.ns.topology().telemetry_exchange();
         let publish = |body: Vec<u8>| {
             let (ch, exchange) = (ch.clone(), exchange.clone());
-            async move {
-                let confirm = ch
-                    .basic_publish(
-                        exchange.into(),
-                        "0".into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            immediate: false,
-                        },
-                        &body,
-                        BasicProperties::default()
-                            .with_delivery_mode(2)
-                            .with_user_id(amqp::user().into()),
-                    )
-                    .await
-                    .unwrap()
-                    .await
-                    .unwrap();
-                assert!(confirm.is_ack());
-            }
+            async move { amqp::publish_confirmed(&ch, &exchange, "0", &body).await }
         };
         let batch = |v: u32, n: usize| {
             let mut b = BatchBuilder::new("acme", "test", 0);
