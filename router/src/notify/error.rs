@@ -51,7 +51,9 @@ impl NotifyError {
 
     /// How long to wait before the next attempt, given the backoff schedule's `backoff`.
     ///
-    /// A target's `Retry-After` is honoured as given. An open circuit counts as an attempt
+    /// A target's `Retry-After` is honoured, but never below 1 s (`MIN_RETRY_AFTER`): a
+    /// receiver answering `Retry-After: 0` would otherwise have every attempt spent within
+    /// milliseconds. An open circuit counts as an attempt
     /// but never shortens the schedule: the breaker's next trial may be sooner than the
     /// backoff, and retrying at every trial would spend the whole attempt budget within a
     /// few `breaker_open_for` periods of an outage the budget was sized to outlast.
@@ -60,7 +62,7 @@ impl NotifyError {
             NotifyError::Webhook(WebhookError::Retryable {
                 retry_after: Some(after),
                 ..
-            }) => *after,
+            }) => (*after).max(MIN_RETRY_AFTER),
             NotifyError::Webhook(WebhookError::CircuitOpen { retry_in, .. }) => {
                 (*retry_in).max(backoff)
             }
@@ -68,6 +70,9 @@ impl NotifyError {
         }
     }
 }
+
+/// The shortest wait a `Retry-After` may ask for.
+pub(crate) const MIN_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {
@@ -101,9 +106,14 @@ mod tests {
         let backoff = Duration::from_secs(3);
         let asked = webhook(WebhookError::Retryable {
             reason: "429".into(),
-            retry_after: Some(Duration::from_millis(100)),
+            retry_after: Some(Duration::from_millis(1500)),
         });
-        assert_eq!(asked.retry_wait(backoff), Duration::from_millis(100));
+        assert_eq!(asked.retry_wait(backoff), Duration::from_millis(1500));
+        let now = webhook(WebhookError::Retryable {
+            reason: "503".into(),
+            retry_after: Some(Duration::ZERO),
+        });
+        assert_eq!(now.retry_wait(backoff), MIN_RETRY_AFTER, "Retry-After: 0");
         let plain = webhook(WebhookError::Retryable {
             reason: "503".into(),
             retry_after: None,
