@@ -893,3 +893,24 @@ async fn a_tenant_at_its_live_feed_cap_gets_429_and_another_tenant_is_served() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn concurrent_creates_never_pass_a_tenant_s_cap() {
+    with_namespace(|ns| async move {
+        let router = Router::start(&ns, |c| c.max_subscriptions_per_tenant = 3).await;
+        let url = format!("{}/v1/subscriptions", router.api);
+        let body = json!({"criteria": {}, "target": {"type": "live"}});
+        let answers = futures::future::join_all(
+            (0..12).map(|_| api(reqwest::Method::POST, &url, KEY_A, Some(body.clone()))),
+        )
+        .await;
+        let created = answers.iter().filter(|(s, _)| *s == 201).count();
+        let refused = answers.iter().filter(|(s, _)| *s == 409).count();
+        assert_eq!((created, refused), (3, 9), "{answers:?}");
+        let (status, list) = api(reqwest::Method::GET, &url, KEY_A, None).await;
+        assert_eq!(status, 200);
+        assert_eq!(list.as_array().map(Vec::len), Some(3), "{list}");
+        router.stop().await;
+    })
+    .await;
+}

@@ -36,6 +36,20 @@ if n >= tonumber(ARGV[1]) then return -1 end
 return redis.call('INCR', KEYS[1])
 ";
 
+/// Creates a subscription within its tenant's cap, in one step (so concurrent creates
+/// cannot pass the cap together). `KEYS` = the tenant's hash, the tenants set, the version
+/// counter; `ARGV` = id, JSON, tenant, cap, changes channel. Returns -1 once created, else
+/// the number the tenant already holds.
+const CREATE_SCRIPT: &str = r"
+local held = redis.call('HLEN', KEYS[1])
+if held >= tonumber(ARGV[4]) then return held end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('INCR', KEYS[3])
+redis.call('PUBLISH', ARGV[5], ARGV[3])
+return -1
+";
+
 /// Sliding-window rate limit. `KEYS[1]` = sorted set of send times (ms), `ARGV` = now (ms),
 /// window (ms), max, member. Returns 0 if a send is allowed now (and records it), else the
 /// milliseconds until the oldest send leaves the window.
@@ -61,6 +75,7 @@ pub struct RedisStore {
     conn: ConnectionManager,
     ns: String,
     max_per_tenant: usize,
+    create: Script,
     expiration: Script,
     rate: Script,
 }
@@ -94,6 +109,7 @@ impl RedisStore {
             conn,
             ns: ns.to_owned(),
             max_per_tenant,
+            create: Script::new(CREATE_SCRIPT),
             expiration: Script::new(EXPIRATION_SCRIPT),
             rate: Script::new(RATE_SCRIPT),
         })
@@ -143,26 +159,23 @@ impl RedisStore {
 
     /// Stores a new subscription and announces the change.
     pub async fn create(&self, sub: &Subscription) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        let key = self.subs_key(sub.tenant.as_str());
-        let held: usize = conn.hlen(&key).await?;
-        if held >= self.max_per_tenant {
-            return Err(StoreError::TooMany(held));
-        }
         let json = serde_json::to_string(sub).expect("a subscription always serialises");
-        redis::pipe()
-            .atomic()
-            .hset(&key, sub.id.to_string(), json)
-            .ignore()
-            .sadd(self.tenants_key(), sub.tenant.as_str())
-            .ignore()
-            .incr(self.version_key(), 1)
-            .ignore()
-            .publish(self.changes_channel(), sub.tenant.as_str())
-            .ignore()
-            .exec_async(&mut conn)
+        let held: i64 = self
+            .create
+            .key(self.subs_key(sub.tenant.as_str()))
+            .key(self.tenants_key())
+            .key(self.version_key())
+            .arg(sub.id.to_string())
+            .arg(json)
+            .arg(sub.tenant.as_str())
+            .arg(self.max_per_tenant)
+            .arg(self.changes_channel())
+            .invoke_async(&mut self.conn.clone())
             .await?;
-        Ok(())
+        match usize::try_from(held) {
+            Ok(held) => Err(StoreError::TooMany(held)),
+            Err(_) => Ok(()),
+        }
     }
 
     /// Deletes a subscription and its counters; whether it existed.
