@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -210,9 +211,21 @@ async fn ready(State(state): State<ApiState>) -> Response {
 async fn create(
     State(state): State<ApiState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let tenant = tenant(&state, &headers)?;
+    // The rejection is answered here, as JSON like every other error, after the key.
+    let body = body.map_err(|e| {
+        let (code, message) = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            (
+                "body_too_large",
+                format!("the subscription is larger than {} KiB", MAX_BODY / 1024),
+            )
+        } else {
+            ("malformed_body", e.body_text())
+        };
+        ApiError::new(e.status(), code, message)
+    })?;
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

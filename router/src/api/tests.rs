@@ -324,6 +324,21 @@ async fn a_body_must_be_json() {
 }
 
 #[tokio::test]
+async fn an_oversized_body_gets_a_json_413() {
+    let api = api(10);
+    let big = json!({"name": "x".repeat(70 * 1024), "criteria": {}, "target": {"type": "live"}});
+    let a = api
+        .call(Method::POST, "/v1/subscriptions", Some(ACME), Some(big))
+        .await;
+    assert_eq!(a.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        a.error(),
+        ("body_too_large", "the subscription is larger than 64 KiB")
+    );
+    assert!(api.indexed("acme").is_empty());
+}
+
+#[tokio::test]
 async fn each_tenant_holds_at_most_its_cap() {
     let api = api(2);
     for _ in 0..2 {
