@@ -914,3 +914,60 @@ async fn concurrent_creates_never_pass_a_tenant_s_cap() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_amqp_notification_no_queue_takes_is_dead_lettered_naming_its_exchange() {
+    with_namespace(|ns| async move {
+        let router = Router::start(&ns, |c| c.deliver.max_attempts = 1).await;
+        let (conn, ch) = amqp::connect().await;
+        // The granted exchange exists, with no queue bound to it.
+        let exchange = format!("{ns}-a");
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        ch.exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        let sub = router
+            .subscribe(
+                KEY_A,
+                json!({"criteria": {}, "target": {"type": "amqp", "exchange": exchange}}),
+            )
+            .await;
+        router.publish("tenant-a", &[("d", "m", 1.0)]).await;
+        let reason = until(Duration::from_secs(30), || async {
+            let m = ch
+                .basic_get(
+                    format!("{ns}.notify.dead").into(),
+                    BasicGetOptions { no_ack: true },
+                )
+                .await
+                .unwrap()?;
+            let p = &m.delivery.properties;
+            (amqp::header(p, "x-sluice-subscription") == sub["id"].as_str().unwrap())
+                .then(|| amqp::header(p, "x-sluice-reason"))
+        })
+        .await
+        .expect("a dead letter for the subscription");
+        assert!(
+            reason.contains(&format!("no queue is bound to exchange \"{exchange}\"")),
+            "{reason}"
+        );
+        assert!(!reason.contains("partition"), "{reason}");
+        let _ = ch
+            .exchange_delete(
+                exchange.as_str().into(),
+                lapin::options::ExchangeDeleteOptions::default(),
+            )
+            .await;
+        let _ = conn.close(200, "done".into()).await;
+        router.stop().await;
+    })
+    .await;
+}

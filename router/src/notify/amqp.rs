@@ -32,6 +32,15 @@ pub enum AmqpError {
         /// More on why, if the grant is not simply missing.
         why: &'static str,
     },
+    /// No queue is bound to the exchange for the routing key (the message was returned):
+    /// retried on the subscription's schedule, as the tenant may bind one.
+    #[error("no queue is bound to exchange {exchange:?} for routing key {routing_key:?}")]
+    Unroutable {
+        /// The exchange named by the target.
+        exchange: String,
+        /// The target's routing key.
+        routing_key: String,
+    },
     /// The broker did not confirm it: retried on the subscription's schedule.
     #[error("amqp: {0}")]
     Publish(#[from] PublishError),
@@ -122,8 +131,15 @@ impl AmqpNotifier {
         let lane = format!("tenant:{tenant}");
         self.transport
             .publish_in_lane(&lane, exchange, routing_key, json.as_bytes(), props, true)
-            .await?;
-        Ok(())
+            .await
+            .map_err(|e| match e {
+                // The transport speaks of partitions; a target has an exchange and a key.
+                PublishError::Unroutable(_) => AmqpError::Unroutable {
+                    exchange: exchange.to_owned(),
+                    routing_key: routing_key.to_owned(),
+                },
+                other => AmqpError::Publish(other),
+            })
     }
 }
 
