@@ -533,6 +533,11 @@ impl Tenants {
         check_publisher(Some(self), publisher, tenant)
     }
 
+    /// Every granted AMQP exchange with its tenant.
+    pub fn granted_exchanges(&self) -> impl Iterator<Item = (&str, &TenantId)> {
+        self.exchanges.iter().map(|(name, t)| (name.as_str(), t))
+    }
+
     /// Whether `tenant` may publish notifications to the AMQP exchange `name`.
     pub fn may_publish_to(&self, tenant: &TenantId, name: &str) -> bool {
         self.exchanges.get(name) == Some(tenant)

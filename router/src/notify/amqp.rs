@@ -65,10 +65,14 @@ pub struct AmqpGrants {
 impl AmqpGrants {
     /// The grants of `tenants`, with Sluice's own objects under `namespace` out of reach.
     pub fn new(tenants: Tenants, namespace: &str) -> Self {
-        Self {
-            tenants,
-            reserved: format!("{namespace}."),
+        let reserved = format!("{namespace}.");
+        // The tenants file cannot know the namespace; say at start what it grants in vain.
+        for (exchange, tenant) in tenants.granted_exchanges() {
+            if exchange.starts_with(&reserved) {
+                tracing::warn!(%tenant, exchange, namespace, "amqp_exchanges grants an exchange in Sluice's namespace; no notification is ever sent to it");
+            }
         }
+        Self { tenants, reserved }
     }
 
     /// Whether `tenant` may send notifications to `exchange`.
@@ -162,5 +166,21 @@ mod tests {
             assert!(e.is_permanent(), "{refused:?}: {e}");
         }
         assert!(grants.check_target(&globex, "alerts").is_err());
+    }
+
+    #[test]
+    fn the_reserved_namespace_is_the_configured_one() {
+        let acme = TenantId::new("acme").unwrap();
+        let tenants = Tenants::single(acme.clone(), &["k"])
+            .grant_exchange(&acme, "sluice.alerts")
+            .grant_exchange(&acme, "prod.alerts");
+        let grants = AmqpGrants::new(tenants, "prod");
+        assert!(grants.check_target(&acme, "sluice.alerts").is_ok());
+        assert!(
+            grants
+                .check_target(&acme, "prod.alerts")
+                .unwrap_err()
+                .is_permanent()
+        );
     }
 }
