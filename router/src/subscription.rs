@@ -534,6 +534,16 @@ mod tests {
     }
 
     #[test]
+    fn exchange_shapes_leave_the_namespace_to_the_grants() {
+        // `sluice.` is only reserved when it is the configured namespace, which the shape
+        // check does not know; `amq.` is always the broker's.
+        let ok = parse(r#"{"criteria":{},"target":{"type":"amqp","exchange":"sluice.alerts"}}"#);
+        assert!(ok.is_ok(), "{ok:?}");
+        let amq = parse(r#"{"criteria":{},"target":{"type":"amqp","exchange":"amq.direct"}}"#);
+        assert!(amq.unwrap_err().contains("reserved name"));
+    }
+
+    #[test]
     fn unknown_fields_are_refused() {
         assert!(parse(r#"{"criteria":{"device":["x"]},"target":{"type":"live"}}"#).is_err());
         assert!(parse(r#"{"criteria":{},"target":{"type":"carrier-pigeon"}}"#).is_err());
