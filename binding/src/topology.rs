@@ -41,6 +41,18 @@ impl QueueType {
     }
 }
 
+/// The router's delay tiers, each a queue of its own ([`Topology::notify_delay_queue`]): a
+/// delay goes to the shortest tier at least as long.
+pub const NOTIFY_DELAY_TIERS: [std::time::Duration; 7] = [
+    std::time::Duration::from_secs(1),
+    std::time::Duration::from_secs(4),
+    std::time::Duration::from_secs(16),
+    std::time::Duration::from_secs(64),
+    std::time::Duration::from_secs(256),
+    std::time::Duration::from_secs(1024),
+    std::time::Duration::from_secs(3600),
+];
+
 /// The names and shape of a Sluice deployment on the broker.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Topology {
@@ -101,6 +113,41 @@ impl Topology {
     /// The fanout exchange of commit receipts.
     pub fn commits_exchange(&self) -> String {
         format!("{}.commits", self.namespace)
+    }
+
+    /// The topic exchange analytics services publish derived events to (section 7).
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.namespace)
+    }
+
+    /// The queue of derived events the routers share.
+    pub fn router_events_queue(&self) -> String {
+        format!("{}.router.events", self.namespace)
+    }
+
+    /// The router's exchange of notification jobs to deliver.
+    pub fn notify_exchange(&self) -> String {
+        format!("{}.notify", self.namespace)
+    }
+
+    /// The router's notify queue of partition `p`.
+    pub fn notify_queue(&self, p: u32) -> String {
+        format!("{}.notify.{p}", self.namespace)
+    }
+
+    /// The router's exchange of delayed notification jobs.
+    pub fn notify_delay_exchange(&self) -> String {
+        format!("{}.notify.delay", self.namespace)
+    }
+
+    /// The router's queue of one delay tier ([`NOTIFY_DELAY_TIERS`]).
+    pub fn notify_delay_queue(&self, tier: std::time::Duration) -> String {
+        format!("{}.notify.delay.{}", self.namespace, tier.as_millis())
+    }
+
+    /// The dead-letter queue of undeliverable notifications.
+    pub fn notify_dead_queue(&self) -> String {
+        format!("{}.notify.dead", self.namespace)
     }
 
     /// The routing key of partition `p`.

@@ -26,9 +26,9 @@ use lapin::BasicProperties;
 use lapin::ExchangeKind;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use sluice_binding::QueueType;
 use sluice_binding::transport::amqp::AmqpTransport;
 use sluice_binding::transport::{Consumer, PublishError, TransportError};
+use sluice_binding::{QueueType, Topology};
 use uuid::Uuid;
 
 use crate::job::Job;
@@ -36,22 +36,14 @@ use crate::job::Job;
 /// Content type of jobs and derived events.
 pub const CONTENT_TYPE: &str = "application/msgpack";
 
-/// The delay tiers: a delay goes to the shortest tier at least as long.
-pub const DELAY_TIERS: [Duration; 7] = [
-    Duration::from_secs(1),
-    Duration::from_secs(4),
-    Duration::from_secs(16),
-    Duration::from_secs(64),
-    Duration::from_secs(256),
-    Duration::from_secs(1024),
-    Duration::from_secs(3600),
-];
+/// The delay tiers (named in the binding's topology, like every queue).
+pub use sluice_binding::topology::NOTIFY_DELAY_TIERS as DELAY_TIERS;
 
 /// The outbox: names, declaration, publishing. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Outbox {
     transport: AmqpTransport,
-    ns: String,
+    topology: Topology,
     partitions: u32,
     queue_type: QueueType,
 }
@@ -59,11 +51,11 @@ pub struct Outbox {
 impl Outbox {
     /// The outbox of `transport`'s namespace, with `partitions` notify queues.
     pub fn new(transport: AmqpTransport, partitions: u32) -> Self {
-        let topo = transport.topology();
-        let (ns, queue_type) = (topo.namespace.clone(), topo.queue_type);
+        let topology = transport.topology().clone();
+        let queue_type = topology.queue_type;
         Self {
             transport,
-            ns,
+            topology,
             partitions: partitions.max(1),
             queue_type,
         }
@@ -76,22 +68,22 @@ impl Outbox {
 
     /// The events exchange, where analytics services publish derived events.
     pub fn events_exchange(&self) -> String {
-        format!("{}.events", self.ns)
+        self.topology.events_exchange()
     }
 
     /// The queue of derived events the routers share.
     pub fn events_queue(&self) -> String {
-        format!("{}.router.events", self.ns)
+        self.topology.router_events_queue()
     }
 
     /// The exchange of jobs to deliver.
     pub fn notify_exchange(&self) -> String {
-        format!("{}.notify", self.ns)
+        self.topology.notify_exchange()
     }
 
     /// The notify queue of partition `p`.
     pub fn notify_queue(&self, p: u32) -> String {
-        format!("{}.notify.{p}", self.ns)
+        self.topology.notify_queue(p)
     }
 
     /// Every notify queue.
@@ -101,17 +93,17 @@ impl Outbox {
 
     /// The exchange of delayed jobs.
     pub fn delay_exchange(&self) -> String {
-        format!("{}.notify.delay", self.ns)
+        self.topology.notify_delay_exchange()
     }
 
     /// The queue of one delay tier.
     pub fn delay_queue(&self, tier: Duration) -> String {
-        format!("{}.notify.delay.{}", self.ns, tier.as_millis())
+        self.topology.notify_delay_queue(tier)
     }
 
     /// The dead-letter queue of undeliverable notifications.
     pub fn dead_queue(&self) -> String {
-        format!("{}.notify.dead", self.ns)
+        self.topology.notify_dead_queue()
     }
 
     /// The notify partition of a subscription.

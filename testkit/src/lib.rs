@@ -3,8 +3,8 @@
 //! - [`env`]: where RabbitMQ, Redis and the example's Python are, from the environment
 //!   `scripts/test.sh` exports, with the local defaults `scripts/services.sh` starts;
 //! - [`namespace`]: a test's own namespace on the broker and in Redis, and its teardown,
-//!   which deletes what the topology declared (names from [`sluice_binding::Topology`] and,
-//!   with the `router` feature, the router's outbox);
+//!   which deletes what the topology declared (names from [`sluice_binding::Topology`],
+//!   the router's outbox included);
 //! - [`amqp`]: raw broker access for tests that look at queues and headers themselves, and
 //!   broker users of their own (direct publishers);
 //! - `store` (feature `store`): row counts in a Parquet store, through DataFusion;

@@ -1,11 +1,10 @@
 //! A test's own namespace, so tests run concurrently on one broker and one Redis, and its
 //! teardown, so they leave both as they found them.
 //!
-//! The objects deleted are named by their owners, never spelled out here: the exchanges,
-//! the dead-letter queue and the partition queues of the consumer groups come from
-//! [`Topology`]; the router's outbox objects (feature `router`) from
-//! `sluice_router::outbox::Outbox`; Redis keys are those under the `{namespace}:` prefix
-//! the services use. A test that declares objects of its own adds them by name
+//! The objects deleted are named by the contract, never spelled out here: the exchanges,
+//! the dead-letter queue, the partition queues of the consumer groups and the router's
+//! outbox objects all come from [`Topology`]; Redis keys are those under the
+//! `{namespace}:` prefix the services use. A test that declares objects of its own adds them by name
 //! ([`Namespace::add_queue`], [`Namespace::add_exchange`]).
 
 use std::future::Future;
@@ -16,6 +15,7 @@ use futures::FutureExt;
 use lapin::Channel;
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use sluice_binding::Topology;
+use sluice_binding::topology::NOTIFY_DELAY_TIERS;
 
 use crate::env::{amqp_addr, redis_url};
 
@@ -25,7 +25,6 @@ pub struct Namespace {
     name: String,
     broker: Option<Broker>,
     redis: bool,
-    #[cfg(feature = "router")]
     router: Option<u32>,
     added: Mutex<Added>,
 }
@@ -50,7 +49,6 @@ impl Namespace {
             name: format!("{prefix}-{}", &id[..12]),
             broker: None,
             redis: false,
-            #[cfg(feature = "router")]
             router: None,
             added: Mutex::default(),
         }
@@ -74,7 +72,6 @@ impl Namespace {
 
     /// A router runs in it with `notify_partitions` notify queues: teardown also deletes
     /// the router's outbox exchanges and queues.
-    #[cfg(feature = "router")]
     pub fn with_router(mut self, notify_partitions: u32) -> Self {
         self.router = Some(notify_partitions);
         self
@@ -161,9 +158,8 @@ impl Namespace {
 
     async fn teardown_broker(&self) {
         let (mut queues, mut exchanges) = self.topology_objects();
-        #[cfg(feature = "router")]
         if let Some(n) = self.router {
-            let (q, x) = self.router_objects(n).await;
+            let (q, x) = self.router_objects(n);
             queues.extend(q);
             exchanges.extend(x);
         }
@@ -206,32 +202,21 @@ impl Namespace {
         let _ = conn.close(200, "teardown".into()).await;
     }
 
-    /// The router's outbox queues and exchanges, as its `Outbox` names them.
-    #[cfg(feature = "router")]
-    async fn router_objects(&self, notify_partitions: u32) -> (Vec<String>, Vec<String>) {
-        use sluice_binding::transport::amqp::{AmqpConfig, AmqpTransport};
-        use sluice_router::outbox::{DELAY_TIERS, Outbox};
-
-        let mut cfg = AmqpConfig::new(vec![amqp_addr()], self.topology());
-        cfg.connect_timeout = std::time::Duration::from_secs(5);
-        cfg.connection_name = "sluice-testkit-teardown".to_owned();
-        let transport = match AmqpTransport::connect(cfg).await {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("teardown of {}: cannot connect: {e}", self.name);
-                return (Vec::new(), Vec::new());
-            }
-        };
-        let outbox = Outbox::new(transport.clone(), notify_partitions);
-        let mut queues = vec![outbox.events_queue(), outbox.dead_queue()];
-        queues.extend(outbox.notify_queues());
-        queues.extend(DELAY_TIERS.iter().map(|t| outbox.delay_queue(*t)));
+    /// The router's outbox queues and exchanges, as the topology names them.
+    fn router_objects(&self, notify_partitions: u32) -> (Vec<String>, Vec<String>) {
+        let t = self.topology();
+        let mut queues = vec![t.router_events_queue(), t.notify_dead_queue()];
+        queues.extend((0..notify_partitions).map(|p| t.notify_queue(p)));
+        queues.extend(
+            NOTIFY_DELAY_TIERS
+                .iter()
+                .map(|tier| t.notify_delay_queue(*tier)),
+        );
         let exchanges = vec![
-            outbox.events_exchange(),
-            outbox.notify_exchange(),
-            outbox.delay_exchange(),
+            t.events_exchange(),
+            t.notify_exchange(),
+            t.notify_delay_exchange(),
         ];
-        transport.close().await;
         (queues, exchanges)
     }
 
