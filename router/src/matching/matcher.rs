@@ -78,10 +78,13 @@ impl SeriesMemory {
                 tracing::debug!(max_series = self.max, tenant = %t, series = m.len(), "series memory full, cleared the largest tenant's");
             }
         }
-        self.by_tenant
-            .entry(tenant.into())
-            .or_default()
-            .insert(key.into(), x);
+        // The tenant's name is copied only for its first series.
+        if let Some(series) = self.by_tenant.get_mut(tenant) {
+            series.insert(key.into(), x);
+        } else {
+            let series = HashMap::from([(Box::<[u8]>::from(key), x)]);
+            self.by_tenant.insert(tenant.into(), series);
+        }
         self.len += 1;
     }
 }
@@ -230,7 +233,7 @@ impl Matcher {
             }
             pair.cands = (start, s.cands.len() as u32);
             if pair.tracked {
-                series_key(&mut s.key, batch.tenant, EventKind::Reading, device, metric);
+                series_key(&mut s.key, EventKind::Reading, device, metric);
                 pair.prev = previous.get(batch.tenant, &s.key);
             }
         }
@@ -269,7 +272,7 @@ impl Matcher {
                     batch.devices[pair.d as usize],
                     batch.metrics[pair.m as usize],
                 );
-                series_key(&mut s.key, batch.tenant, EventKind::Reading, device, metric);
+                series_key(&mut s.key, EventKind::Reading, device, metric);
                 previous.remember(batch.tenant, &s.key, x);
             }
         }
@@ -298,7 +301,7 @@ impl Matcher {
         t.lookup(kind, device, metric, &mut s.slots);
         let tracked = s.slots.iter().any(|slot| t.entry(*slot).watches_changes());
         let prev = if tracked {
-            series_key(&mut s.key, tenant, kind, device, metric);
+            series_key(&mut s.key, kind, device, metric);
             self.previous.get(tenant, &s.key)
         } else {
             None
@@ -317,12 +320,10 @@ impl Matcher {
     }
 }
 
-/// The memory key of a series. 0xFF never occurs in UTF-8, so the separators make the
-/// key unambiguous whatever the names contain.
-fn series_key(key: &mut Vec<u8>, tenant: &str, kind: EventKind, device: &str, metric: &str) {
+/// The memory key of a series within its tenant's memory: kind, device, metric. 0xFF never
+/// occurs in UTF-8, so the separator makes the key unambiguous whatever the names contain.
+fn series_key(key: &mut Vec<u8>, kind: EventKind, device: &str, metric: &str) {
     key.clear();
-    key.extend_from_slice(tenant.as_bytes());
-    key.push(0xFF);
     key.push(kind_ix(kind) as u8);
     key.extend_from_slice(device.as_bytes());
     key.push(0xFF);
