@@ -3,7 +3,10 @@
 #
 #   - RabbitMQ on 127.0.0.1:5672 (user guest/guest, vhost /)
 #   - Redis    on 127.0.0.1:6379
-#   - a Python venv at .venv with the example publisher's requirements (pika, msgpack)
+#   - a Python venv at .venv with the test requirements (scripts/requirements-test.txt:
+#     the example publisher's pika and msgpack, moto, deltalake)
+#   - an S3-compatible server on 127.0.0.1:9555 (moto's standalone server from that venv)
+#     with the bucket sluice-test
 #   - docker-compose, to check compose.yaml (Debian's package; no Docker engine)
 #
 # Idempotent: whatever is already running (a local node, or the `docker compose` services
@@ -28,7 +31,8 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 amqp_host=127.0.0.1 amqp_port=5672 redis_host=127.0.0.1 redis_port=6379
 venv="$root/.venv"
-requirements="$root/examples/python/requirements.txt"
+requirements="$root/scripts/requirements-test.txt"
+s3_host=127.0.0.1 s3_port=9555 s3_bucket=sluice-test
 apt_updated=0
 
 say() { printf 'services.sh: %s\n' "$*" >&2; }
@@ -237,8 +241,9 @@ ensure_rabbitmq() {
 # --------------------------------------------------------------- Python
 ensure_python() {
     local py="$venv/bin/python"
-    if "$py" -c 'import pika, msgpack' 2>/dev/null; then
-        say "Python: $venv already has pika and msgpack"
+    local modules='import pika, msgpack, moto, deltalake, pyarrow'
+    if "$py" -c "$modules" 2>/dev/null; then
+        say "Python: $venv already has the test requirements"
         return
     fi
     if [[ -e $venv ]]; then
@@ -262,7 +267,40 @@ ensure_python() {
     say "Python: pip install -r ${requirements#"$root"/}"
     timed "$py" -m pip install --disable-pip-version-check -q -r "$requirements" >&2 ||
         die "pip install -r $requirements failed"
-    "$py" -c 'import pika, msgpack' || die "pika/msgpack still not importable in $venv"
+    "$py" -c "$modules" || die "the test requirements are still not importable in $venv"
+}
+
+# ------------------------------------------------------------------- S3
+# moto's standalone server: in memory, any credentials. Its state goes when it stops, so the
+# bucket is created whenever it is missing.
+s3_bucket_ok() {
+    "$venv/bin/python" - "$s3_host" "$s3_port" "$s3_bucket" <<'PY' >&2
+import sys, boto3, botocore
+host, port, bucket = sys.argv[1:]
+s3 = boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1",
+                  aws_access_key_id="test", aws_secret_access_key="test")
+try:
+    s3.head_bucket(Bucket=bucket)
+except botocore.exceptions.ClientError:
+    s3.create_bucket(Bucket=bucket)
+PY
+}
+ensure_s3() {
+    if port_open "$s3_host" "$s3_port"; then
+        say "S3: something listens on $s3_host:$s3_port, reusing it"
+    else
+        local log="$root/target/moto-server.log"
+        mkdir -p "$root/target"
+        say "S3: starting moto_server on $s3_host:$s3_port (log: ${log#"$root"/})"
+        nohup "$venv/bin/moto_server" -H "$s3_host" -p "$s3_port" >"$log" 2>&1 &
+        local i
+        for i in $(seq 1 50); do
+            port_open "$s3_host" "$s3_port" && break
+            sleep 0.2
+        done
+        port_open "$s3_host" "$s3_port" || die "moto_server did not start (see $log)"
+    fi
+    s3_bucket_ok || die "cannot create the bucket $s3_bucket on $s3_host:$s3_port"
 }
 
 # ------------------------------------------------------- docker-compose
@@ -284,6 +322,7 @@ ensure_compose() {
 ensure_redis
 ensure_rabbitmq
 ensure_python
+ensure_s3
 ensure_compose
 
 say "ready. Environment for the tests:"
@@ -291,4 +330,6 @@ say "ready. Environment for the tests:"
 printf 'AMQP_ADDR=%q\n' "amqp://$amqp_host:$amqp_port/%2f"
 printf 'REDIS_URL=%q\n' "redis://$redis_host:$redis_port"
 printf 'SLUICE_PYTHON=%q\n' "$venv/bin/python"
+printf 'SLUICE_S3_ENDPOINT=%q\n' "http://$s3_host:$s3_port"
+printf 'SLUICE_S3_BUCKET=%q\n' "$s3_bucket"
 

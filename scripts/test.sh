@@ -3,14 +3,14 @@
 #
 #   bash scripts/test.sh
 #
-# It first makes sure RabbitMQ, Redis and the Python example's venv are there
+# It first makes sure RabbitMQ, Redis, the test venv and an S3 server are there
 # (scripts/services.sh: reuses running services, installs/starts what is missing), then runs
 #
 #   cargo fmt --all -- --check
 #   cargo clippy --workspace --all-targets --features broker-tests -- -D warnings
 #   cargo test   --workspace --features broker-tests
 #
-# with AMQP_ADDR, REDIS_URL and SLUICE_PYTHON exported (values already set in the
+# with AMQP_ADDR, REDIS_URL, SLUICE_PYTHON, SLUICE_S3_ENDPOINT and SLUICE_S3_BUCKET exported (values already set in the
 # environment win, so you can point the tests at other services). With CI=true, cargo also
 # gets --locked. CI runs this script through .ci/run.
 set -euo pipefail
@@ -34,7 +34,7 @@ services_env="$(bash scripts/services.sh)"
 # services.sh prints only KEY=value lines (shell-quoted) on stdout.
 while IFS= read -r line; do
     case $line in
-    AMQP_ADDR=* | REDIS_URL=* | SLUICE_PYTHON=*)
+    AMQP_ADDR=* | REDIS_URL=* | SLUICE_PYTHON=* | SLUICE_S3_ENDPOINT=* | SLUICE_S3_BUCKET=*)
         key=${line%%=*}
         if [[ -z ${!key:-} ]]; then
             eval "export $line"
@@ -44,7 +44,7 @@ while IFS= read -r line; do
         ;;
     esac
 done <<<"$services_env"
-for key in AMQP_ADDR REDIS_URL SLUICE_PYTHON; do
+for key in AMQP_ADDR REDIS_URL SLUICE_PYTHON SLUICE_S3_ENDPOINT SLUICE_S3_BUCKET; do
     [[ -n ${!key:-} ]] || {
         echo "test.sh: services.sh did not report $key" >&2
         exit 1

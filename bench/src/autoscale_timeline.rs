@@ -107,7 +107,7 @@ async fn main() -> Result<()> {
     transport.declare(&["storage"]).await?;
     let mut receipts = transport.subscribe_receipts(4096).await?;
 
-    let (_dir, sinks) = scratch_sinks()?;
+    let (_dir, sinks) = scratch_sinks().await?;
     let autoscale = AutoscaleConfig {
         min: cli.min,
         max: cli.max,

@@ -5,7 +5,7 @@
 use clap::Args;
 use sluice_processors::Sinks;
 use sluice_sinks::latest::LatestStore;
-use sluice_sinks::parquet::{ParquetStore, ParquetStoreConfig};
+use sluice_sinks::table::{ReadingsTable, TableConfig};
 
 /// The broker every benchmark talks to.
 #[derive(Debug, Clone, Args)]
@@ -19,15 +19,21 @@ pub struct BrokerArg {
     pub amqp_url: String,
 }
 
-/// Storage sinks for a benchmark: Parquet files in a fresh temporary directory (removed
-/// when the returned guard drops) and latest values in memory.
-pub fn scratch_sinks() -> anyhow::Result<(tempfile::TempDir, Sinks)> {
+/// Storage sinks for a benchmark: the readings table in a fresh temporary directory
+/// (removed when the returned guard drops) and latest values in memory.
+pub async fn scratch_sinks() -> anyhow::Result<(tempfile::TempDir, Sinks)> {
     let dir = tempfile::tempdir()?;
+    let store = dir
+        .path()
+        .to_str()
+        .ok_or_else(|| anyhow::anyhow!("temporary directory is not UTF-8"))?
+        .to_owned();
     let sinks = Sinks {
-        parquet: ParquetStore::open(ParquetStoreConfig {
-            root: dir.path().to_path_buf(),
-            ..ParquetStoreConfig::default()
-        })?,
+        table: ReadingsTable::open(TableConfig {
+            store,
+            ..TableConfig::default()
+        })
+        .await?,
         latest: LatestStore::memory(),
     };
     Ok((dir, sinks))

@@ -122,7 +122,7 @@ async fn run_one(cli: &Cli, workers: usize) -> Result<Row> {
         r??;
     }
 
-    let (_dir, sinks) = scratch_sinks()?;
+    let (_dir, sinks) = scratch_sinks().await?;
     let cfg = PoolConfig {
         workers,
         prefetch: cli.prefetch,

@@ -144,6 +144,13 @@ impl Fleet {
     }
 }
 
+/// The device timestamp of reading `j` of a request intended at `intended_wall` (ns): one
+/// microsecond apart, the precision the readings table stores (two readings of one series in
+/// one microsecond would be indistinguishable there).
+fn reading_ts(intended_wall: i64, j: u64) -> i64 {
+    intended_wall + j as i64 * 1_000
+}
+
 /// The last value the run sends for (device index, metric index), given the readings sent.
 pub fn expected_last_value(cfg: &LoadConfig, total: u64, device: u32, metric: u32) -> Option<f64> {
     let (nd, nm) = (u64::from(cfg.devices.max(1)), u64::from(cfg.metrics.max(1)));
@@ -418,7 +425,7 @@ async fn send(
                     JsonReading {
                         device: &fleet.devices[d],
                         metric: &fleet.metrics[m],
-                        ts: intended_wall + j as i64,
+                        ts: reading_ts(intended_wall, j),
                         value,
                     }
                 })
@@ -460,7 +467,7 @@ async fn send(
                 b.push(
                     &fleet.devices[d],
                     &fleet.metrics[m],
-                    intended_wall + j as i64,
+                    reading_ts(intended_wall, j),
                     value,
                 );
             }

@@ -18,9 +18,9 @@ pub const ROWS_DUPLICATE: &str = "sluice_storage_rows_duplicate_total";
 pub const DEAD_LETTERED: &str = "sluice_storage_dead_lettered_total";
 /// Commits that failed (their deliveries held and the commit tried again), by sink.
 pub const COMMIT_FAILURES: &str = "sluice_storage_commit_failures_total";
-/// Parquet files written.
+/// Data files added to the readings table.
 pub const FILES_WRITTEN: &str = "sluice_storage_files_written_total";
-/// Duration of a commit (Parquet + latest values), seconds.
+/// Duration of a commit (readings table + latest values), seconds.
 pub const COMMIT_SECONDS: &str = "sluice_storage_commit_seconds";
 /// Device timestamp → committed, seconds, per row.
 pub const END_TO_END_SECONDS: &str = "sluice_storage_end_to_end_seconds";

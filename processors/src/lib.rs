@@ -1,12 +1,12 @@
 //! Sluice worker pools. Today: the storage pool, which turns partition deliveries into
-//! committed Parquet rows and Redis latest values.
+//! rows committed to the readings table and Redis latest values.
 //!
 //! ```text
 //! consumer task per partition queue ──► crossbeam (bounded) ──► N worker threads
 //!   (transport prefetch window)                                  decode · validate · Arrow
 //!                                                                        │ tokio mpsc (bounded)
 //!                                                                        ▼
-//!                        ack ◄── receipts ◄── latest values ◄── Parquet commit ◄── committer
+//!                        ack ◄── receipts ◄── latest values ◄── table commit ◄── committer
 //! ```
 //!
 //! - [`pool`]: the pipeline above, its configuration and its shutdown order;

@@ -28,7 +28,7 @@ use sluice_binding::transport::{Acker, DeadLetter, Transport, TransportError};
 use sluice_binding::validate::Limits;
 use sluice_sinks::StagedBatch;
 use sluice_sinks::latest::LatestStore;
-use sluice_sinks::parquet::{CommitOutcome, ParquetStore};
+use sluice_sinks::table::{CommitOutcome, ReadingsTable};
 use tokio::sync::mpsc;
 
 use crate::autoscale::{AutoscaleConfig, Autoscaler, Sample};
@@ -94,8 +94,8 @@ impl Default for PoolConfig {
 /// Where committed rows go.
 #[derive(Clone, Debug)]
 pub struct Sinks {
-    /// Time-series store.
-    pub parquet: ParquetStore,
+    /// The readings table (Delta Lake, local or on an object store).
+    pub table: ReadingsTable,
     /// Latest value per series.
     pub latest: LatestStore,
 }
@@ -160,7 +160,7 @@ impl PoolReport {
             self.commits,
             latency::table(&[
                 ("stage (decode+validate)", &self.stage),
-                ("commit (parquet+latest)", &self.commit),
+                ("commit (table+latest)", &self.commit),
                 ("end-to-end (device→stored)", &self.end_to_end),
             ])
         )
@@ -484,11 +484,11 @@ impl Committer {
         let t0 = Instant::now();
         let mut attempt = 0;
         let outcome = loop {
-            match self.sinks.parquet.commit(batches.clone()).await {
+            match self.sinks.table.commit(batches.clone()).await {
                 Ok(o) => break o,
                 Err(e) => {
                     if !self
-                        .wait_to_retry("parquet", &e, ackers.len(), &mut attempt)
+                        .wait_to_retry("table", &e, ackers.len(), &mut attempt)
                         .await
                     {
                         return requeue(ackers).await;
@@ -496,7 +496,7 @@ impl Committer {
                 }
             }
         };
-        // Parquet holds the rows from here on; a retry (or a redelivery after a stop)
+        // The table holds the rows from here on; a retry (or a redelivery after a stop)
         // skips them there and writes Redis again.
         while let Err(e) = self.sinks.latest.update(&batches).await {
             if !self
@@ -569,8 +569,7 @@ impl Committer {
                 .entry(b.tenant.as_str())
                 .or_insert_with(latency::new_histogram);
             let ts = b.rows.column(2).as_primitive::<TimestampNanosecondType>();
-            // A batch split over hours may be partly stored by an earlier commit; its
-            // newly stored rows are then a subset, and recording the first n is close enough.
+            // A batch is committed whole or skipped whole: n is 0 or all of its rows.
             for t in ts.values().iter().take(n) {
                 latency::record(h, committed - t);
             }
@@ -629,7 +628,7 @@ fn futures_ack(ackers: Vec<Acker>) -> impl std::future::Future<Output = ()> {
 
 #[cfg(test)]
 mod tests {
-    //! The pool on the in-process transport, with a Parquet store in a temporary directory
+    //! The pool on the in-process transport, with the readings table in a temporary directory
     //! and the in-memory latest-value store: the same contract as over AMQP, no services.
 
     use std::path::Path;
@@ -639,7 +638,7 @@ mod tests {
     use sluice_binding::model::{BatchBuilder, now_ns};
     use sluice_binding::transport::Outgoing;
     use sluice_binding::transport::inproc::InProcessTransport;
-    use sluice_sinks::parquet::ParquetStoreConfig;
+    use sluice_sinks::table::TableConfig;
     use std::future::Future;
     use tokio::task::JoinHandle;
 
@@ -652,14 +651,15 @@ mod tests {
         (Transport::InProcess(inproc.clone()), inproc)
     }
 
-    fn sinks(root: &Path) -> Sinks {
-        let parquet = ParquetStore::open(ParquetStoreConfig {
-            root: root.to_owned(),
-            ..ParquetStoreConfig::default()
+    async fn sinks(root: &Path) -> Sinks {
+        let table = ReadingsTable::open(TableConfig {
+            store: root.to_str().unwrap().to_owned(),
+            ..TableConfig::default()
         })
+        .await
         .unwrap();
         Sinks {
-            parquet,
+            table,
             latest: LatestStore::memory(),
         }
     }
@@ -677,7 +677,12 @@ mod tests {
         let mut b = BatchBuilder::new("acme", "pool-test", seq);
         let ts = now_ns() - 1_000_000_000;
         for i in 0..READINGS {
-            b.push(&format!("dev-{seq}"), "temp", ts + i as i64, i as f64);
+            b.push(
+                &format!("dev-{seq}"),
+                "temp",
+                ts + i as i64 * 1_000,
+                i as f64,
+            );
         }
         codec::encode(&b.finish(now_ns())).unwrap()
     }
@@ -750,7 +755,7 @@ mod tests {
     async fn commits_every_delivery_then_acks_it_and_publishes_a_receipt() {
         let dir = tempfile::tempdir().unwrap();
         let (t, _) = transport();
-        let sinks = sinks(dir.path());
+        let sinks = sinks(dir.path()).await;
         let mut receipts = t.subscribe_receipts(16).await.unwrap();
         let bodies: Vec<Vec<u8>> = (0..6).map(batch).collect();
         publish(&t, &bodies).await;
@@ -789,7 +794,7 @@ mod tests {
     async fn bad_deliveries_are_dead_lettered_with_their_reason_and_kind_then_acked() {
         let dir = tempfile::tempdir().unwrap();
         let (t, inproc) = transport();
-        let sinks = sinks(dir.path());
+        let sinks = sinks(dir.path()).await;
         let mut future = BatchBuilder::new("acme", "pool-test", 0);
         future.push("d", "m", now_ns(), 1.0);
         let mut future = future.finish(now_ns());
@@ -845,7 +850,7 @@ mod tests {
     async fn resizing_while_deliveries_flow_loses_and_duplicates_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let (t, _) = transport();
-        let sinks = sinks(dir.path());
+        let sinks = sinks(dir.path()).await;
         t.declare(&["storage"]).await.unwrap();
         let pool = start(&t, &sinks, config());
         wait_for("two workers", || async {
@@ -890,7 +895,7 @@ mod tests {
     async fn shutdown_commits_and_acks_what_was_received() {
         let dir = tempfile::tempdir().unwrap();
         let (t, _) = transport();
-        let sinks = sinks(dir.path());
+        let sinks = sinks(dir.path()).await;
         let bodies: Vec<Vec<u8>> = (0..20).map(batch).collect();
         publish(&t, &bodies).await;
         // No flush would come for a minute: only the drain at shutdown commits.
@@ -919,9 +924,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (t, _) = transport();
         let root = dir.path().join("store");
-        let sinks = sinks(&root);
+        let sinks = sinks(&root).await;
         // The store's root is a file now: every commit fails.
-        std::fs::remove_dir(&root).unwrap();
+        std::fs::remove_dir_all(&root).unwrap();
         std::fs::write(&root, b"").unwrap();
         let bodies: Vec<Vec<u8>> = (0..4).map(batch).collect();
         publish(&t, &bodies).await;

@@ -22,7 +22,7 @@ use sluice_binding::transport::amqp::{AmqpConfig, AmqpTransport};
 use sluice_binding::transport::{Outgoing, Transport};
 use sluice_processors::{PoolConfig, PoolControl, PoolReport, Sinks, run};
 use sluice_sinks::latest::LatestStore;
-use sluice_sinks::parquet::{ParquetStore, ParquetStoreConfig};
+use sluice_sinks::table::{ReadingsTable, TableConfig};
 use sluice_testkit::amqp::BrokerUser;
 use sluice_testkit::wait::wait_for;
 use sluice_testkit::{Namespace, amqp, store};
@@ -34,12 +34,13 @@ fn namespace() -> Namespace {
     Namespace::new("pt").on_broker(PARTITIONS, &[GROUP])
 }
 
-fn sinks(root: &Path) -> Sinks {
+async fn sinks(root: &Path) -> Sinks {
     Sinks {
-        parquet: ParquetStore::open(ParquetStoreConfig {
-            root: root.to_owned(),
-            ..ParquetStoreConfig::default()
+        table: ReadingsTable::open(TableConfig {
+            store: root.to_str().unwrap().to_owned(),
+            ..TableConfig::default()
         })
+        .await
         .unwrap(),
         latest: LatestStore::memory(),
     }
@@ -55,7 +56,12 @@ fn batch_of(tenant: &str, seq: u64, n: usize) -> Vec<u8> {
     let mut b = BatchBuilder::new(tenant, "processors-test", seq);
     let ts = now_ns() - 1_000_000_000;
     for i in 0..n {
-        b.push(&format!("dev-{seq}"), "temp", ts + i as i64, i as f64);
+        b.push(
+            &format!("dev-{seq}"),
+            "temp",
+            ts + i as i64 * 1_000,
+            i as f64,
+        );
     }
     codec::encode(&b.finish(now_ns())).unwrap()
 }
@@ -158,7 +164,7 @@ async fn what_was_published_is_committed_exactly_once_and_acked() {
         // Half queued before the pool starts, half while it runs.
         let bodies: Vec<Vec<u8>> = (0..40).map(|s| batch(s, 250)).collect();
         publish(&t, &bodies[..20]).await;
-        let sinks = sinks(&root);
+        let sinks = sinks(&root).await;
         let stop = CancellationToken::new();
         let pool = start(&t, &sinks, &stop);
         publish(&t, &bodies[20..]).await;
@@ -204,7 +210,7 @@ async fn bad_batches_are_dead_lettered_with_their_reason_and_the_good_ones_store
             ],
         )
         .await;
-        let sinks = sinks(&root);
+        let sinks = sinks(&root).await;
         let stop = CancellationToken::new();
         let pool = start(&t, &sinks, &stop);
 
@@ -276,7 +282,7 @@ async fn a_direct_publisher_stores_its_own_tenant_only() {
         .unwrap();
         let _ = conn.close(200, "done".into()).await;
 
-        let sinks = sinks(&root);
+        let sinks = sinks(&root).await;
         let stop = CancellationToken::new();
         let pool = start_with(&t, &sinks, Some(tenants), &stop);
         let (conn, ch) = amqp::connect().await;

@@ -3,12 +3,14 @@
 //! The storage pool stages decoded batches as Arrow [`RecordBatch`]es ([`StagedBatch`]) and
 //! hands them to the sinks; it acks the AMQP deliveries only after every sink accepted them.
 //!
-//! - [`parquet`]: the time-series store. One Parquet file per (tenant, hour) partition per
-//!   commit, written atomically; the files' footers are the deduplication ledger, so a
-//!   redelivered batch never duplicates rows, across restarts and across processes.
+//! - [`table`]: the readings table, a Delta Lake table on a local directory or an object
+//!   store. One log entry per commit, adding one Parquet file per (tenant, date) partition;
+//!   the batch ids in the log are the deduplication ledger, so a redelivered batch never
+//!   duplicates rows, across restarts, processes and machines (`docs/storage.md`).
 //! - [`latest`]: the latest value per (tenant, device, metric), in Redis or in memory, never
 //!   regressing to an older reading.
-//! - [`query`]: DataFusion SQL over one tenant's Parquet files, read-only.
+//! - [`query`]: DataFusion SQL over one tenant's view of the table, read-only.
+//! - [`legacy`]: the directory layout of earlier versions, read for conversion.
 //!
 //! Its contract with the rest of the workspace is the Arrow schema below
 //! ([`readings_schema`]) and [`StagedBatch`]; from the binding it takes only the contract's
@@ -21,8 +23,9 @@ use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 
 pub mod latest;
-pub mod parquet;
+pub mod legacy;
 pub mod query;
+pub mod table;
 
 /// Column names of the readings schema ([`readings_schema`]), in schema order.
 pub mod columns {
@@ -59,8 +62,8 @@ static READINGS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     ]))
 });
 
-/// The schema of [`StagedBatch::rows`], of the Parquet files and of the `readings` table
-/// (which adds the `date` and `hour` partition columns).
+/// The schema of [`StagedBatch::rows`]. The readings table stores `ts` at microseconds and
+/// adds the `tenant` and `date` partition columns ([`table`]).
 pub fn readings_schema() -> SchemaRef {
     Arc::clone(&READINGS_SCHEMA)
 }
@@ -74,8 +77,9 @@ pub struct StagedBatch {
     /// The batch id from the binding: the deduplication key.
     pub batch_id: uuid::Uuid,
     /// The AMQP `redelivered` flag: this batch may already have been stored (by this process
-    /// before a restart or by another one), so the Parquet store re-reads the ledger of the
-    /// partitions it touches before writing.
+    /// before a restart or by another one). The table checks every batch against its ledger
+    /// whatever this says (a producer's republished copy is not flagged); the flag is kept
+    /// for metrics and for sinks without a ledger of their own.
     pub maybe_duplicate: bool,
     /// The readings, with exactly [`readings_schema`] (no nulls).
     pub rows: RecordBatch,

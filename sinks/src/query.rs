@@ -1,53 +1,48 @@
-//! Read-only SQL over one tenant's stored readings (DataFusion).
+//! Read-only SQL over one tenant's readings in the Delta table (DataFusion).
 //!
-//! A [`TenantQuery`] owns a DataFusion `SessionContext` whose only table is `readings`: a
-//! `ListingTable` over `<root>/tenant=<tenant>/` (the layout of [`crate::parquet`]) with the
-//! columns
+//! A [`TenantQuery`] answers each query in a fresh DataFusion session whose only table is
+//! `readings`: a view of the Delta table ([`crate::table`]) at its newest version, filtered
+//! to the tenant, with the columns
 //!
 //! | column | type |
 //! |---|---|
-//! | `device`, `metric` | `Dictionary(Int32, Utf8)` |
-//! | `ts` | `Timestamp(Nanosecond, "UTC")` |
+//! | `device`, `metric` | `Utf8` |
+//! | `ts` | `Timestamp(Microsecond, "UTC")` |
 //! | `value` | `Float64` |
-//! | `date` | `Utf8`, `YYYY-MM-DD` (hive partition) |
-//! | `hour` | `Utf8`, `00`–`23` (hive partition) |
+//! | `date` | `Date32`, the UTC date of `ts` (partition column) |
 //!
-//! Filters on `date` and `hour` prune whole directories (compare with strings:
-//! `date = '2026-11-21' AND hour = '10'`); filters on `ts` prune files and row groups by
-//! their statistics.
+//! Filters on `date` prune partitions from the log alone; filters on `ts` prune files by the
+//! statistics in the log, then row groups by the Parquet statistics: a query of the last hour
+//! opens only the files whose `ts` range meets it.
 //!
-//! Tenant isolation rests on three things: the table's root is the tenant's directory (the
-//! tenant id is validated, so it cannot climb out); DataFusion's dynamic file catalog
+//! Tenant isolation rests on three things: the only name a query can reach is the view, and
+//! the view's plan filters on the tenant partition (the Delta table itself is never
+//! registered, so no query names it); DataFusion's dynamic file catalog
 //! (`SELECT * FROM '<path>'`) stays disabled, so no URL or path is readable as a table; and
 //! only queries run — DDL (`CREATE EXTERNAL TABLE … LOCATION …`), DML, `COPY` and other
 //! statements (`SET`, …) are rejected before execution.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::datatypes::DataType;
 use arrow::error::ArrowError;
 use arrow::json::writer::{JsonArray, WriterBuilder};
 use arrow::record_batch::RecordBatch;
-use datafusion::datasource::file_format::parquet::ParquetFormat;
-use datafusion::datasource::listing::{
-    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
-};
+use datafusion::catalog::view::ViewTable;
+use datafusion::datasource::provider_as_source;
 use datafusion::error::DataFusionError;
-use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::logical_expr::{LogicalPlanBuilder, col, lit};
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
+use deltalake_core::{DeltaTable, DeltaTableError};
+use tokio::sync::Mutex;
 
-use crate::readings_schema;
+use crate::columns::{DEVICE, METRIC, TS, VALUE};
+use crate::table::{DATE, Location, TENANT, TableError};
 use sluice_binding::model::{InvalidTenantId, TenantId};
 
 /// The name of the one table.
 pub const TABLE: &str = "readings";
-/// Hive partition column: UTC date of `ts`, `YYYY-MM-DD`.
-pub const DATE: &str = "date";
-/// Hive partition column: UTC hour of `ts`, two digits.
-pub const HOUR: &str = "hour";
 
 /// Errors of tenant queries.
 #[derive(Debug, thiserror::Error)]
@@ -55,14 +50,9 @@ pub enum QueryError {
     /// The tenant id is not a valid tenant id.
     #[error(transparent)]
     InvalidTenant(#[from] InvalidTenantId),
-    /// The store root cannot be used as a table location.
-    #[error("invalid store root {}: {reason}", path.display())]
-    InvalidRoot {
-        /// The root given.
-        path: PathBuf,
-        /// Why.
-        reason: String,
-    },
+    /// The store cannot be read.
+    #[error(transparent)]
+    Table(#[from] TableError),
     /// The statement is not a query (DDL, DML, COPY, SET, …): only queries are allowed.
     #[error("only queries are allowed: {0}")]
     NotAQuery(String),
@@ -77,11 +67,12 @@ pub enum QueryError {
     Json(#[from] serde_json::Error),
 }
 
-/// SQL over one tenant's readings. Cheap to keep around: every query lists the tenant's
-/// directory afresh, so it sees files committed after it was built.
+/// SQL over one tenant's readings. Cheap to keep around and to clone: every query reads the
+/// table's newest version (the log entries since the last query).
 #[derive(Clone)]
 pub struct TenantQuery {
-    ctx: SessionContext,
+    table: Arc<Mutex<DeltaTable>>,
+    location: Location,
     tenant: String,
     options: SQLOptions,
 }
@@ -89,65 +80,26 @@ pub struct TenantQuery {
 impl fmt::Debug for TenantQuery {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TenantQuery")
+            .field("location", &self.location)
             .field("tenant", &self.tenant)
-            .field("session", &self.ctx.session_id())
             .finish_non_exhaustive()
     }
 }
 
 impl TenantQuery {
-    /// Builds the session for `tenant` over the store at `root`. A tenant without data yet
-    /// gets an empty table. Nothing is read here.
-    pub fn new(root: impl AsRef<Path>, tenant: &str) -> Result<Self, QueryError> {
+    /// Queries of `tenant` over the table at `location`. Nothing is read here; a location
+    /// without a table yet reads as an empty table.
+    pub fn new(location: &Location, tenant: &str) -> Result<Self, QueryError> {
         TenantId::check(tenant)?;
-        let root = root.as_ref();
-        let invalid = |reason: String| QueryError::InvalidRoot {
-            path: root.to_owned(),
-            reason,
-        };
-        let root_abs = std::path::absolute(root).map_err(|e| invalid(e.to_string()))?;
-        let dir = root_abs.join(format!("tenant={tenant}"));
-        let dir = dir
-            .to_str()
-            .ok_or_else(|| invalid("not UTF-8".into()))?
-            .to_owned();
-        // `ListingTableUrl::parse` would read these as a glob and list more than the tenant.
-        if dir.contains(['*', '?', '[']) {
-            return Err(invalid("contains a glob character (*, ? or [)".into()));
-        }
-        let url = ListingTableUrl::parse(format!("{dir}/"))?;
-
-        let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
-            .with_file_extension(".parquet")
-            .with_table_partition_cols(vec![
-                (DATE.to_owned(), DataType::Utf8),
-                (HOUR.to_owned(), DataType::Utf8),
-            ]);
-        let config = ListingTableConfig::new(url)
-            .with_listing_options(options)
-            .with_schema(readings_schema());
-        let table = ListingTable::try_new(config)?;
-
-        // DataFusion caches directory listings forever by default; a long-lived session must
-        // see newly committed files, so listing caching is off (a listing is one readdir per
-        // partition directory, cheap next to reading Parquet).
-        let runtime = RuntimeEnvBuilder::new()
-            .with_cache_manager(CacheManagerConfig::default().with_list_files_cache_limit(0))
-            .build_arc()?;
-        // `SessionContext::new*` never installs the dynamic file catalog (that takes
-        // `enable_url_table`), and information_schema stays off.
-        let config = SessionConfig::new().with_information_schema(false);
-        let ctx = SessionContext::new_with_config_rt(config, runtime);
-        ctx.register_table(TABLE, Arc::new(table))?;
-
-        let options = SQLOptions::new()
-            .with_allow_ddl(false)
-            .with_allow_dml(false)
-            .with_allow_statements(false);
+        let log_store = location.log_store()?;
         Ok(Self {
-            ctx,
+            table: Arc::new(Mutex::new(DeltaTable::new(log_store))),
+            location: location.clone(),
             tenant: tenant.to_owned(),
-            options,
+            options: SQLOptions::new()
+                .with_allow_ddl(false)
+                .with_allow_dml(false)
+                .with_allow_statements(false),
         })
     }
 
@@ -156,14 +108,54 @@ impl TenantQuery {
         &self.tenant
     }
 
+    /// A session whose `readings` is the tenant's view of the newest version, or `None`
+    /// while the location holds no table.
+    async fn session(&self) -> Result<Option<SessionContext>, QueryError> {
+        let mut table = self.table.lock().await;
+        let loaded = match table.version() {
+            None => table.load().await,
+            Some(_) => table.update_incremental(None).await,
+        };
+        match loaded {
+            Ok(()) => {}
+            Err(DeltaTableError::NotATable(_)) => return Ok(None),
+            Err(e) => return Err(TableError::Delta(e).into()),
+        }
+        let provider = table
+            .table_provider()
+            .await
+            .map_err(|e| TableError::Delta(DeltaTableError::Generic(e.to_string())))?;
+
+        let runtime = RuntimeEnvBuilder::new().build_arc()?;
+        // `SessionContext::new*` never installs the dynamic file catalog (that takes
+        // `enable_url_table`), and information_schema stays off.
+        let config = SessionConfig::new().with_information_schema(false);
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        table
+            .update_datafusion_session(&ctx.state())
+            .map_err(TableError::Delta)?;
+        drop(table);
+
+        let plan = LogicalPlanBuilder::scan("delta", provider_as_source(provider), None)?
+            .filter(col(TENANT).eq(lit(self.tenant.as_str())))?
+            .project([col(DEVICE), col(METRIC), col(TS), col(VALUE), col(DATE)])?
+            .build()?;
+        ctx.register_table(TABLE, Arc::new(ViewTable::new(plan, None)))?;
+        Ok(Some(ctx))
+    }
+
     /// Runs one query and collects its results.
     pub async fn sql(&self, query: &str) -> Result<Vec<RecordBatch>, QueryError> {
-        let plan = self.ctx.state().create_logical_plan(query).await?;
+        let ctx = match self.session().await? {
+            Some(ctx) => ctx,
+            None => empty_session()?,
+        };
+        let plan = ctx.state().create_logical_plan(query).await?;
         // Planning has no side effects; refuse anything but a query before executing.
         self.options
             .verify_plan(&plan)
             .map_err(|e| QueryError::NotAQuery(e.strip_backtrace()))?;
-        let frame = self.ctx.execute_logical_plan(plan).await?;
+        let frame = ctx.execute_logical_plan(plan).await?;
         Ok(frame.collect().await?)
     }
 
@@ -194,22 +186,50 @@ impl TenantQuery {
     }
 }
 
+/// A session whose `readings` is an empty table of the view's schema (no table yet).
+fn empty_session() -> Result<SessionContext, QueryError> {
+    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    use datafusion::datasource::MemTable;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new(DEVICE, DataType::Utf8, false),
+        Field::new(METRIC, DataType::Utf8, false),
+        Field::new(
+            TS,
+            DataType::Timestamp(TimeUnit::Microsecond, Some(crate::TS_TIMEZONE.into())),
+            false,
+        ),
+        Field::new(VALUE, DataType::Float64, false),
+        Field::new(DATE, DataType::Date32, false),
+    ]));
+    let ctx = SessionContext::new_with_config(SessionConfig::new().with_information_schema(false));
+    ctx.register_table(TABLE, Arc::new(MemTable::try_new(schema, vec![vec![]])?))?;
+    Ok(ctx)
+}
+
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
     use arrow::array::AsArray;
     use arrow::datatypes::Int64Type;
 
     use super::*;
-    use crate::parquet::{ParquetStore, ParquetStoreConfig};
+    use crate::table::{ReadingsTable, TableConfig};
     use crate::test_util::{HOUR_10, NS_PER_HOUR, rows, series, staged};
 
+    fn location(root: &Path) -> Location {
+        Location::parse(root.to_str().expect("utf-8"), BTreeMap::new()).expect("location")
+    }
+
     async fn store_with(root: &Path, batches: Vec<crate::StagedBatch>) {
-        let store = ParquetStore::open(ParquetStoreConfig {
-            root: root.to_owned(),
-            ..ParquetStoreConfig::default()
+        let table = ReadingsTable::open(TableConfig {
+            store: root.to_str().expect("utf-8").to_owned(),
+            ..TableConfig::default()
         })
+        .await
         .expect("open");
-        store.commit(batches).await.expect("commit");
+        table.commit(batches).await.expect("commit");
     }
 
     async fn scalar(q: &TenantQuery, sql: &str) -> i64 {
@@ -220,7 +240,7 @@ mod tests {
     #[tokio::test]
     async fn tenant_sees_only_its_own_rows() {
         let dir = tempfile::tempdir().expect("tempdir");
-        // "ab" shares a prefix with "a": listing must not cross into it.
+        // "ab" shares a prefix with "a": the filter is on the whole value.
         store_with(
             dir.path(),
             vec![
@@ -230,15 +250,17 @@ mod tests {
             ],
         )
         .await;
-        let q = TenantQuery::new(dir.path(), "a").expect("query");
+        let q = TenantQuery::new(&location(dir.path()), "a").expect("query");
         assert_eq!(scalar(&q, "SELECT count(*) FROM readings").await, 10);
         assert_eq!(
             scalar(&q, "SELECT count(*) FROM datafusion.public.readings").await,
             10
         );
+        // The view has no tenant column to widen.
+        assert!(q.sql("SELECT tenant FROM readings").await.is_err());
 
         let b_dir = dir.path().join("tenant=b");
-        let b_file = std::fs::read_dir(b_dir.join("date=2026-11-21/hour=10"))
+        let b_file = std::fs::read_dir(b_dir.join("date=2026-11-21"))
             .expect("b files")
             .next()
             .expect("one file")
@@ -255,23 +277,24 @@ mod tests {
             format!("CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION '{b}/'"),
             format!("CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION '{root}/'"),
             "SELECT count(*) FROM information_schema.tables".to_owned(),
+            "SELECT count(*) FROM delta".to_owned(),
             "SELECT count(*) FROM readings, '../tenant=b/'".to_owned(),
         ] {
             // Each fails because the thing is not there (no URL tables, no such table
-            // function, no information_schema) or is not a query, not by accident.
+            // function, no information_schema, the table is not registered) or is not a
+            // query, not by accident.
             let err = q.sql(&crafted).await.expect_err(&crafted);
             assert!(
                 matches!(err, QueryError::NotAQuery(_)) || err.to_string().contains("not found"),
                 "{crafted}: {err}"
             );
         }
-        // Nothing slipped in through the failed statements.
         assert_eq!(scalar(&q, "SELECT count(*) FROM readings").await, 10);
 
-        let other = TenantQuery::new(dir.path(), "b").expect("query");
+        let other = TenantQuery::new(&location(dir.path()), "b").expect("query");
         assert_eq!(scalar(&other, "SELECT count(*) FROM readings").await, 40);
         assert!(matches!(
-            TenantQuery::new(dir.path(), "../b"),
+            TenantQuery::new(&location(dir.path()), "../b"),
             Err(QueryError::InvalidTenant(_))
         ));
     }
@@ -280,7 +303,7 @@ mod tests {
     async fn only_queries_are_allowed() {
         let dir = tempfile::tempdir().expect("tempdir");
         store_with(dir.path(), vec![staged("a", series(10, HOUR_10))]).await;
-        let q = TenantQuery::new(dir.path(), "a").expect("query");
+        let q = TenantQuery::new(&location(dir.path()), "a").expect("query");
         let out = dir.path().join("out.parquet");
         for statement in [
             format!("COPY readings TO '{}' STORED AS PARQUET", out.display()),
@@ -305,9 +328,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn empty_tenant_is_an_empty_table_and_new_files_are_seen() {
+    async fn no_table_is_an_empty_table_and_new_commits_are_seen() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let q = TenantQuery::new(dir.path(), "fresh").expect("query");
+        let q = TenantQuery::new(&location(dir.path()), "fresh").expect("query");
         assert_eq!(scalar(&q, "SELECT count(*) FROM readings").await, 0);
         assert!(
             q.sql_json("SELECT * FROM readings")
@@ -334,7 +357,7 @@ mod tests {
             ],
         )
         .await;
-        let q = TenantQuery::new(dir.path(), "a").expect("query");
+        let q = TenantQuery::new(&location(dir.path()), "a").expect("query");
         let n = |sql: &'static str| {
             let q = q.clone();
             async move { scalar(&q, sql).await }
@@ -348,21 +371,13 @@ mod tests {
             40
         );
         assert_eq!(
-            n("SELECT count(*) FROM readings WHERE date = '2026-11-21' AND hour = '11'").await,
-            20
-        );
-        assert_eq!(
             n("SELECT count(*) FROM readings WHERE ts >= '2026-11-21T11:00:00Z'").await,
             60
         );
-
-        // The partition filter prunes the listing itself.
-        let plan = q
-            .sql_pretty("EXPLAIN SELECT value FROM readings WHERE date = '2026-11-22'")
-            .await
-            .expect("explain");
-        assert!(plan.contains("date=2026-11-22"), "{plan}");
-        assert!(!plan.contains("date=2026-11-21"), "{plan}");
+        assert_eq!(
+            n("SELECT count(*) FROM readings WHERE ts < '2026-11-21T11:00:00Z'").await,
+            10
+        );
     }
 
     #[tokio::test]
@@ -373,8 +388,8 @@ mod tests {
             vec![staged("a", rows(&[("meter-1", "kwh", HOUR_10, 12.5)]))],
         )
         .await;
-        let q = TenantQuery::new(dir.path(), "a").expect("query");
-        let sql = "SELECT device, metric, ts, value, date, hour FROM readings";
+        let q = TenantQuery::new(&location(dir.path()), "a").expect("query");
+        let sql = "SELECT device, metric, ts, value, date FROM readings";
         let text = q.sql_pretty(sql).await.expect("pretty");
         assert!(text.contains("| meter-1 | kwh "), "{text}");
         assert!(text.contains("2026-11-21T10:00:00Z"), "{text}");
@@ -386,7 +401,7 @@ mod tests {
             row,
             serde_json::json!({
                 "device": "meter-1", "metric": "kwh", "ts": "2026-11-21T10:00:00Z",
-                "value": 12.5, "date": "2026-11-21", "hour": "10"
+                "value": 12.5, "date": "2026-11-21"
             })
         );
     }

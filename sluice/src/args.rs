@@ -1,6 +1,7 @@
 //! Command-line flags. Every flag has an environment variable (`SLUICE_…`), which is how
 //! `compose.yaml` configures the services; `sluice <command> --help` lists them.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use sluice_ingest::config::IngestConfig;
 use sluice_processors::autoscale::{AutoscaleConfig, Target};
 use sluice_processors::{PoolConfig, Sinks};
 use sluice_sinks::latest::{LatestStore, RedisLatest};
-use sluice_sinks::parquet::{ParquetStore, ParquetStoreConfig};
+use sluice_sinks::table::{Location, ReadingsTable, TableConfig};
 
 /// Where the broker is and how the topology is shaped.
 #[derive(Debug, Clone, Args)]
@@ -192,6 +193,55 @@ pub(crate) struct ProcessArgs {
     pub(crate) tenants: Option<PathBuf>,
 }
 
+/// Where the readings table lives (shared by `process`, `embedded` and `query`).
+#[derive(Debug, Clone, Args)]
+pub(crate) struct StoreArgs {
+    /// The readings table: a local directory, or an object store URL such as
+    /// `s3://bucket/prefix` (S3 and S3-compatible servers). Every processor of a deployment
+    /// writes the same table.
+    #[arg(
+        long = "store",
+        visible_alias = "data-dir",
+        env = "SLUICE_STORE",
+        default_value = "data"
+    )]
+    pub(crate) store: String,
+    /// An object store option, KEY=VALUE, repeatable: object_store's S3 names
+    /// (`aws_endpoint=http://127.0.0.1:9000`, `aws_region`, `aws_allow_http=true`,
+    /// `aws_access_key_id`, `aws_secret_access_key`, …). Unset ones are read from the usual
+    /// `AWS_*` environment variables.
+    #[arg(
+        long = "store-option",
+        env = "SLUICE_STORE_OPTIONS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub(crate) store_options: Vec<String>,
+}
+
+impl StoreArgs {
+    /// The options as a map; a malformed one is an error naming it.
+    pub(crate) fn options(&self) -> Result<BTreeMap<String, String>> {
+        self.store_options
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').with_context(|| {
+                    format!(
+                        "--store-option {:?}: expected KEY=VALUE",
+                        kv.split('=').next().unwrap_or_default()
+                    )
+                })?;
+                Ok((k.trim().to_owned(), v.trim().to_owned()))
+            })
+            .collect()
+    }
+
+    /// The parsed location (a local directory is created).
+    pub(crate) fn location(&self) -> Result<Location> {
+        Ok(Location::parse(&self.store, self.options()?)?)
+    }
+}
+
 /// Worker pool and storage flags (shared with `sluice embedded`).
 #[derive(Debug, Clone, Args)]
 pub(crate) struct PoolArgs {
@@ -202,16 +252,20 @@ pub(crate) struct PoolArgs {
     /// all partitions should exceed one commit's messages.
     #[arg(long, env = "SLUICE_PREFETCH", default_value_t = 500)]
     pub(crate) prefetch: u16,
-    /// Root directory of the Parquet store (shared by every processor of a deployment).
-    #[arg(long, env = "SLUICE_DATA_DIR", default_value = "data")]
-    pub(crate) data_dir: PathBuf,
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+    /// Two copies of a batch (a redelivery, a producer's retry) committed within this time of
+    /// each other are stored once. Read from the table's log at start; costs about 40 bytes
+    /// of memory per batch committed in the window.
+    #[arg(long, env = "SLUICE_DEDUP_WINDOW", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub(crate) dedup_window: Duration,
     /// Commit once this many rows are staged.
     #[arg(long, env = "SLUICE_FLUSH_ROWS", default_value_t = 100_000)]
     pub(crate) flush_rows: usize,
     /// Commit at the latest this long after the first staged row.
     #[arg(long, env = "SLUICE_FLUSH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub(crate) flush_interval: Duration,
-    /// ZSTD level of the Parquet files.
+    /// ZSTD level of the table's Parquet files.
     #[arg(long, env = "SLUICE_ZSTD_LEVEL", default_value_t = 1)]
     pub(crate) zstd_level: i32,
     /// How far ahead of this clock a device timestamp may be.
@@ -286,8 +340,7 @@ impl PoolArgs {
         }
     }
 
-    pub(crate) fn parquet(&self) -> Result<ParquetStore> {
-        crate::ensure_dir(&self.data_dir)?;
+    pub(crate) async fn table(&self) -> Result<ReadingsTable> {
         let writer_id = std::env::var("HOSTNAME")
             .ok()
             .map(|h| {
@@ -298,18 +351,18 @@ impl PoolArgs {
             })
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "sluice".to_owned());
-        let cfg = ParquetStoreConfig {
-            root: self.data_dir.clone(),
+        let cfg = TableConfig {
+            store: self.store.store.clone(),
+            storage_options: self.store.options()?,
             zstd_level: self.zstd_level,
             writer_id,
-            ..ParquetStoreConfig::default()
+            dedup_window: self.dedup_window,
+            ..TableConfig::default()
         };
-        ParquetStore::open(cfg).with_context(|| {
-            format!(
-                "cannot open the Parquet store in {}",
-                self.data_dir.display()
-            )
-        })
+        let shown = self.store.location()?.to_string();
+        ReadingsTable::open(cfg)
+            .await
+            .with_context(|| format!("cannot open the readings table at {shown}"))
     }
 }
 
@@ -331,7 +384,7 @@ impl ProcessArgs {
             }
         };
         Ok(Sinks {
-            parquet: self.pool.parquet()?,
+            table: self.pool.table().await?,
             latest,
         })
     }
@@ -349,9 +402,8 @@ pub(crate) enum Format {
 /// `sluice query` flags.
 #[derive(Debug, Clone, Args)]
 pub(crate) struct QueryArgs {
-    /// Root directory of the Parquet store.
-    #[arg(long, env = "SLUICE_DATA_DIR", default_value = "data")]
-    pub(crate) data_dir: PathBuf,
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
     /// The tenant whose data is queried; no other tenant's data is reachable.
     #[arg(long, env = "SLUICE_TENANT")]
     pub(crate) tenant: String,

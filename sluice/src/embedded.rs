@@ -120,9 +120,10 @@ pub(crate) async fn run(args: EmbeddedArgs) -> Result<()> {
         None => LatestStore::memory(),
     };
     let sinks = Sinks {
-        parquet: args.pool.parquet()?,
+        table: args.pool.table().await?,
         latest,
     };
+    let store_shown = sinks.table.location().to_string();
     let pool_stop = CancellationToken::new();
     let pool_cfg = args.pool.pool_config(group);
     let control = sluice_processors::PoolControl::for_pool(&pool_cfg);
@@ -162,8 +163,8 @@ pub(crate) async fn run(args: EmbeddedArgs) -> Result<()> {
         async move { stop.cancelled().await },
     ));
     eprintln!(
-        "sluice embedded: ingest on http://{addr}, Parquet in {}",
-        args.pool.data_dir.display()
+        "sluice embedded: ingest on http://{addr}, readings table in {}",
+        store_shown
     );
 
     let summary = if args.serve {
@@ -214,8 +215,8 @@ pub(crate) async fn run(args: EmbeddedArgs) -> Result<()> {
             eprintln!("wrote {}", f.display());
         }
         eprintln!(
-            "query it: sluice query --data-dir {} --tenant {DEMO_TENANT} \"SELECT count(*) FROM readings\"",
-            args.pool.data_dir.display()
+            "query it: sluice query --store {} --tenant {DEMO_TENANT} \"SELECT count(*) FROM readings\"",
+            args.pool.store.store
         );
         if args.json {
             println!("{}", summary.to_json()?);

@@ -7,7 +7,6 @@ mod embedded;
 mod workers;
 
 use std::net::SocketAddr;
-use std::path::Path;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -231,7 +230,8 @@ async fn run_router(args: RouterArgs, broker: BrokerArgs, ops: OpsArgs) -> Resul
 
 async fn run_query(args: QueryArgs) -> Result<()> {
     telemetry::init_tracing("warn");
-    let q = sluice_sinks::query::TenantQuery::new(&args.data_dir, &args.tenant)?;
+    let location = args.store.location()?;
+    let q = sluice_sinks::query::TenantQuery::new(&location, &args.tenant)?;
     match args.format {
         args::Format::Table => println!("{}", q.sql_pretty(&args.sql).await?),
         args::Format::Json => {
@@ -247,9 +247,4 @@ async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))
-}
-
-/// Creates a directory (and parents) with a clear error.
-fn ensure_dir(path: &Path) -> Result<()> {
-    std::fs::create_dir_all(path).with_context(|| format!("cannot create {}", path.display()))
 }

@@ -108,7 +108,7 @@ fn http_load(
                 .map(|i| {
                     format!(
                         r#"{{"device":"{device}","metric":"m","ts":{},"value":{i}}}"#,
-                        base + i as i64
+                        base + i as i64 * 1_000
                     )
                 })
                 .collect();
@@ -140,7 +140,12 @@ fn http_load(
 fn rows_per_device(w: &World, tenant: &str) -> HashMap<String, u64> {
     let rt = rt();
     rt.block_on(async {
-        let q = sluice_sinks::query::TenantQuery::new(w.data(), tenant).unwrap();
+        let location = sluice_sinks::table::Location::parse(
+            w.data().to_str().unwrap(),
+            std::collections::BTreeMap::new(),
+        )
+        .unwrap();
+        let q = sluice_sinks::query::TenantQuery::new(&location, tenant).unwrap();
         q.sql_json("SELECT device, count(*) AS n FROM readings GROUP BY device")
             .await
             .unwrap()

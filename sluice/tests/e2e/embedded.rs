@@ -21,7 +21,7 @@ fn embedded_mode_stores_every_reading_exactly_once() {
         ])
         .args(["--rate", "200000", "--duration", "120s", "--json"])
         .args(["--flush-interval", "200ms", "--metrics-listen", ""])
-        .arg("--data-dir")
+        .arg("--store")
         .arg(&data)
         .arg("--out")
         .arg(dir.path().join("results"))

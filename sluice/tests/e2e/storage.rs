@@ -211,6 +211,7 @@ fn single_active_consumer_partitions_fail_over_without_loss() {
     );
 }
 
+/// The table's data files (not the log's checkpoints).
 fn parquet_files(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -218,7 +219,9 @@ fn parquet_files(dir: &Path) -> Vec<String> {
         for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
             let p = e.path();
             if p.is_dir() {
-                stack.push(p);
+                if !p.ends_with("_delta_log") {
+                    stack.push(p);
+                }
             } else if p.extension().is_some_and(|x| x == "parquet") {
                 out.push(p.file_name().unwrap().to_string_lossy().into_owned());
             }

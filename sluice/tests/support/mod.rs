@@ -182,7 +182,7 @@ pub mod broker {
             let mut cmd = Command::new(sluice_bin());
             self.common(&mut cmd);
             cmd.arg("process")
-                .env("SLUICE_DATA_DIR", self.data())
+                .env("SLUICE_STORE", self.data())
                 .env("SLUICE_REDIS_URL", redis_url())
                 .env("SLUICE_REDIS_PREFIX", self.ns.name())
                 .env("SLUICE_FLUSH_INTERVAL", "200ms")

@@ -671,7 +671,7 @@ fn now_ns_after(start: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::query::TenantQuery;
+    use crate::legacy::query::TenantQuery;
     use crate::test_util::{HOUR_10, NS_PER_HOUR as HOUR, rows, series, staged};
 
     fn config(root: &Path, writer: &str) -> ParquetStoreConfig {

@@ -1,7 +1,4 @@
-//! `LatestStore::Redis` against a real Redis (`REDIS_URL`, default redis://127.0.0.1:6379).
-//! Each test uses its own key prefix (a `sluice_testkit::Namespace`) and deletes its keys
-//! afterwards, pass or fail.
-#![cfg(feature = "broker-tests")]
+//! `LatestStore::Redis` against a real Redis.
 
 use std::time::Duration;
 
