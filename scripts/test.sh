@@ -57,7 +57,8 @@ cargo fmt --all -- --check
 
 # compose.yaml requires its credentials; placeholders are enough to check it.
 compose_env=(RABBITMQ_PASSWORD="${RABBITMQ_PASSWORD:-compose-check}"
-    GRAFANA_ADMIN_PASSWORD="${GRAFANA_ADMIN_PASSWORD:-compose-check}")
+    GRAFANA_ADMIN_PASSWORD="${GRAFANA_ADMIN_PASSWORD:-compose-check}"
+    MINIO_PASSWORD="${MINIO_PASSWORD:-compose-check}")
 if command -v docker-compose >/dev/null 2>&1; then
     step "docker-compose config -q (compose.yaml)"
     env "${compose_env[@]}" docker-compose -f compose.yaml config -q

@@ -254,6 +254,14 @@ pub enum TenantsError {
     /// An empty `amqp_users` entry.
     #[error("tenant {0}: an amqp_users entry is empty")]
     EmptyUser(TenantId),
+    /// A `retention` that is neither a duration nor `"forever"`.
+    #[error("tenant {tenant}: {why}")]
+    BadRetention {
+        /// The tenant.
+        tenant: TenantId,
+        /// What is wrong.
+        why: String,
+    },
     /// One exchange is granted to two tenants.
     #[error("exchange {name:?} is granted to tenants {first} and {second}; grant it to one")]
     SharedExchange {
@@ -290,6 +298,37 @@ struct Entry {
     amqp_exchanges: Vec<String>,
     #[serde(default)]
     amqp_users: Vec<String>,
+    /// How long the tenant's stored readings are kept: a duration (`"90d"`) or `"forever"`;
+    /// unset, the deployment's default (`sluice maintain --retention`).
+    #[serde(default)]
+    retention: Option<String>,
+}
+
+/// How long a tenant's stored readings are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retention {
+    /// Never deleted.
+    Forever,
+    /// Readings whose UTC day ended longer ago than this are deleted (whole days).
+    For(std::time::Duration),
+}
+
+impl std::str::FromStr for Retention {
+    type Err = String;
+
+    /// `"forever"` or a humantime duration (`"30d"`, `"2w"`, `"12h"`); zero is refused.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text.trim() == "forever" {
+            return Ok(Self::Forever);
+        }
+        match humantime::parse_duration(text.trim()) {
+            Ok(d) if d.is_zero() => Err(format!("retention {text:?}: must be longer than zero")),
+            Ok(d) => Ok(Self::For(d)),
+            Err(e) => Err(format!(
+                "retention {text:?}: {e} (expected \"forever\" or a duration such as \"90d\")"
+            )),
+        }
+    }
 }
 
 /// One `api_keys` entry: a bare key (every scope) or a key with its scopes.
@@ -346,6 +385,8 @@ pub struct Tenants {
     exchanges: HashMap<String, TenantId>,
     /// Broker user → the tenant it publishes for.
     amqp_users: HashMap<String, TenantId>,
+    /// Tenants with their own retention.
+    retention: HashMap<TenantId, Retention>,
 }
 
 impl std::fmt::Debug for Tenants {
@@ -414,6 +455,7 @@ impl Tenants {
         let mut by_key_digest = HashMap::new();
         let mut exchanges: HashMap<String, TenantId> = HashMap::new();
         let mut amqp_users: HashMap<String, TenantId> = HashMap::new();
+        let mut retention = HashMap::new();
         for entry in file.tenant {
             if !seen.insert(entry.id.clone()) {
                 return Err(TenantsError::DuplicateTenant(entry.id));
@@ -490,6 +532,15 @@ impl Tenants {
                     }
                 }
             }
+            if let Some(text) = &entry.retention {
+                let r = text
+                    .parse::<Retention>()
+                    .map_err(|why| TenantsError::BadRetention {
+                        tenant: entry.id.clone(),
+                        why,
+                    })?;
+                retention.insert(entry.id.clone(), r);
+            }
             ids.push(entry.id);
         }
         Ok(Self {
@@ -497,6 +548,7 @@ impl Tenants {
             ids,
             exchanges,
             amqp_users,
+            retention,
         })
     }
 
@@ -510,7 +562,18 @@ impl Tenants {
             ids: vec![id],
             exchanges: HashMap::new(),
             amqp_users: HashMap::new(),
+            retention: HashMap::new(),
         }
+    }
+
+    /// The tenant's own retention, if the file sets one.
+    pub fn retention(&self, tenant: &TenantId) -> Option<Retention> {
+        self.retention.get(tenant).copied()
+    }
+
+    /// Every tenant with its own retention.
+    pub fn retentions(&self) -> impl Iterator<Item = (&TenantId, Retention)> {
+        self.retention.iter().map(|(t, r)| (t, *r))
     }
 
     /// Grants `tenant` the AMQP exchange `name` (tests, embedded mode); the same rules as
@@ -614,6 +677,27 @@ mod tests {
         let (_, device) = t.lookup("demo-device-key-change-me").unwrap();
         assert!(device.contains(Scope::Ingest));
         assert!(!device.contains(Scope::Subscribe));
+    }
+
+    #[test]
+    fn retention_is_a_duration_or_forever() {
+        let t = Tenants::from_toml_str(
+            "[[tenant]]\nid = \"a\"\napi_keys = [\"k1\"]\nretention = \"30d\"\n\
+             [[tenant]]\nid = \"b\"\napi_keys = [\"k2\"]\nretention = \"forever\"\n\
+             [[tenant]]\nid = \"c\"\napi_keys = [\"k3\"]\n",
+        )
+        .unwrap();
+        let id = |s: &str| TenantId::new(s).unwrap();
+        assert_eq!(
+            t.retention(&id("a")),
+            Some(Retention::For(std::time::Duration::from_secs(30 * 86_400)))
+        );
+        assert_eq!(t.retention(&id("b")), Some(Retention::Forever));
+        assert_eq!(t.retention(&id("c")), None);
+        let bad = err("[[tenant]]\nid = \"a\"\napi_keys = [\"k\"]\nretention = \"soon\"\n");
+        assert!(bad.contains("tenant a: retention \"soon\""), "{bad}");
+        let zero = err("[[tenant]]\nid = \"a\"\napi_keys = [\"k\"]\nretention = \"0s\"\n");
+        assert!(zero.contains("longer than zero"), "{zero}");
     }
 
     #[test]

@@ -268,3 +268,67 @@ impl WorkersResized<'_> {
         metrics::gauge!(WORKERS_DESIRED).set(self.to as f64);
     }
 }
+
+/// Maintenance passes over the readings table, by `outcome` (ok, failed).
+pub const MAINTENANCE_PASSES: &str = "sluice_table_maintenance_passes_total";
+/// Duration of a maintenance pass, seconds.
+pub const MAINTENANCE_SECONDS: &str = "sluice_table_maintenance_seconds";
+/// Small files merged away by compaction.
+pub const FILES_COMPACTED: &str = "sluice_table_files_compacted_total";
+/// Merged files compaction wrote.
+pub const FILES_MERGED: &str = "sluice_table_files_merged_total";
+/// `(tenant, date)` partitions deleted by retention, by tenant.
+pub const PARTITIONS_EXPIRED: &str = "sluice_table_partitions_expired_total";
+/// Files deleted from storage by vacuum.
+pub const FILES_VACUUMED: &str = "sluice_table_files_vacuumed_total";
+/// Data files in the table's newest version.
+pub const TABLE_FILES: &str = "sluice_table_files";
+/// The table's newest version.
+pub const TABLE_VERSION: &str = "sluice_table_version";
+
+/// A maintenance pass finished.
+#[derive(Debug)]
+pub(crate) struct MaintenanceDone<'a> {
+    pub(crate) report: &'a sluice_sinks::table::maintain::MaintenanceReport,
+    pub(crate) took: Duration,
+}
+
+impl MaintenanceDone<'_> {
+    pub(crate) fn emit(self) {
+        let r = self.report;
+        tracing::info!(
+            version = r.version,
+            files = r.files_live,
+            compacted = r.files_compacted,
+            merged = r.files_merged,
+            expired_partitions = r.partitions_expired.len(),
+            vacuumed = r.files_vacuumed,
+            took = ?self.took,
+            "table maintenance pass"
+        );
+        metrics::counter!(MAINTENANCE_PASSES, "outcome" => "ok").increment(1);
+        metrics::histogram!(MAINTENANCE_SECONDS).record(self.took.as_secs_f64());
+        metrics::counter!(FILES_COMPACTED).increment(r.files_compacted);
+        metrics::counter!(FILES_MERGED).increment(r.files_merged);
+        metrics::counter!(FILES_VACUUMED).increment(r.files_vacuumed);
+        for (tenant, _) in &r.partitions_expired {
+            metrics::counter!(PARTITIONS_EXPIRED, "tenant" => tenant.clone()).increment(1);
+        }
+        metrics::gauge!(TABLE_FILES).set(r.files_live as f64);
+        metrics::gauge!(TABLE_VERSION).set(r.version as f64);
+    }
+}
+
+/// A maintenance pass failed; the next one tries again.
+#[derive(Debug)]
+pub(crate) struct MaintenanceFailed<'a> {
+    pub(crate) error: &'a sluice_sinks::table::TableError,
+    pub(crate) retry_in: Duration,
+}
+
+impl MaintenanceFailed<'_> {
+    pub(crate) fn emit(self) {
+        tracing::warn!(error = %self.error, retry_in = ?self.retry_in, "table maintenance pass failed");
+        metrics::counter!(MAINTENANCE_PASSES, "outcome" => "failed").increment(1);
+    }
+}

@@ -1,5 +1,5 @@
-//! Sluice worker pools. Today: the storage pool, which turns partition deliveries into
-//! rows committed to the readings table and Redis latest values.
+//! Sluice worker pools: the storage pool, which turns partition deliveries into rows
+//! committed to the readings table and Redis latest values, and the table's maintenance.
 //!
 //! ```text
 //! consumer task per partition queue ──► crossbeam (bounded) ──► N worker threads
@@ -14,6 +14,7 @@
 //! - [`control`]: the handle that sets the worker count of a running pool;
 //! - [`autoscale`]: the autoscaling policy (backlog and busy time in, worker count out);
 //! - [`admin`]: the HTTP endpoint over [`control`];
+//! - [`maintain`]: the table's maintenance service (retention, compaction, vacuum);
 //! - [`stage`]: the CPU work of one delivery (decode, validate, build the Arrow batch);
 //! - [`latency`]: HDR histograms of stage and end-to-end latency;
 //! - [`internal_events`]: metrics and logs, each emitted in one place.
@@ -23,6 +24,7 @@ pub mod autoscale;
 pub mod control;
 pub mod internal_events;
 pub mod latency;
+pub mod maintain;
 pub mod pool;
 pub mod stage;
 pub mod workers;

@@ -9,13 +9,16 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use sluice_binding::partition::Partitioning;
+use sluice_binding::tenancy::{Retention, Tenants};
 use sluice_binding::topology::{QueueType, Topology};
 use sluice_binding::transport::amqp::redact;
 use sluice_binding::validate::Limits;
 use sluice_ingest::config::IngestConfig;
 use sluice_processors::autoscale::{AutoscaleConfig, Target};
+use sluice_processors::maintain::MaintainConfig;
 use sluice_processors::{PoolConfig, Sinks};
 use sluice_sinks::latest::{LatestStore, RedisLatest};
+use sluice_sinks::table::maintain::{Keep, MaintenanceConfig};
 use sluice_sinks::table::{Location, ReadingsTable, TableConfig};
 
 /// Where the broker is and how the topology is shaped.
@@ -352,17 +355,12 @@ impl PoolArgs {
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "sluice".to_owned());
         let cfg = TableConfig {
-            store: self.store.store.clone(),
-            storage_options: self.store.options()?,
             zstd_level: self.zstd_level,
             writer_id,
             dedup_window: self.dedup_window,
             ..TableConfig::default()
         };
-        let shown = self.store.location()?.to_string();
-        ReadingsTable::open(cfg)
-            .await
-            .with_context(|| format!("cannot open the readings table at {shown}"))
+        open_table(&self.store, cfg).await
     }
 }
 
@@ -388,6 +386,92 @@ impl ProcessArgs {
             latest,
         })
     }
+}
+
+/// `sluice maintain` flags.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct MaintainArgs {
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+    /// Run one pass and exit (status 1 if it failed) instead of one every --interval.
+    #[arg(long)]
+    pub(crate) once: bool,
+    /// Time between the end of a pass and the start of the next.
+    #[arg(long, env = "SLUICE_MAINTAIN_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub(crate) interval: Duration,
+    /// Compaction merges each partition's files into files of about this many MiB.
+    #[arg(long, env = "SLUICE_TARGET_FILE_MIB", default_value_t = 128)]
+    pub(crate) target_file_mib: u64,
+    /// Partitions compacted at once: at most this many cores busy with compaction.
+    #[arg(long, env = "SLUICE_COMPACTION_TASKS", default_value_t = 1)]
+    pub(crate) compaction_tasks: usize,
+    /// Files removed from the table (by compaction or retention), and files no commit names,
+    /// are deleted from storage this long after: longer than any query runs.
+    #[arg(long, env = "SLUICE_VACUUM_GRACE", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub(crate) vacuum_grace: Duration,
+    /// Retention of tenants whose entry in --tenants sets none: a duration ("90d") or
+    /// "forever". Whole UTC days entirely older than it are deleted.
+    #[arg(long, env = "SLUICE_RETENTION", default_value = "forever")]
+    pub(crate) retention: Retention,
+    /// Tenants file, for each tenant's own `retention`.
+    #[arg(long, env = "SLUICE_TENANTS")]
+    pub(crate) tenants: Option<PathBuf>,
+    /// ZSTD level of the merged files.
+    #[arg(long, env = "SLUICE_ZSTD_LEVEL", default_value_t = 1)]
+    pub(crate) zstd_level: i32,
+}
+
+impl MaintainArgs {
+    pub(crate) fn config(&self) -> Result<MaintainConfig> {
+        let keep = |r: Retention| match r {
+            Retention::Forever => Keep::Forever,
+            Retention::For(d) => Keep::For(d),
+        };
+        let mut tenant_retention = BTreeMap::new();
+        if let Some(path) = &self.tenants {
+            let tenants = Tenants::load(path)
+                .with_context(|| format!("cannot load tenants from {}", path.display()))?;
+            for (tenant, r) in tenants.retentions() {
+                tenant_retention.insert(tenant.as_str().to_owned(), keep(r));
+            }
+        }
+        Ok(MaintainConfig {
+            interval: self.interval,
+            pass: MaintenanceConfig {
+                target_file_size: self.target_file_mib.max(1) * 1024 * 1024,
+                max_concurrent_tasks: self.compaction_tasks.max(1),
+                zstd_level: self.zstd_level,
+                vacuum_grace: self.vacuum_grace,
+                default_retention: keep(self.retention),
+                tenant_retention,
+            },
+        })
+    }
+
+    pub(crate) async fn table(&self) -> Result<ReadingsTable> {
+        open_table(&self.store, TableConfig::default()).await
+    }
+}
+
+/// `sluice store` subcommands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub(crate) enum StoreCommand {
+    /// Convert a directory written by Sluice before the Delta table (tenant=/date=/hour=
+    /// Parquet files) into the readings table, in place. Safe to stop and run again: no
+    /// row is stored twice, and an old file is deleted only once its rows are committed.
+    Migrate(StoreArgs),
+}
+
+/// Opens the table at `store` with `config`'s other settings, with a clear error.
+pub(crate) async fn open_table(store: &StoreArgs, config: TableConfig) -> Result<ReadingsTable> {
+    let shown = store.location()?.to_string();
+    ReadingsTable::open(TableConfig {
+        store: store.store.clone(),
+        storage_options: store.options()?,
+        ..config
+    })
+    .await
+    .with_context(|| format!("cannot open the readings table at {shown}"))
 }
 
 /// Output format of `sluice query`.

@@ -14,9 +14,11 @@ use sluice_binding::shutdown::{self, CancellationToken};
 use sluice_binding::telemetry;
 use sluice_binding::transport::Transport;
 use sluice_binding::transport::amqp::{AmqpConfig, AmqpTransport};
+use sluice_sinks::table::TableConfig;
 
 use crate::args::{
-    BrokerArgs, IngestArgs, OpsArgs, ProcessArgs, QueryArgs, RouterArgs, WorkersArgs,
+    BrokerArgs, IngestArgs, MaintainArgs, OpsArgs, ProcessArgs, QueryArgs, RouterArgs,
+    StoreCommand, WorkersArgs,
 };
 
 /// Sluice: a high-throughput ingestion pipeline for IoT telemetry on RabbitMQ, Arrow/Parquet
@@ -40,8 +42,8 @@ enum Command {
         #[command(flatten)]
         ops: OpsArgs,
     },
-    /// Storage worker pool: consume the partitions, decode, validate, commit to Parquet and
-    /// Redis, then ack.
+    /// Storage worker pool: consume the partitions, decode, validate, commit to the readings
+    /// table (Delta Lake, local or S3) and Redis, then ack.
     Process {
         #[command(flatten)]
         process: ProcessArgs,
@@ -62,13 +64,27 @@ enum Command {
         ops: OpsArgs,
     },
     /// SQL over one tenant's stored readings (table `readings`: device, metric, ts, value,
-    /// date, hour).
+    /// date).
     Query(QueryArgs),
+    /// Maintenance of the readings table: per-tenant retention, compaction of small files,
+    /// and vacuum of removed ones, a pass every --interval (one such service per
+    /// deployment).
+    Maintain {
+        #[command(flatten)]
+        maintain: MaintainArgs,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
+    /// Operations on the readings table's storage (`migrate`: convert the old layout).
+    Store {
+        #[command(subcommand)]
+        action: StoreCommand,
+    },
     /// Show or change the worker count of a running `sluice process` (through its admin
     /// endpoint): `show`, `set N` (pins the count), `auto` (back to the autoscaler).
     Workers(WorkersArgs),
     /// The whole pipeline in one process, no broker or Redis needed: in-process transport,
-    /// local Parquet files, in-memory latest values. Pushes loadgen telemetry through the
+    /// the readings table in a local directory, in-memory latest values. Pushes loadgen telemetry through the
     /// HTTP front end for a bounded time and prints the summary (or, with --serve, keeps
     /// serving until stopped).
     Embedded(Box<embedded::EmbeddedArgs>),
@@ -125,6 +141,8 @@ fn run() -> Result<()> {
                 ops,
             } => run_router(router, broker, ops).await,
             Command::Query(q) => run_query(q).await,
+            Command::Maintain { maintain, ops } => run_maintain(maintain, ops).await,
+            Command::Store { action } => run_store(action).await,
             Command::Workers(w) => workers::run(w).await,
             Command::Embedded(e) => embedded::run(*e).await,
         }
@@ -226,6 +244,62 @@ async fn run_router(args: RouterArgs, broker: BrokerArgs, ops: OpsArgs) -> Resul
     result?;
     tracing::info!("router stopped");
     Ok(())
+}
+
+async fn run_maintain(args: MaintainArgs, ops: OpsArgs) -> Result<()> {
+    let config = args.config()?;
+    if args.once {
+        telemetry::init_tracing(&ops.log);
+        let table = args.table().await?;
+        let report = sluice_processors::maintain::once(&table, &config.pass).await?;
+        println!(
+            "version {}: {} files; compacted {} into {}; {} partitions expired ({} files); {} files vacuumed",
+            report.version,
+            report.files_live,
+            report.files_compacted,
+            report.files_merged,
+            report.partitions_expired.len(),
+            report.files_expired,
+            report.files_vacuumed
+        );
+        return Ok(());
+    }
+    let shutdown = start_ops(&ops)?;
+    let table = args.table().await?;
+    tracing::info!(store = %table.location(), interval = ?config.interval, "maintaining the readings table");
+    let passes =
+        sluice_processors::maintain::run(table, config, async move { shutdown.cancelled().await })
+            .await;
+    tracing::info!(passes, "maintenance stopped");
+    Ok(())
+}
+
+async fn run_store(action: StoreCommand) -> Result<()> {
+    telemetry::init_tracing("info");
+    match action {
+        StoreCommand::Migrate(store) => {
+            let location = store.location()?;
+            let root = location.local_root().with_context(|| {
+                format!("{location}: the old layout was only ever written to local directories")
+            })?;
+            let report = sluice_sinks::legacy::migrate::migrate(
+                &root,
+                TableConfig {
+                    store: store.store.clone(),
+                    storage_options: store.options()?,
+                    writer_id: "migrate".to_owned(),
+                    ..TableConfig::default()
+                },
+            )
+            .await
+            .with_context(|| format!("converting {location}"))?;
+            println!(
+                "{location}: converted {} old files, {} rows stored ({} already stored by an earlier run)",
+                report.files, report.rows_written, report.rows_skipped
+            );
+            Ok(())
+        }
+    }
 }
 
 async fn run_query(args: QueryArgs) -> Result<()> {

@@ -3,5 +3,6 @@
 //! ids. Kept to read and convert such directories (`sluice store migrate`); nothing writes
 //! it any more.
 
+pub mod migrate;
 pub mod query;
 pub mod store;

@@ -52,6 +52,7 @@ use crate::{SchemaMismatch, StagedBatch, conform_rows};
 mod encode;
 pub mod ledger;
 pub mod location;
+pub mod maintain;
 
 pub use location::Location;
 
@@ -159,6 +160,17 @@ pub enum TableError {
         location: String,
         /// Why.
         reason: String,
+    },
+    /// The location holds files of the pre-Delta layout, which a table there would hide.
+    #[error(
+        "store {location}: {files} files of the old directory layout (tenant=/date=/hour=); \
+         convert them first: sluice store migrate --store <the same location>"
+    )]
+    Legacy {
+        /// The location.
+        location: String,
+        /// Old files found.
+        files: usize,
     },
     /// The location holds a Delta table of another shape.
     #[error("store {location}: not a Sluice readings table: {reason}")]
@@ -295,6 +307,15 @@ impl ReadingsTable {
     /// location (without credentials) and the reason when the store is unreachable or
     /// holds something else.
     pub async fn open(config: TableConfig) -> Result<Self, TableError> {
+        Self::open_checked(config, true).await
+    }
+
+    /// [`Self::open`] for the conversion of the old layout, which it leaves in place.
+    pub(crate) async fn open_for_migration(config: TableConfig) -> Result<Self, TableError> {
+        Self::open_checked(config, false).await
+    }
+
+    async fn open_checked(config: TableConfig, refuse_legacy: bool) -> Result<Self, TableError> {
         let zstd = ZstdLevel::try_new(config.zstd_level)
             .map_err(|e| TableError::Config(format!("zstd_level: {e}")))?;
         if config.max_row_group_rows == 0 {
@@ -305,6 +326,20 @@ impl ReadingsTable {
         }
         check_writer_id(&config.writer_id)?;
         let location = Location::parse(&config.store, config.storage_options.clone())?;
+        if refuse_legacy && let Some(root) = location.local_root() {
+            // A table created over the old layout would hide its rows from every query.
+            let old =
+                crate::legacy::migrate::legacy_files(&root).map_err(|e| TableError::Location {
+                    location: location.redacted(),
+                    reason: e.to_string(),
+                })?;
+            if !old.is_empty() {
+                return Err(TableError::Legacy {
+                    location: location.redacted(),
+                    files: old.len(),
+                });
+            }
+        }
         let log_store = location.log_store()?;
         let store = log_store.object_store(None);
         let table = Self {

@@ -8,7 +8,7 @@ use crate::support::*;
 
 /// compose.yaml's secure defaults: only ingest and the subscription API listen on every
 /// interface; the broker's, Redis's and the dashboards' ports are on loopback; no default
-/// credentials (RabbitMQ's and Grafana's passwords are required variables).
+/// credentials (RabbitMQ's, MinIO's and Grafana's passwords are required variables).
 #[test]
 fn compose_publishes_operator_ports_on_loopback_only_and_defaults_no_credentials() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -39,6 +39,7 @@ fn compose_publishes_operator_ports_on_loopback_only_and_defaults_no_credentials
     for var in [
         "RABBITMQ_DEFAULT_PASS: ${RABBITMQ_PASSWORD:?",
         "GF_SECURITY_ADMIN_PASSWORD: ${GRAFANA_ADMIN_PASSWORD:?",
+        "MINIO_ROOT_PASSWORD: ${MINIO_PASSWORD:?",
     ] {
         assert!(text.contains(var), "{var} missing");
     }
@@ -74,8 +75,15 @@ fn compose_environment_matches_the_binaries_flags() {
             for (k, v) in env {
                 match k.as_str() {
                     Some("<<") => {
-                        for (k2, _) in v.as_mapping().into_iter().flatten() {
-                            keys.push(k2.as_str().unwrap().to_owned());
+                        // `<<: *a` or `<<: [*a, *b]`.
+                        let merged: Vec<&serde_yaml::Value> = match v.as_sequence() {
+                            Some(seq) => seq.iter().collect(),
+                            None => vec![v],
+                        };
+                        for m in merged {
+                            for (k2, _) in m.as_mapping().into_iter().flatten() {
+                                keys.push(k2.as_str().unwrap().to_owned());
+                            }
                         }
                     }
                     Some(k) => keys.push(k.to_owned()),
@@ -95,7 +103,7 @@ fn compose_environment_matches_the_binaries_flags() {
         checked += 1;
     }
     assert!(
-        checked >= 4,
-        "expected ingest, processors, router and loadgen in compose.yaml"
+        checked >= 5,
+        "expected ingest, processors, maintain, router and loadgen in compose.yaml"
     );
 }
