@@ -4,6 +4,9 @@
 //! one `ReadingsTable`, as the storage pool's committers are), so that each iteration
 //! commits `writers` × 100k rows.
 //!
+//! Beside it, in the same run, the ceiling of one writer's CPU work: encoding the same
+//! 100k rows to Parquet in memory (ZSTD 1, dictionaries), no log, no I/O.
+//!
 //! `cargo bench -p sluice-sinks --bench table_commit`
 
 use std::time::Duration;
@@ -56,6 +59,35 @@ fn bench(c: &mut Criterion) {
             ..TableConfig::default()
         }))
         .expect("table");
+
+    let mut ceiling = c.benchmark_group("parquet_encode_ceiling");
+    ceiling
+        .throughput(Throughput::Elements(ROWS_PER_COMMIT as u64))
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(5));
+    ceiling.bench_function("100k_rows_in_memory", |b| {
+        b.iter_batched(
+            || commit_input(T0),
+            |batches| {
+                let props = parquet::file::properties::WriterProperties::builder()
+                    .set_compression(parquet::basic::Compression::ZSTD(
+                        parquet::basic::ZstdLevel::try_new(1).expect("level"),
+                    ))
+                    .set_dictionary_enabled(true)
+                    .build();
+                let schema = batches[0].rows.schema();
+                let mut w = parquet::arrow::ArrowWriter::try_new(Vec::new(), schema, Some(props))
+                    .expect("writer");
+                for b in &batches {
+                    w.write(&b.rows).expect("write");
+                }
+                w.into_inner().expect("close").len()
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    ceiling.finish();
 
     let mut group = c.benchmark_group("table_commit");
     group
