@@ -415,7 +415,7 @@ impl ReadingsTable {
             }
             let keep: Vec<usize> = (0..batches.len()).filter(|i| !skip.contains(i)).collect();
             if keep.is_empty() {
-                return Ok(outcome(&batches, &skip, 0, None));
+                return Ok(outcome(&batches, &skip, None));
             }
             let files = inner.write_files(&split, &skip).await?;
             let ids: Vec<Uuid> = keep.iter().map(|&i| batches[i].batch_id).collect();
@@ -453,7 +453,7 @@ impl ReadingsTable {
             match result {
                 Some(Ok(version)) => {
                     let files_written = files.len() as u64;
-                    let mut out = outcome(&batches, &skip, files_written, Some(version));
+                    let mut out = outcome(&batches, &skip, Some(version));
                     count_files(&mut out, &files);
                     tracing::debug!(
                         store = %inner.location,
@@ -524,7 +524,6 @@ fn ledger_skips(batches: &[StagedBatch], ledger: &Ledger, skip: &mut HashSet<usi
 fn outcome(
     batches: &[StagedBatch],
     skip: &HashSet<usize>,
-    _files: u64,
     version: Option<u64>,
 ) -> CommitOutcome {
     let mut out = CommitOutcome {
