@@ -521,11 +521,7 @@ fn ledger_skips(batches: &[StagedBatch], ledger: &Ledger, skip: &mut HashSet<usi
     }
 }
 
-fn outcome(
-    batches: &[StagedBatch],
-    skip: &HashSet<usize>,
-    version: Option<u64>,
-) -> CommitOutcome {
+fn outcome(batches: &[StagedBatch], skip: &HashSet<usize>, version: Option<u64>) -> CommitOutcome {
     let mut out = CommitOutcome {
         tenants: BTreeMap::new(),
         committed_ns: now_ns(),
