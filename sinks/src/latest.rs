@@ -142,12 +142,106 @@ impl LatestStore {
 
     /// The latest readings of every device of a tenant, sorted by device.
     pub async fn get_all_for_tenant(&self, tenant: &str) -> Result<Vec<DeviceLatest>, LatestError> {
+        Ok(self.find(tenant, &LatestFilter::default()).await?.devices)
+    }
+
+    /// One page of a tenant's devices that match `filter`, sorted by device, each with
+    /// its matching metrics (a device none of whose metrics match is left out).
+    pub async fn find(
+        &self,
+        tenant: &str,
+        filter: &LatestFilter,
+    ) -> Result<LatestPage, LatestError> {
         TenantId::check(tenant)?;
-        match self {
-            Self::Redis(r) => r.get_all_for_tenant(tenant).await,
-            Self::Memory(m) => Ok(m.get_all_for_tenant(tenant)),
+        let mut devices = match self {
+            Self::Redis(r) => r.find(tenant, filter).await?,
+            Self::Memory(m) => m.find(tenant, filter),
+        };
+        // Both sides return the page's candidates sorted by device, at most limit + 1.
+        let more = devices.len() > filter.limit;
+        devices.truncate(filter.limit);
+        Ok(LatestPage { devices, more })
+    }
+}
+
+/// A glob over device or metric names: `*` matches any run of characters, `?` one
+/// character; every other character matches itself.
+#[derive(Debug, Clone)]
+pub struct Pattern {
+    text: String,
+    matcher: wildmatch::WildMatch,
+}
+
+impl Pattern {
+    /// The pattern `text`.
+    pub fn new(text: &str) -> Self {
+        Self {
+            text: text.to_owned(),
+            matcher: wildmatch::WildMatch::new(text),
         }
     }
+
+    /// Whether `name` matches.
+    pub fn matches(&self, name: &str) -> bool {
+        self.matcher.matches(name)
+    }
+
+    /// The pattern as a Redis `MATCH` glob: `*` and `?` kept, Redis' other metacharacters
+    /// (`[`, `]`, `\`) escaped so they match themselves as here.
+    fn redis_glob(&self) -> String {
+        let mut out = String::with_capacity(self.text.len());
+        for c in self.text.chars() {
+            if matches!(c, '[' | ']' | '\\') {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out
+    }
+}
+
+/// Which latest values [`LatestStore::find`] returns.
+#[derive(Debug, Clone)]
+pub struct LatestFilter {
+    /// Devices whose name matches; `None`: every device.
+    pub device: Option<Pattern>,
+    /// Metrics whose name matches; `None`: every metric.
+    pub metric: Option<Pattern>,
+    /// Only devices whose name sorts after this one (the previous page's last device).
+    pub after: Option<String>,
+    /// Devices per page.
+    pub limit: usize,
+}
+
+impl Default for LatestFilter {
+    fn default() -> Self {
+        Self {
+            device: None,
+            metric: None,
+            after: None,
+            limit: usize::MAX - 1,
+        }
+    }
+}
+
+impl LatestFilter {
+    fn keeps_device(&self, device: &str) -> bool {
+        self.after.as_deref().is_none_or(|a| device > a)
+            && self.device.as_ref().is_none_or(|p| p.matches(device))
+    }
+
+    fn keeps_metric(&self, metric: &str) -> bool {
+        self.metric.as_ref().is_none_or(|p| p.matches(metric))
+    }
+}
+
+/// One page of [`LatestStore::find`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatestPage {
+    /// The devices, sorted by name.
+    pub devices: Vec<DeviceLatest>,
+    /// More devices match after the last one (ask again with `after` set to it).
+    pub more: bool,
 }
 
 /// Newest reading per series: `(tenant, device) -> metric -> (ts, value)`.
@@ -351,10 +445,24 @@ impl RedisLatest {
         Ok(readings)
     }
 
-    async fn get_all_for_tenant(&self, tenant: &str) -> Result<Vec<DeviceLatest>, LatestError> {
+    /// SCANs the tenant's device keys that match the device pattern (key names only),
+    /// then reads the hashes of the page's devices, skipping those with no matching
+    /// metric, until `limit + 1` devices are found.
+    async fn find(
+        &self,
+        tenant: &str,
+        filter: &LatestFilter,
+    ) -> Result<Vec<DeviceLatest>, LatestError> {
         let mut conn = self.conn.clone();
         let key_prefix = self.key(tenant, "");
-        let pattern = format!("{}*", glob_escape(&key_prefix));
+        let pattern = format!(
+            "{}{}",
+            glob_escape(&key_prefix),
+            filter
+                .device
+                .as_ref()
+                .map_or("*".to_owned(), Pattern::redis_glob)
+        );
         let mut keys = Vec::new();
         let mut cursor: u64 = 0;
         loop {
@@ -366,7 +474,11 @@ impl RedisLatest {
                 .arg(1000)
                 .query_async(&mut conn)
                 .await?;
-            keys.extend(batch);
+            keys.extend(
+                batch
+                    .into_iter()
+                    .filter(|k| filter.keeps_device(&k[key_prefix.len()..])),
+            );
             if next == 0 {
                 break;
             }
@@ -376,7 +488,8 @@ impl RedisLatest {
         keys.sort();
         keys.dedup();
 
-        let mut devices = Vec::with_capacity(keys.len());
+        let want = filter.limit.saturating_add(1);
+        let mut devices = Vec::new();
         for chunk in keys.chunks(PIPELINE_DEVICES) {
             let mut pipe = redis::pipe();
             for key in chunk {
@@ -386,16 +499,20 @@ impl RedisLatest {
             for (key, fields) in chunk.iter().zip(hashes) {
                 let mut readings = fields
                     .into_iter()
+                    .filter(|(field, _)| filter.keeps_metric(field))
                     .map(|(field, raw)| decode(key, field, raw))
                     .collect::<Result<Vec<_>, _>>()?;
                 if readings.is_empty() {
-                    continue; // deleted between SCAN and HGETALL
+                    continue; // no matching metric, or deleted between SCAN and HGETALL
                 }
                 readings.sort_by(|a, b| a.metric.cmp(&b.metric));
                 devices.push(DeviceLatest {
                     device: key[key_prefix.len()..].to_owned(),
                     readings,
                 });
+                if devices.len() == want {
+                    return Ok(devices);
+                }
             }
         }
         Ok(devices)
@@ -465,18 +582,31 @@ impl MemoryLatest {
             .unwrap_or_default()
     }
 
-    fn get_all_for_tenant(&self, tenant: &str) -> Vec<DeviceLatest> {
+    fn find(&self, tenant: &str, filter: &LatestFilter) -> Vec<DeviceLatest> {
         let values = self.values.read().unwrap_or_else(|p| p.into_inner());
-        let mut devices: Vec<DeviceLatest> = values
+        let mut names: Vec<&String> = values
             .get(tenant)
             .into_iter()
-            .flatten()
-            .map(|(device, metrics)| DeviceLatest {
-                device: device.clone(),
-                readings: Self::device(metrics),
-            })
+            .flat_map(|devices| devices.keys())
+            .filter(|d| filter.keeps_device(d))
             .collect();
-        devices.sort_by(|a, b| a.device.cmp(&b.device));
+        names.sort();
+        let want = filter.limit.saturating_add(1);
+        let mut devices = Vec::new();
+        for device in names {
+            let mut readings = Self::device(&values[tenant][device]);
+            readings.retain(|r| filter.keeps_metric(&r.metric));
+            if readings.is_empty() {
+                continue;
+            }
+            devices.push(DeviceLatest {
+                device: device.clone(),
+                readings,
+            });
+            if devices.len() == want {
+                break;
+            }
+        }
         devices
     }
 }
@@ -571,6 +701,84 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn find_filters_by_patterns_and_pages_by_device() {
+        let store = LatestStore::memory();
+        store
+            .update(&[staged(
+                "acme",
+                rows(&[
+                    ("pump-1", "temp", HOUR_10, 1.0),
+                    ("pump-1", "rpm", HOUR_10, 2.0),
+                    ("pump-2", "temp", HOUR_10, 3.0),
+                    ("pump-10", "rpm", HOUR_10, 4.0),
+                    ("valve[1]", "temp", HOUR_10, 5.0),
+                ]),
+            )])
+            .await
+            .expect("update");
+        let names = |page: &LatestPage| {
+            page.devices
+                .iter()
+                .map(|d| {
+                    let metrics: Vec<&str> = d.readings.iter().map(|r| r.metric.as_str()).collect();
+                    format!("{}:{}", d.device, metrics.join(","))
+                })
+                .collect::<Vec<_>>()
+        };
+        let find = |filter: LatestFilter| {
+            let store = store.clone();
+            async move { store.find("acme", &filter).await.expect("find") }
+        };
+        let page = find(LatestFilter {
+            device: Some(Pattern::new("pump-?")),
+            ..LatestFilter::default()
+        })
+        .await;
+        assert_eq!(names(&page), ["pump-1:rpm,temp", "pump-2:temp"]);
+        assert!(!page.more);
+
+        // A device with no matching metric is left out.
+        let page = find(LatestFilter {
+            metric: Some(Pattern::new("t*")),
+            ..LatestFilter::default()
+        })
+        .await;
+        assert_eq!(
+            names(&page),
+            ["pump-1:temp", "pump-2:temp", "valve[1]:temp"]
+        );
+
+        // Brackets match themselves.
+        let page = find(LatestFilter {
+            device: Some(Pattern::new("valve[1]")),
+            ..LatestFilter::default()
+        })
+        .await;
+        assert_eq!(names(&page), ["valve[1]:temp"]);
+
+        // Pages of two, by name.
+        let mut filter = LatestFilter {
+            limit: 2,
+            ..LatestFilter::default()
+        };
+        let first = find(filter.clone()).await;
+        assert_eq!(names(&first), ["pump-1:rpm,temp", "pump-10:rpm"]);
+        assert!(first.more);
+        filter.after = Some("pump-10".into());
+        let second = find(filter.clone()).await;
+        assert_eq!(names(&second), ["pump-2:temp", "valve[1]:temp"]);
+        assert!(!second.more);
+        assert!(
+            store
+                .find("other", &filter)
+                .await
+                .expect("find")
+                .devices
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
     async fn negative_timestamps_are_rejected() {
         let store = LatestStore::memory();
         let err = store
@@ -597,5 +805,6 @@ mod tests {
     #[test]
     fn glob_escaping() {
         assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+        assert_eq!(Pattern::new("a*b?[c]\\").redis_glob(), "a*b?\\[c\\]\\\\");
     }
 }

@@ -31,7 +31,10 @@ use arrow::record_batch::RecordBatch;
 use datafusion::catalog::view::ViewTable;
 use datafusion::datasource::provider_as_source;
 use datafusion::error::DataFusionError;
-use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::memory_pool::GreedyMemoryPool;
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::logical_expr::{LogicalPlanBuilder, col, lit};
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use deltalake_core::{DeltaTable, DeltaTableError};
@@ -56,8 +59,13 @@ pub enum QueryError {
     /// The statement is not a query (DDL, DML, COPY, SET, …): only queries are allowed.
     #[error("only queries are allowed: {0}")]
     NotAQuery(String),
-    /// Planning or execution failed (syntax error, unknown column, I/O, …).
-    #[error(transparent)]
+    /// The query could not be planned: a syntax error, an unknown table, column or
+    /// function, a type mismatch — the query's fault.
+    #[error("{}", .0.strip_backtrace())]
+    Plan(DataFusionError),
+    /// Execution failed: reading the store, a value that cannot be cast, the memory
+    /// limit ([`QueryError::is_resources_exhausted`]).
+    #[error("{}", .0.strip_backtrace())]
     DataFusion(#[from] DataFusionError),
     /// Formatting the results failed.
     #[error("formatting results: {0}")]
@@ -65,6 +73,32 @@ pub enum QueryError {
     /// Turning the results into JSON values failed.
     #[error("formatting results as JSON: {0}")]
     Json(#[from] serde_json::Error),
+}
+
+impl QueryError {
+    /// The query needed more memory than its limit.
+    pub fn is_resources_exhausted(&self) -> bool {
+        match self {
+            Self::Plan(e) | Self::DataFusion(e) => {
+                matches!(e.find_root(), DataFusionError::ResourcesExhausted(_))
+            }
+            _ => false,
+        }
+    }
+
+    /// The store could not be read (as opposed to a fault of the query).
+    pub fn is_store_failure(&self) -> bool {
+        match self {
+            Self::Table(_) => true,
+            Self::Plan(e) | Self::DataFusion(e) => matches!(
+                e.find_root(),
+                DataFusionError::ObjectStore(_)
+                    | DataFusionError::IoError(_)
+                    | DataFusionError::ParquetError(_)
+            ),
+            _ => false,
+        }
+    }
 }
 
 /// SQL over one tenant's readings. Cheap to keep around and to clone: every query reads the
@@ -110,7 +144,10 @@ impl TenantQuery {
 
     /// A session whose `readings` is the tenant's view of the newest version, or `None`
     /// while the location holds no table.
-    async fn session(&self) -> Result<Option<SessionContext>, QueryError> {
+    async fn session(
+        &self,
+        memory_limit: Option<usize>,
+    ) -> Result<Option<SessionContext>, QueryError> {
         let mut table = self.table.lock().await;
         let loaded = match table.version() {
             None => table.load().await,
@@ -126,7 +163,7 @@ impl TenantQuery {
             .await
             .map_err(|e| TableError::Delta(DeltaTableError::Generic(e.to_string())))?;
 
-        let runtime = RuntimeEnvBuilder::new().build_arc()?;
+        let runtime = runtime(memory_limit)?;
         // `SessionContext::new*` never installs the dynamic file catalog (that takes
         // `enable_url_table`), and information_schema stays off.
         let config = SessionConfig::new().with_information_schema(false);
@@ -146,17 +183,37 @@ impl TenantQuery {
 
     /// Runs one query and collects its results.
     pub async fn sql(&self, query: &str) -> Result<Vec<RecordBatch>, QueryError> {
-        let ctx = match self.session().await? {
+        let stream = self.stream(query, None).await?;
+        Ok(datafusion::physical_plan::common::collect(stream).await?)
+    }
+
+    /// Plans one query and starts it: its results as a stream of batches. The operators
+    /// that buffer (sorts, aggregations, joins) share at most `memory_limit` bytes and fail
+    /// with [`QueryError::is_resources_exhausted`] beyond it (nothing spills to disk);
+    /// dropping the stream cancels the query.
+    pub async fn stream(
+        &self,
+        query: &str,
+        memory_limit: Option<usize>,
+    ) -> Result<SendableRecordBatchStream, QueryError> {
+        let ctx = match self.session(memory_limit).await? {
             Some(ctx) => ctx,
-            None => empty_session()?,
+            None => empty_session(memory_limit)?,
         };
-        let plan = ctx.state().create_logical_plan(query).await?;
+        let plan = ctx
+            .state()
+            .create_logical_plan(query)
+            .await
+            .map_err(QueryError::Plan)?;
         // Planning has no side effects; refuse anything but a query before executing.
         self.options
             .verify_plan(&plan)
             .map_err(|e| QueryError::NotAQuery(e.strip_backtrace()))?;
-        let frame = ctx.execute_logical_plan(plan).await?;
-        Ok(frame.collect().await?)
+        let frame = ctx
+            .execute_logical_plan(plan)
+            .await
+            .map_err(QueryError::Plan)?;
+        Ok(frame.execute_stream().await?)
     }
 
     /// Runs one query and returns its results as a text table (arrow prettyprint).
@@ -186,8 +243,21 @@ impl TenantQuery {
     }
 }
 
+/// The runtime of one query: a memory pool of `memory_limit` bytes (unbounded without), no
+/// spilling.
+fn runtime(memory_limit: Option<usize>) -> Result<Arc<RuntimeEnv>, QueryError> {
+    let builder = RuntimeEnvBuilder::new().with_disk_manager_builder(
+        DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+    );
+    let builder = match memory_limit {
+        Some(bytes) => builder.with_memory_pool(Arc::new(GreedyMemoryPool::new(bytes))),
+        None => builder,
+    };
+    Ok(builder.build_arc()?)
+}
+
 /// A session whose `readings` is an empty table of the view's schema (no table yet).
-fn empty_session() -> Result<SessionContext, QueryError> {
+fn empty_session(memory_limit: Option<usize>) -> Result<SessionContext, QueryError> {
     use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
     use datafusion::datasource::MemTable;
     let schema = Arc::new(Schema::new(vec![
@@ -201,7 +271,10 @@ fn empty_session() -> Result<SessionContext, QueryError> {
         Field::new(VALUE, DataType::Float64, false),
         Field::new(DATE, DataType::Date32, false),
     ]));
-    let ctx = SessionContext::new_with_config(SessionConfig::new().with_information_schema(false));
+    let ctx = SessionContext::new_with_config_rt(
+        SessionConfig::new().with_information_schema(false),
+        runtime(memory_limit)?,
+    );
     ctx.register_table(TABLE, Arc::new(MemTable::try_new(schema, vec![vec![]])?))?;
     Ok(ctx)
 }

@@ -498,6 +498,74 @@ pub(crate) struct QueryArgs {
     pub(crate) sql: String,
 }
 
+/// `sluice query-api` flags.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct QueryApiArgs {
+    /// HTTP listen address of the read API.
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "0.0.0.0:8070")]
+    pub(crate) listen: SocketAddr,
+    /// Tenants file: API keys with the `query` scope may read their tenant's data.
+    #[arg(long, env = "SLUICE_TENANTS")]
+    pub(crate) tenants: PathBuf,
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+    /// Redis URL of the latest values (`GET /v1/latest`), as `sluice process` writes them.
+    #[arg(
+        long,
+        env = "SLUICE_REDIS_URL",
+        hide_env_values = true,
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub(crate) redis_url: String,
+    /// Prefix of the Redis keys.
+    #[arg(long, env = "SLUICE_REDIS_PREFIX", default_value = "sluice")]
+    pub(crate) redis_prefix: String,
+    #[command(flatten)]
+    pub(crate) limits: QueryLimitArgs,
+}
+
+/// Bounds of every read (shared with `sluice embedded`); defaults from
+/// `sluice_query::QueryApiConfig`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct QueryLimitArgs {
+    /// Longest a query may run; then it is cancelled and answered 408.
+    #[arg(long, env = "SLUICE_QUERY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub(crate) query_timeout: Duration,
+    /// Memory (MiB) the sorts, aggregations and joins of one query may hold; beyond it 413.
+    #[arg(long, env = "SLUICE_QUERY_MEMORY_MIB", default_value_t = 256)]
+    pub(crate) query_memory_mib: usize,
+    /// Most rows one query may return; more answers 413.
+    #[arg(long, env = "SLUICE_QUERY_MAX_ROWS", default_value_t = 100_000)]
+    pub(crate) query_max_rows: usize,
+    /// Most MiB of results one query may return; more answers 413.
+    #[arg(long, env = "SLUICE_QUERY_MAX_RESULT_MIB", default_value_t = 64)]
+    pub(crate) query_max_result_mib: usize,
+    /// Queries running at once in the process; more answer 503.
+    #[arg(long, env = "SLUICE_MAX_QUERIES", default_value_t = 8)]
+    pub(crate) max_queries: usize,
+    /// Queries running at once per tenant; more answer 429.
+    #[arg(long, env = "SLUICE_MAX_QUERIES_PER_TENANT", default_value_t = 2)]
+    pub(crate) max_queries_per_tenant: usize,
+    /// Threads queries execute on (0: one per core), apart from those serving HTTP.
+    #[arg(long, env = "SLUICE_QUERY_THREADS", default_value_t = 0)]
+    pub(crate) query_threads: usize,
+}
+
+impl QueryLimitArgs {
+    pub(crate) fn config(&self) -> sluice_query::QueryApiConfig {
+        sluice_query::QueryApiConfig {
+            timeout: self.query_timeout,
+            memory_limit: self.query_memory_mib << 20,
+            max_result_rows: self.query_max_rows,
+            max_result_bytes: self.query_max_result_mib << 20,
+            max_concurrent_queries: self.max_queries,
+            max_concurrent_per_tenant: self.max_queries_per_tenant,
+            query_threads: self.query_threads,
+            ..sluice_query::QueryApiConfig::default()
+        }
+    }
+}
+
 /// `sluice workers` flags.
 #[derive(Debug, Clone, Args)]
 pub(crate) struct WorkersArgs {

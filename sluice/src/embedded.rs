@@ -17,12 +17,12 @@ use sluice_binding::tenancy::Tenants;
 use sluice_binding::topology::Topology;
 use sluice_binding::transport::Transport;
 use sluice_binding::transport::inproc::InProcessTransport;
-use sluice_ingest::http::{AppState, serve};
+use sluice_ingest::http::{AppState, serve_with};
 use sluice_loadgen::run::{BodyFormat, LoadConfig, Target, run as run_load, write_outputs};
 use sluice_processors::Sinks;
 use sluice_sinks::latest::{LatestStore, RedisLatest};
 
-use crate::args::{BatchingArgs, PoolArgs};
+use crate::args::{BatchingArgs, PoolArgs, QueryLimitArgs};
 
 /// Tenant and key of the embedded mode when no tenants file is given.
 const DEMO_TENANT: &str = "demo";
@@ -62,6 +62,8 @@ pub(crate) struct EmbeddedArgs {
     pool: PoolArgs,
     #[command(flatten)]
     batching: BatchingArgs,
+    #[command(flatten)]
+    query: QueryLimitArgs,
     /// Load: how long loadgen sends.
     #[arg(long = "duration", env = "SLUICE_LOAD_DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     load_duration: Duration,
@@ -121,9 +123,10 @@ pub(crate) async fn run(args: EmbeddedArgs) -> Result<()> {
     };
     let sinks = Sinks {
         table: args.pool.table().await?,
-        latest,
+        latest: latest.clone(),
     };
     let store_shown = sinks.table.location().to_string();
+    let sinks_location = sinks.table.location().clone();
     let pool_stop = CancellationToken::new();
     let pool_cfg = args.pool.pool_config(group);
     let control = sluice_processors::PoolControl::for_pool(&pool_cfg);
@@ -150,6 +153,9 @@ pub(crate) async fn run(args: EmbeddedArgs) -> Result<()> {
     let cfg = args.batching.config();
     cfg.check()?;
     let producer = Producer::new(transport.clone(), cfg.producer.clone());
+    let reads =
+        sluice_query::AppState::new(args.query.config(), tenants.clone(), sinks_location, latest)
+            .context("cannot start the query runtime")?;
     let state = AppState::new(cfg, tenants, producer);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -157,13 +163,14 @@ pub(crate) async fn run(args: EmbeddedArgs) -> Result<()> {
     let addr = listener.local_addr()?;
     let ingest_stop = CancellationToken::new();
     let stop = ingest_stop.clone();
-    let ingest = tokio::spawn(serve(
+    let ingest = tokio::spawn(serve_with(
         listener,
         state,
+        sluice_query::routes(reads),
         async move { stop.cancelled().await },
     ));
     eprintln!(
-        "sluice embedded: ingest on http://{addr}, readings table in {}",
+        "sluice embedded: ingest (POST /v1/telemetry) and reads (POST /v1/query, GET /v1/latest) on http://{addr}, readings table in {}",
         store_shown
     );
 

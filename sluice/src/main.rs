@@ -17,8 +17,8 @@ use sluice_binding::transport::amqp::{AmqpConfig, AmqpTransport};
 use sluice_sinks::table::TableConfig;
 
 use crate::args::{
-    BrokerArgs, IngestArgs, MaintainArgs, OpsArgs, ProcessArgs, QueryArgs, RouterArgs,
-    StoreCommand, WorkersArgs,
+    BrokerArgs, IngestArgs, MaintainArgs, OpsArgs, ProcessArgs, QueryApiArgs, QueryArgs,
+    RouterArgs, StoreCommand, WorkersArgs,
 };
 
 /// Sluice: a high-throughput ingestion pipeline for IoT telemetry on RabbitMQ, Arrow/Parquet
@@ -66,6 +66,15 @@ enum Command {
     /// SQL over one tenant's stored readings (table `readings`: device, metric, ts, value,
     /// date).
     Query(QueryArgs),
+    /// The read API for tenants: `POST /v1/query` (read-only SQL, answered as JSON rows or
+    /// an Arrow IPC stream, within time, memory and size limits) and `GET /v1/latest` (the
+    /// newest value per series from Redis), with the tenants' API keys (scope `query`).
+    QueryApi {
+        #[command(flatten)]
+        api: QueryApiArgs,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
     /// Maintenance of the readings table: per-tenant retention, compaction of small files,
     /// and vacuum of removed ones, a pass every --interval (one such service per
     /// deployment).
@@ -141,6 +150,7 @@ fn run() -> Result<()> {
                 ops,
             } => run_router(router, broker, ops).await,
             Command::Query(q) => run_query(q).await,
+            Command::QueryApi { api, ops } => run_query_api(api, ops).await,
             Command::Maintain { maintain, ops } => run_maintain(maintain, ops).await,
             Command::Store { action } => run_store(action).await,
             Command::Workers(w) => workers::run(w).await,
@@ -314,6 +324,37 @@ async fn run_query(args: QueryArgs) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+async fn run_query_api(args: QueryApiArgs, ops: OpsArgs) -> Result<()> {
+    let shutdown = start_ops(&ops)?;
+    let tenants = sluice_binding::tenancy::Tenants::load(&args.tenants)
+        .with_context(|| format!("cannot load tenants from {}", args.tenants.display()))?;
+    let location = args.store.location()?;
+    let latest = sluice_sinks::latest::LatestStore::Redis(
+        sluice_sinks::latest::RedisLatest::connect(&args.redis_url, args.redis_prefix.clone())
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot connect to Redis at {}",
+                    sluice_binding::transport::amqp::redact(&args.redis_url)
+                )
+            })?,
+    );
+    let state =
+        sluice_query::AppState::new(args.limits.config(), tenants, location.clone(), latest)
+            .context("cannot start the query runtime")?;
+    let listener = bind(args.listen).await?;
+    tracing::info!(store = %location, "serving the read API (POST /v1/query, GET /v1/latest)");
+    sluice_query::serve(
+        listener,
+        state,
+        sluice_binding::serve::ServerLimits::default(),
+        async move { shutdown.cancelled().await },
+    )
+    .await?;
+    tracing::info!("query API stopped");
     Ok(())
 }
 

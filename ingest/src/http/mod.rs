@@ -150,6 +150,17 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(listener, state, Router::new(), shutdown).await
+}
+
+/// [`serve`], with `extra` routes beside ingest's on the same listener (the embedded mode
+/// adds the read API). `extra` must not have a fallback of its own.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    extra: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "ingest listening");
     }
@@ -164,7 +175,8 @@ pub async fn serve(
         max_connections: state.inner.cfg.max_connections,
         header_read_timeout: state.inner.cfg.header_read_timeout,
     };
-    let served = sluice_binding::serve::run(listener, app(state.clone()), limits, shutdown).await;
+    let app = app(state.clone()).merge(extra);
+    let served = sluice_binding::serve::run(listener, app, limits, shutdown).await;
     tracing::info!("ingest stopped accepting; flushing the batcher");
     state.shutdown().await;
     served

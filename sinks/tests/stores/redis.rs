@@ -190,3 +190,81 @@ async fn survives_a_flushed_script_cache() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn redis_finds_by_device_and_metric_patterns_in_pages() {
+    use sluice_sinks::latest::{LatestFilter, Pattern};
+    let ns = Namespace::new("sluice-test-find").in_redis();
+    ns.guard(async {
+        let (store, _) = store(&ns).await;
+        store
+            .update(&[
+                batch(
+                    "acme",
+                    &[
+                        ("pump-1", "temp", T0, 1.0),
+                        ("pump-1", "rpm", T0, 2.0),
+                        ("pump-2", "temp", T0, 3.0),
+                        ("pump-10", "rpm", T0, 4.0),
+                        ("valve[1]", "temp", T0, 5.0),
+                        ("valve1", "temp", T0, 6.0),
+                    ],
+                ),
+                // A tenant whose id extends acme's must not leak into acme's scan.
+                batch("acme2", &[("pump-1", "temp", T0, 9.0)]),
+            ])
+            .await
+            .expect("update");
+        let names = |filter: LatestFilter| {
+            let store = store.clone();
+            async move {
+                let page = store.find("acme", &filter).await.expect("find");
+                let names: Vec<String> = page
+                    .devices
+                    .iter()
+                    .map(|d| {
+                        let m: Vec<&str> = d.readings.iter().map(|r| r.metric.as_str()).collect();
+                        format!("{}:{}", d.device, m.join(","))
+                    })
+                    .collect();
+                (names, page.more)
+            }
+        };
+        let (got, more) = names(LatestFilter {
+            device: Some(Pattern::new("pump-?")),
+            ..LatestFilter::default()
+        })
+        .await;
+        assert_eq!(got, ["pump-1:rpm,temp", "pump-2:temp"]);
+        assert!(!more);
+        // `[1]` is literal, as in memory: not a Redis character class.
+        let (got, _) = names(LatestFilter {
+            device: Some(Pattern::new("valve[1]")),
+            ..LatestFilter::default()
+        })
+        .await;
+        assert_eq!(got, ["valve[1]:temp"]);
+        let (got, _) = names(LatestFilter {
+            metric: Some(Pattern::new("rpm")),
+            ..LatestFilter::default()
+        })
+        .await;
+        assert_eq!(got, ["pump-1:rpm", "pump-10:rpm"]);
+        let (got, more) = names(LatestFilter {
+            limit: 3,
+            ..LatestFilter::default()
+        })
+        .await;
+        assert_eq!(got, ["pump-1:rpm,temp", "pump-10:rpm", "pump-2:temp"]);
+        assert!(more);
+        let (got, more) = names(LatestFilter {
+            limit: 3,
+            after: Some("pump-2".into()),
+            ..LatestFilter::default()
+        })
+        .await;
+        assert_eq!(got, ["valve1:temp", "valve[1]:temp"]);
+        assert!(!more);
+    })
+    .await;
+}

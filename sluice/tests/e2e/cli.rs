@@ -6,11 +6,19 @@ use crate::support::*;
 
 #[test]
 fn help_never_shows_secrets_from_the_environment() {
-    for cmd in ["ingest", "process", "router", "embedded"] {
+    for cmd in [
+        "ingest",
+        "process",
+        "router",
+        "embedded",
+        "query-api",
+        "maintain",
+    ] {
         let out = Command::new(sluice_bin())
             .args([cmd, "--help"])
             .env("SLUICE_AMQP_URL", "amqp://user:s3cret@rabbit:5672/%2f")
             .env("SLUICE_REDIS_URL", "redis://:s3cret@redis:6379")
+            .env("SLUICE_STORE_OPTIONS", "aws_secret_access_key=s3cret")
             .output()
             .unwrap();
         let help = output_ok(&out, &format!("sluice {cmd} --help"));

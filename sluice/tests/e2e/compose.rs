@@ -28,7 +28,7 @@ fn compose_publishes_operator_ports_on_loopback_only_and_defaults_no_credentials
         for port in svc["ports"].as_sequence().into_iter().flatten() {
             let port = port.as_str().unwrap();
             published += 1;
-            let public = matches!(name, "ingest" | "router");
+            let public = matches!(name, "ingest" | "query-api" | "router");
             assert!(
                 public || port.starts_with("127.0.0.1:"),
                 "service {name} publishes {port} on every interface"

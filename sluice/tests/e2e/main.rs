@@ -19,6 +19,8 @@ mod embedded;
 #[cfg(feature = "broker-tests")]
 mod ingest;
 #[cfg(feature = "broker-tests")]
+mod reads;
+#[cfg(feature = "broker-tests")]
 mod router;
 #[cfg(feature = "broker-tests")]
 mod storage;
