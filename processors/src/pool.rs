@@ -9,6 +9,15 @@
 //!   there are never more of those than the window).
 //! - workers → committer: a tokio channel of the same size; workers block on it, which is
 //!   fine on their own threads.
+//! - committer → commits: at most `committers` commits in flight. The committer stages
+//!   deliveries into the next commit while earlier ones write their files and log entries;
+//!   with every commit slot busy it waits for one to finish, so the channel fills and the
+//!   prefetch window stops the consumers.
+//!
+//! Concurrent commits are safe because the table serialises log entries and re-checks its
+//! ledger at each one: a batch in two commits at once (a redelivery racing its original) is
+//! stored by the first and skipped by the second. Each commit acks its own deliveries as
+//! soon as its log entry is written.
 //!
 //! Shutdown order (on the token): consumers cancel (the broker stops sending), workers drain
 //! what was received, the committer commits and acks it, then the pool returns. Deliveries
@@ -30,6 +39,7 @@ use sluice_sinks::StagedBatch;
 use sluice_sinks::latest::LatestStore;
 use sluice_sinks::table::{CommitOutcome, ReadingsTable};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 use crate::autoscale::{AutoscaleConfig, Autoscaler, Sample};
 use crate::control::{Mode, PoolControl};
@@ -56,6 +66,9 @@ pub struct PoolConfig {
     /// after a commit, so the window across all queues must hold more messages than one
     /// commit takes, or commits wait for `flush_interval`.
     pub prefetch: u16,
+    /// Commits in flight at once, each with its own files and log entry: while one
+    /// uploads and writes the log, the next is encoded. 1: one commit at a time.
+    pub committers: usize,
     /// Commit once this many rows are staged.
     pub flush_rows: usize,
     /// Commit at the latest this long after the first staged row.
@@ -81,6 +94,7 @@ impl Default for PoolConfig {
             workers: 2,
             autoscale: None,
             prefetch: 500,
+            committers: 2,
             flush_rows: 100_000,
             flush_interval: Duration::from_secs(1),
             limits: Limits::default(),
@@ -276,17 +290,22 @@ pub async fn run(
         stop.clone(),
     ));
 
+    let committers = cfg.committers.max(1);
     let mut committer = Committer {
         stop: stop.clone(),
         transport: transport.clone(),
         sinks,
         group: cfg.group.clone(),
         flush_rows: cfg.flush_rows.max(1),
-        flush_deliveries: (window / 2).max(1),
+        // Every commit in flight and the one being staged hold their deliveries unacked:
+        // each gets a share of the window, or staging would stall on a full window.
+        flush_deliveries: (window / (committers + 1)).max(1),
+        committers,
         retry_backoff: cfg.retry_backoff,
         tasks: tasks.clone(),
         pending: Vec::new(),
         pending_rows: 0,
+        inflight: JoinSet::new(),
         report: PoolReport::new(),
     };
     // The committer ends when every worker has dropped its sender, so the workers are
@@ -397,11 +416,22 @@ struct Committer {
     group: String,
     flush_rows: usize,
     flush_deliveries: usize,
+    /// Commits in flight at most.
+    committers: usize,
     retry_backoff: Duration,
     tasks: TaskTracker,
     pending: Vec<(StagedBatch, Acker)>,
     pending_rows: usize,
+    /// Commits writing now; each returns what it committed for [`Committer::account`].
+    inflight: JoinSet<Option<Flushed>>,
     report: PoolReport,
+}
+
+/// A commit that reached the log (and acked its deliveries).
+struct Flushed {
+    batches: Vec<StagedBatch>,
+    outcome: CommitOutcome,
+    took: Duration,
 }
 
 impl Committer {
@@ -434,9 +464,15 @@ impl Committer {
                     }
                     None => {
                         self.flush().await;
+                        while let Some(done) = self.inflight.join_next().await {
+                            self.finished(done).await;
+                        }
                         return;
                     }
                 },
+                Some(done) = self.inflight.join_next(), if !self.inflight.is_empty() => {
+                    self.finished(done).await;
+                }
                 _ = timer => {
                     self.flush().await;
                     deadline = None;
@@ -474,81 +510,45 @@ impl Committer {
         });
     }
 
+    /// Starts a commit of what is staged, first waiting for a commit slot.
     async fn flush(&mut self) {
         if self.pending.is_empty() {
             return;
         }
+        while self.inflight.len() >= self.committers {
+            if let Some(done) = self.inflight.join_next().await {
+                self.finished(done).await;
+            }
+        }
         let pending = std::mem::take(&mut self.pending);
         self.pending_rows = 0;
         let (batches, ackers): (Vec<StagedBatch>, Vec<Acker>) = pending.into_iter().unzip();
-        let t0 = Instant::now();
-        let mut attempt = 0;
-        let outcome = loop {
-            match self.sinks.table.commit(batches.clone()).await {
-                Ok(o) => break o,
-                Err(e) => {
-                    if !self
-                        .wait_to_retry("table", &e, ackers.len(), &mut attempt)
-                        .await
-                    {
-                        return requeue(ackers).await;
-                    }
-                }
+        let retry = Retry {
+            stop: self.stop.clone(),
+            backoff: self.retry_backoff,
+        };
+        self.inflight
+            .spawn(commit(self.sinks.clone(), batches, ackers, retry));
+    }
+
+    async fn finished(&mut self, done: Result<Option<Flushed>, tokio::task::JoinError>) {
+        let flushed = match done {
+            Ok(Some(f)) => f,
+            // Requeued (the pool stopped while a sink failed).
+            Ok(None) => return,
+            Err(e) => {
+                // A panic in a commit: its deliveries were neither acked nor requeued, so
+                // the broker redelivers them when the channel closes.
+                tracing::error!(error = %e, "a commit task failed");
+                return;
             }
         };
-        // The table holds the rows from here on; a retry (or a redelivery after a stop)
-        // skips them there and writes Redis again.
-        while let Err(e) = self.sinks.latest.update(&batches).await {
-            if !self
-                .wait_to_retry("latest", &e, ackers.len(), &mut attempt)
-                .await
-            {
-                return requeue(ackers).await;
-            }
-        }
-        let took = t0.elapsed();
-        CommitDuration(took).emit();
         let _ = self
             .report
             .commit
-            .record((took.as_nanos() as u64).clamp(1_000, latency::MAX_NS));
-        let acks = futures_ack(ackers);
-        self.account(&batches, &outcome).await;
-        acks.await;
+            .record((flushed.took.as_nanos() as u64).clamp(1_000, latency::MAX_NS));
+        self.account(&flushed.batches, &flushed.outcome).await;
         self.report.commits += 1;
-    }
-
-    /// A sink failed: waits before the next try, from `retry_backoff` doubling up to
-    /// [`MAX_RETRY_BACKOFF`], and says whether to try again (not once the pool stops).
-    ///
-    /// The deliveries stay unacked meanwhile: the committer takes no new work, the
-    /// channel to it fills and the prefetch stops the consumers. A requeue instead would
-    /// come back at once and count a redelivery each time, which RabbitMQ 4's quorum
-    /// queues turn into a dead letter past their delivery limit: no sink outage may turn
-    /// an accepted reading into one.
-    async fn wait_to_retry(
-        &self,
-        sink: &'static str,
-        e: &(dyn std::error::Error + Send + Sync),
-        deliveries: usize,
-        attempt: &mut u32,
-    ) -> bool {
-        let wait = self
-            .retry_backoff
-            .saturating_mul(1 << (*attempt).min(16))
-            .min(MAX_RETRY_BACKOFF);
-        *attempt += 1;
-        CommitFailed {
-            sink,
-            error: e,
-            deliveries,
-            retry_in: wait,
-        }
-        .emit();
-        tokio::select! {
-            () = self.stop.cancelled() => false,
-            () = tokio::time::sleep(wait) => true,
-        }
     }
 
     /// Metrics, end-to-end latency and receipts of a commit, per tenant.
@@ -601,6 +601,87 @@ impl Committer {
             }
         }
     }
+}
+
+/// How a failing commit waits before its next try.
+struct Retry {
+    /// Ends the retries (the deliveries are then requeued).
+    stop: CancellationToken,
+    backoff: Duration,
+}
+
+impl Retry {
+    /// A sink failed: waits before the next try, from `backoff` doubling up to
+    /// [`MAX_RETRY_BACKOFF`], and says whether to try again (not once the pool stops).
+    ///
+    /// The deliveries stay unacked meanwhile: the commit slot stays taken, the
+    /// channel to the committer fills and the prefetch stops the consumers. A requeue
+    /// instead would come back at once and count a redelivery each time, which RabbitMQ 4's
+    /// quorum queues turn into a dead letter past their delivery limit: no sink outage may
+    /// turn an accepted reading into one.
+    async fn wait(
+        &self,
+        sink: &'static str,
+        e: &(dyn std::error::Error + Send + Sync),
+        deliveries: usize,
+        attempt: &mut u32,
+    ) -> bool {
+        let wait = self
+            .backoff
+            .saturating_mul(1 << (*attempt).min(16))
+            .min(MAX_RETRY_BACKOFF);
+        *attempt += 1;
+        CommitFailed {
+            sink,
+            error: e,
+            deliveries,
+            retry_in: wait,
+        }
+        .emit();
+        tokio::select! {
+            () = self.stop.cancelled() => false,
+            () = tokio::time::sleep(wait) => true,
+        }
+    }
+}
+
+/// One commit: the table, then the latest values, then the acks. `None` when the pool
+/// stopped while a sink failed (the deliveries were requeued).
+async fn commit(
+    sinks: Sinks,
+    batches: Vec<StagedBatch>,
+    ackers: Vec<Acker>,
+    retry: Retry,
+) -> Option<Flushed> {
+    let t0 = Instant::now();
+    let mut attempt = 0;
+    let outcome = loop {
+        match sinks.table.commit(batches.clone()).await {
+            Ok(o) => break o,
+            Err(e) => {
+                if !retry.wait("table", &e, ackers.len(), &mut attempt).await {
+                    requeue(ackers).await;
+                    return None;
+                }
+            }
+        }
+    };
+    // The table holds the rows from here on; a retry (or a redelivery after a stop)
+    // skips them there and writes the latest values again.
+    while let Err(e) = sinks.latest.update(&batches).await {
+        if !retry.wait("latest", &e, ackers.len(), &mut attempt).await {
+            requeue(ackers).await;
+            return None;
+        }
+    }
+    let took = t0.elapsed();
+    CommitDuration(took).emit();
+    futures_ack(ackers).await;
+    Some(Flushed {
+        batches,
+        outcome,
+        took,
+    })
 }
 
 /// Longest wait between two tries of a failing sink.
@@ -951,5 +1032,52 @@ mod tests {
                 d.acker.ack().await.unwrap();
             }
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_commits_store_a_repeated_batch_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, _) = transport();
+        let sinks = sinks(dir.path()).await;
+        // Every batch twice, in a row (the second lands on the other partition): with a
+        // window of 4 and 4 commits in flight, each delivery is a commit of its own, so the
+        // two copies race in concurrent commits.
+        let bodies: Vec<Vec<u8>> = (0..40)
+            .flat_map(|seq| {
+                // The same bytes twice: one batch id.
+                let b = batch(seq);
+                [b.clone(), b]
+            })
+            .collect();
+        publish(&t, &bodies).await;
+        let pool = start(
+            &t,
+            &sinks,
+            PoolConfig {
+                committers: 4,
+                prefetch: 2,
+                ..config()
+            },
+        );
+        let want = 40 * READINGS as u64;
+        let root = dir.path().to_owned();
+        wait_for("every batch stored and every delivery received", || {
+            let (t, root) = (t.clone(), root.clone());
+            async move {
+                backlog(&t).await == 0 && sluice_testkit::store::total(&root, "acme").await == want
+            }
+        })
+        .await;
+        let report = pool.stop().await;
+        assert_eq!(report.deliveries, 80);
+        assert_eq!(report.rows_committed, want, "{}", report.summary());
+        assert_eq!(report.rows_duplicate, want);
+        assert!(report.commits >= 40, "{}", report.summary());
+        assert_eq!(sluice_testkit::store::total(dir.path(), "acme").await, want);
+        assert_eq!(
+            sluice_testkit::store::distinct(dir.path(), "acme").await,
+            want
+        );
+        assert_eq!(backlog(&t).await, 0);
     }
 }

@@ -262,6 +262,11 @@ pub(crate) struct PoolArgs {
     /// of memory per batch committed in the window.
     #[arg(long, env = "SLUICE_DEDUP_WINDOW", default_value = "15m", value_parser = humantime::parse_duration)]
     pub(crate) dedup_window: Duration,
+    /// Commits in flight at once, each writing its own files and log entry; while one
+    /// uploads, the next is encoded. More help while cores are idle and on object stores
+    /// (whose writes take longer).
+    #[arg(long, env = "SLUICE_COMMITTERS", default_value_t = 2)]
+    pub(crate) committers: usize,
     /// Commit once this many rows are staged.
     #[arg(long, env = "SLUICE_FLUSH_ROWS", default_value_t = 100_000)]
     pub(crate) flush_rows: usize,
@@ -333,6 +338,7 @@ impl PoolArgs {
             workers: self.workers,
             autoscale: self.autoscale.config(),
             prefetch: self.prefetch,
+            committers: self.committers,
             flush_rows: self.flush_rows,
             flush_interval: self.flush_interval,
             limits: Limits {
