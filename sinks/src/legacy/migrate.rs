@@ -169,10 +169,8 @@ fn remove_empty_parents(root: &Path, path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::legacy::store::{ParquetStore, ParquetStoreConfig};
     use crate::query::TenantQuery;
     use crate::table::Location;
-    use crate::test_util::{HOUR_10, NS_PER_HOUR, series, staged};
     use arrow::array::AsArray;
     use arrow::datatypes::Int64Type;
 
@@ -184,21 +182,31 @@ mod tests {
         b[0].column(0).as_primitive::<Int64Type>().value(0)
     }
 
+    /// Copies the old layout as the last writer of it left it (`tests/fixtures/
+    /// legacy-layout`: acme 100 rows in hour 10 and 50 in hour 11, globex 7, written by
+    /// the pre-Delta store before it was removed) into a fresh directory.
+    fn old_layout() -> tempfile::TempDir {
+        fn copy(from: &Path, to: &Path) {
+            std::fs::create_dir_all(to).expect("dir");
+            for e in std::fs::read_dir(from).expect("fixture") {
+                let e = e.expect("entry").path();
+                let target = to.join(e.file_name().expect("name"));
+                if e.is_dir() {
+                    copy(&e, &target);
+                } else {
+                    std::fs::copy(&e, &target).expect("copy");
+                }
+            }
+        }
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/legacy-layout");
+        let dir = tempfile::tempdir().expect("tempdir");
+        copy(&fixture, dir.path());
+        dir
+    }
+
     #[tokio::test]
     async fn the_old_layout_is_refused_then_converted_once_however_often_it_runs() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let old = ParquetStore::open(ParquetStoreConfig {
-            root: dir.path().to_owned(),
-            ..ParquetStoreConfig::default()
-        })
-        .expect("old store");
-        old.commit(vec![
-            staged("acme", series(100, HOUR_10)),
-            staged("acme", series(50, HOUR_10 + NS_PER_HOUR)),
-            staged("globex", series(7, HOUR_10)),
-        ])
-        .await
-        .expect("old commit");
+        let dir = old_layout();
         let config = TableConfig {
             store: dir.path().to_str().expect("utf-8").to_owned(),
             ..TableConfig::default()
