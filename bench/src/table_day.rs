@@ -47,6 +47,10 @@ struct Cli {
     /// Query runs per measurement (the median is reported).
     #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// Only write the day (its small files left for a compactor to merge later, as
+    /// `bench/scripts/compactor.sh` needs): no query, no maintenance pass.
+    #[arg(long)]
+    write_only: bool,
 }
 
 fn options(kvs: &[String]) -> Result<BTreeMap<String, String>> {
@@ -127,6 +131,14 @@ async fn main() -> Result<()> {
     }
     let write = started.elapsed();
     let rows = end_s * cli.rate;
+    if cli.write_only {
+        println!(
+            "{}: {commits} commits, {rows} rows in {:.1} s",
+            table.location(),
+            write.as_secs_f64()
+        );
+        return Ok(());
+    }
 
     let q = TenantQuery::new(table.location(), "day")?;
     let (before_ms, before) = last_hour_ms(&cli, &q, end_s).await?;

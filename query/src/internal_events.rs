@@ -26,7 +26,29 @@ pub(crate) struct Answered<'a> {
     pub(crate) message: Option<&'a str>,
 }
 
-impl Answered<'_> {
+impl<'a> Answered<'a> {
+    /// The event of `result`, a read of `tenant` started at `started`.
+    pub(crate) fn of<T>(
+        endpoint: &'static str,
+        tenant: &'a str,
+        result: &'a Result<T, crate::ApiError>,
+        rows: u64,
+        started: std::time::Instant,
+    ) -> Self {
+        let (outcome, message) = match result {
+            Ok(_) => ("ok", None),
+            Err(e) => (e.code.as_str(), Some(e.message.as_str())),
+        };
+        Self {
+            endpoint,
+            tenant,
+            outcome,
+            rows: if result.is_ok() { rows } else { 0 },
+            elapsed: started.elapsed(),
+            message,
+        }
+    }
+
     pub(crate) fn emit(self) {
         match self.message {
             None => tracing::debug!(

@@ -78,19 +78,8 @@ pub(crate) async fn get_latest(
         Err(e) => return ApiError::from(e).into_response(),
     };
     let result = answer(&state, &tenant, params).await;
-    let (outcome, message, rows) = match &result {
-        Ok(page) => ("ok", None, page.devices.len() as u64),
-        Err(e) => (e.code.as_str(), Some(e.message.as_str()), 0),
-    };
-    Answered {
-        endpoint: "latest",
-        tenant: &tenant,
-        outcome,
-        rows,
-        elapsed: started.elapsed(),
-        message,
-    }
-    .emit();
+    let rows = result.as_ref().map_or(0, |p| p.devices.len() as u64);
+    Answered::of("latest", &tenant, &result, rows, started).emit();
     match result {
         Ok(page) => Json(render(page)).into_response(),
         Err(e) => e.into_response(),

@@ -63,19 +63,7 @@ pub(crate) async fn post_query(
         Ok((response, rows)) => (Ok(response), rows),
         Err(e) => (Err(e), 0),
     };
-    let (outcome, message) = match &result {
-        Ok(_) => ("ok", None),
-        Err(e) => (e.code.as_str(), Some(e.message.as_str())),
-    };
-    Answered {
-        endpoint: "query",
-        tenant: &tenant,
-        outcome,
-        rows,
-        elapsed: started.elapsed(),
-        message,
-    }
-    .emit();
+    Answered::of("query", &tenant, &result, rows, started).emit();
     match result {
         Ok(response) => response,
         Err(e) => e.into_response(),

@@ -504,6 +504,22 @@ pub(crate) struct QueryArgs {
     pub(crate) sql: String,
 }
 
+/// A Redis the service needs (the router's, the read API's).
+#[derive(Debug, Clone, Args)]
+pub(crate) struct RedisArgs {
+    /// Redis URL.
+    #[arg(
+        long,
+        env = "SLUICE_REDIS_URL",
+        hide_env_values = true,
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub(crate) redis_url: String,
+    /// Prefix of the Redis keys.
+    #[arg(long, env = "SLUICE_REDIS_PREFIX", default_value = "sluice")]
+    pub(crate) redis_prefix: String,
+}
+
 /// `sluice query-api` flags.
 #[derive(Debug, Clone, Args)]
 pub(crate) struct QueryApiArgs {
@@ -515,17 +531,9 @@ pub(crate) struct QueryApiArgs {
     pub(crate) tenants: PathBuf,
     #[command(flatten)]
     pub(crate) store: StoreArgs,
-    /// Redis URL of the latest values (`GET /v1/latest`), as `sluice process` writes them.
-    #[arg(
-        long,
-        env = "SLUICE_REDIS_URL",
-        hide_env_values = true,
-        default_value = "redis://127.0.0.1:6379"
-    )]
-    pub(crate) redis_url: String,
-    /// Prefix of the Redis keys.
-    #[arg(long, env = "SLUICE_REDIS_PREFIX", default_value = "sluice")]
-    pub(crate) redis_prefix: String,
+    /// Redis, where `sluice process` keeps the latest values (`GET /v1/latest`).
+    #[command(flatten)]
+    pub(crate) redis: RedisArgs,
     #[command(flatten)]
     pub(crate) limits: QueryLimitArgs,
 }
@@ -610,18 +618,10 @@ pub(crate) struct RouterArgs {
     /// Tenants file (TOML), the same as ingest's: API keys name the tenant.
     #[arg(long, env = "SLUICE_TENANTS")]
     pub(crate) tenants: PathBuf,
-    /// Redis URL: subscriptions, rate-limit windows, expiration counters, live feeds and
+    /// Redis: subscriptions, rate-limit windows, expiration counters, live feeds and
     /// Redis-stream targets.
-    #[arg(
-        long,
-        env = "SLUICE_REDIS_URL",
-        hide_env_values = true,
-        default_value = "redis://127.0.0.1:6379"
-    )]
-    pub(crate) redis_url: String,
-    /// Prefix of the Redis keys.
-    #[arg(long, env = "SLUICE_REDIS_PREFIX", default_value = "sluice")]
-    pub(crate) redis_prefix: String,
+    #[command(flatten)]
+    pub(crate) redis: RedisArgs,
     /// Notify queues of the outbox (fixed at their first declaration).
     #[arg(long, env = "SLUICE_NOTIFY_PARTITIONS", default_value_t = 4)]
     pub(crate) notify_partitions: u32,
@@ -696,8 +696,8 @@ impl RouterArgs {
         }
         let d = sluice_router::RouterConfig::default();
         Ok(sluice_router::RouterConfig {
-            redis_url: self.redis_url.clone(),
-            redis_namespace: self.redis_prefix.clone(),
+            redis_url: self.redis.redis_url.clone(),
+            redis_namespace: self.redis.redis_prefix.clone(),
             notify_partitions: self.notify_partitions,
             max_subscriptions_per_tenant: self.max_subscriptions,
             max_live_feeds_per_tenant: self.max_live_feeds,

@@ -333,14 +333,17 @@ async fn run_query_api(args: QueryApiArgs, ops: OpsArgs) -> Result<()> {
         .with_context(|| format!("cannot load tenants from {}", args.tenants.display()))?;
     let location = args.store.location()?;
     let latest = sluice_sinks::latest::LatestStore::Redis(
-        sluice_sinks::latest::RedisLatest::connect(&args.redis_url, args.redis_prefix.clone())
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot connect to Redis at {}",
-                    sluice_binding::transport::amqp::redact(&args.redis_url)
-                )
-            })?,
+        sluice_sinks::latest::RedisLatest::connect(
+            &args.redis.redis_url,
+            args.redis.redis_prefix.clone(),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "cannot connect to Redis at {}",
+                sluice_binding::transport::amqp::redact(&args.redis.redis_url)
+            )
+        })?,
     );
     let state =
         sluice_query::AppState::new(args.limits.config(), tenants, location.clone(), latest)

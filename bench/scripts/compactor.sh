@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Ingest throughput with the compactor merging a closed day into the same table, against
+# the same ingest without it:
+#
+#   cargo build --release --workspace --bins
+#   bash bench/scripts/compactor.sh [READINGS] [HOURS]     # default 10000000 readings, 6 h
+#
+# A closed day of small files is written first (`table-day --write-only`: HOURS simulated
+# hours at 1 000 readings/s, a commit per second, on 2026-11-21); the table is copied, and
+# each copy takes the same saturating load (`loadgen --target amqp` → `sluice process`),
+# once alone and once with `sluice maintain --once` (compaction of the closed day, one
+# task, then vacuum) started with the load. Needs RabbitMQ and Redis on loopback.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+readings=${1:-10000000}
+hours=${2:-6}
+amqp=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+redis=${REDIS_URL:-redis://127.0.0.1:6379}
+bin=target/release
+work=$(mktemp -d /tmp/sluice-compactor.XXXXXX)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+
+"$bin/table-day" --store "$work/pristine" --hours "$hours" --flush 1s --write-only
+echo "| run | committed | wall | readings/s | compaction pass |"
+echo "|---|---:|---:|---:|---|"
+for run in alone with-compactor alone with-compactor; do
+    cp -a "$work/pristine" "$work/$run"
+    ns="cx$RANDOM"
+    "$bin/sluice" process --store "$work/$run" --redis-url "$redis" --redis-prefix "$ns" \
+        --namespace "$ns" --metrics-listen "" --admin-listen "" --log warn --amqp-url "$amqp" &
+    pid=$!
+    sleep 3
+    pass="—"
+    if [ "$run" = with-compactor ]; then
+        ( "$bin/sluice" maintain --store "$work/$run" --once --vacuum-grace 0s \
+            --metrics-listen "" --log warn > "$work/pass.txt" 2>&1; date +%s.%N > "$work/pass.end" ) &
+    fi
+    start=$(date +%s.%N)
+    out=$("$bin/loadgen" --target amqp --amqp-url "$amqp" --namespace "$ns" --tenant demo \
+        --count "$readings" --rate 100000000 --duration 600s --drain-timeout 600s \
+        --json --quiet --out "$work/results-$ns")
+    end=$(date +%s.%N)
+    if [ "$run" = with-compactor ]; then
+        while [ ! -f "$work/pass.end" ]; do sleep 0.5; done
+        pass="$(python3 -c 'import sys; print(f"{float(sys.argv[1]) - float(sys.argv[2]):.1f} s from the load start", end="")' "$(cat "$work/pass.end")" "$start"): $(tail -1 "$work/pass.txt")"
+        rm -f "$work/pass.end"
+    fi
+    kill -TERM "$pid"
+    wait "$pid" || true
+    committed=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["committed"])' "$out")
+    python3 - "$run" "$committed" "$start" "$end" "$pass" <<'PY'
+import sys
+run, committed, start, end, passed = sys.argv[1:]
+wall = float(end) - float(start)
+print(f"| {run} | {int(committed):,} | {wall:.1f} s | {int(committed)/wall/1e6:.2f} M | {passed} |")
+PY
+    rm -rf "$work/$run"
+done
