@@ -48,10 +48,9 @@ pub struct AppState {
 struct Inner {
     config: QueryApiConfig,
     tenants: Tenants,
-    location: Location,
     latest: LatestStore,
-    /// One query session per tenant: each follows the table's log incrementally.
-    sessions: Mutex<HashMap<String, TenantQuery>>,
+    /// The table's log, followed incrementally and shared by every tenant's queries.
+    table: TenantQuery,
     /// Where queries execute.
     executor: executor::Executor,
     /// Queries running in the process.
@@ -88,14 +87,16 @@ impl AppState {
     ) -> std::io::Result<Self> {
         let slots = Arc::new(Semaphore::new(config.max_concurrent_queries.max(1)));
         let executor = executor::Executor::new(config.query_threads)?;
+        // Any valid id: each query names its tenant through `for_tenant`.
+        let table = TenantQuery::new(&location, "sluice")
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 executor,
                 config,
                 tenants,
-                location,
                 latest,
-                sessions: Mutex::default(),
+                table,
                 slots,
                 tenant_slots: Mutex::default(),
             }),
@@ -118,19 +119,9 @@ impl AppState {
         &self.inner.latest
     }
 
-    /// The tenant's query session (made on its first query).
+    /// Queries of `tenant`.
     pub(crate) fn session(&self, tenant: &str) -> Result<TenantQuery, QueryError> {
-        let mut sessions = self
-            .inner
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(q) = sessions.get(tenant) {
-            return Ok(q.clone());
-        }
-        let q = TenantQuery::new(&self.inner.location, tenant)?;
-        sessions.insert(tenant.to_owned(), q.clone());
-        Ok(q)
+        self.inner.table.for_tenant(tenant)
     }
 
     /// A slot for one query of `tenant`: the tenant's own first (429 when it has none
