@@ -408,6 +408,10 @@ pub(crate) struct MaintainArgs {
     /// Compaction merges each partition's files into files of about this many MiB.
     #[arg(long, env = "SLUICE_TARGET_FILE_MIB", default_value_t = 128)]
     pub(crate) target_file_mib: u64,
+    /// Compaction merges today's files (still growing) into files of about this many MiB;
+    /// a merged file below it is merged again at the next pass.
+    #[arg(long, env = "SLUICE_OPEN_TARGET_FILE_MIB", default_value_t = 16)]
+    pub(crate) open_target_file_mib: u64,
     /// Partitions compacted at once: at most this many cores busy with compaction.
     #[arg(long, env = "SLUICE_COMPACTION_TASKS", default_value_t = 1)]
     pub(crate) compaction_tasks: usize,
@@ -445,6 +449,7 @@ impl MaintainArgs {
             interval: self.interval,
             pass: MaintenanceConfig {
                 target_file_size: self.target_file_mib.max(1) * 1024 * 1024,
+                open_target_file_size: self.open_target_file_mib.max(1) * 1024 * 1024,
                 max_concurrent_tasks: self.compaction_tasks.max(1),
                 zstd_level: self.zstd_level,
                 vacuum_grace: self.vacuum_grace,

@@ -7,15 +7,16 @@
 //!    file is rewritten);
 //! 2. **compaction**: merges the small files of each closed partition (a UTC day before
 //!    today: no more appends are due there, barring late data) into files of about
-//!    [`MaintenanceConfig::target_file_size`], with at most
+//!    [`MaintenanceConfig::target_file_size`], and those of today's partitions into files
+//!    of about [`MaintenanceConfig::open_target_file_size`], with at most
 //!    [`MaintenanceConfig::max_concurrent_tasks`] partitions at a time (its CPU bound), and
 //!    commits the swap as one log entry that removes the small files and adds the merged
 //!    ones (`dataChange = false`). A query sees the version before or after the swap, each
-//!    row once either way. Today's partition is left alone: compacting a partition that
-//!    still grows would rewrite its merged file again at every pass (until it reached the
-//!    target size), many times the data it holds; queries of today prune its files by the
-//!    `ts` statistics in the log instead. Late readings for a closed day are merged at the
-//!    next pass;
+//!    row once either way. Today's partitions get the smaller target because they still
+//!    grow: a merged file below the target is merged again with the next pass's new files,
+//!    so the target bounds how often a byte is rewritten while the day is open (about
+//!    target ÷ data per pass times), and queries of today open a few files rather than one
+//!    per commit. Late readings for a closed day are merged at the next pass;
 //! 3. **vacuum**: deletes files removed longer than [`MaintenanceConfig::vacuum_grace`] ago
 //!    — the grace outlives any query still reading an older version — and files no log
 //!    entry names that are older than the grace (left by a writer killed between writing
@@ -51,8 +52,11 @@ pub enum Keep {
 /// What a maintenance pass does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MaintenanceConfig {
-    /// Compaction merges a partition's files into files of about this many bytes.
+    /// Compaction merges a closed day's files into files of about this many bytes.
     pub target_file_size: u64,
+    /// Compaction merges today's files into files of about this many bytes (smaller:
+    /// they are merged again as the day grows).
+    pub open_target_file_size: u64,
     /// Partitions compacted at once: at most this many cores busy.
     pub max_concurrent_tasks: usize,
     /// ZSTD level of the merged files.
@@ -69,6 +73,7 @@ impl Default for MaintenanceConfig {
     fn default() -> Self {
         Self {
             target_file_size: 128 * 1024 * 1024,
+            open_target_file_size: 16 * 1024 * 1024,
             max_concurrent_tasks: 1,
             zstd_level: 1,
             vacuum_grace: Duration::from_secs(3600),
@@ -162,28 +167,35 @@ impl ReadingsTable {
             );
         }
 
-        // 2. Compaction of the closed days.
+        // 2. Compaction: the closed days to the full target, today's to the small one.
         let today_str = today.format("%Y-%m-%d").to_string();
-        let closed = [(
-            DATE,
-            deltalake_core::FilterOp::Lt,
-            deltalake_core::FilterValue::Scalar(today_str.as_str()),
-        )];
-        let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(zstd))
-            .set_dictionary_enabled(true)
-            .build();
-        let (t, metrics) = table
-            .optimize()
-            .with_filters(&closed)
-            .with_target_size(target)
-            .with_max_concurrent_tasks(config.max_concurrent_tasks.max(1))
-            .with_writer_properties(props)
-            .await?;
-        table = t;
-        report.files_compacted = metrics.num_files_removed;
-        report.files_merged = metrics.num_files_added;
-        report.partitions_compacted = metrics.partitions_optimized;
+        let open_target = NonZeroU64::new(config.open_target_file_size.max(1))
+            .ok_or_else(|| TableError::Config("open_target_file_size must not be 0".into()))?;
+        for (op, size) in [
+            (deltalake_core::FilterOp::Lt, target),
+            (deltalake_core::FilterOp::Ge, open_target),
+        ] {
+            let filter = [(
+                DATE,
+                op,
+                deltalake_core::FilterValue::Scalar(today_str.as_str()),
+            )];
+            let props = WriterProperties::builder()
+                .set_compression(Compression::ZSTD(zstd))
+                .set_dictionary_enabled(true)
+                .build();
+            let (t, metrics) = table
+                .optimize()
+                .with_filters(&filter)
+                .with_target_size(size)
+                .with_max_concurrent_tasks(config.max_concurrent_tasks.max(1))
+                .with_writer_properties(props)
+                .await?;
+            table = t;
+            report.files_compacted += metrics.num_files_removed;
+            report.files_merged += metrics.num_files_added;
+            report.partitions_compacted += metrics.partitions_optimized;
+        }
 
         // 3. Vacuum: removed files past the grace, and files no entry names.
         let grace = chrono::Duration::from_std(config.vacuum_grace)
@@ -310,7 +322,12 @@ mod tests {
             vacuum_grace: Duration::ZERO,
             ..MaintenanceConfig::default()
         };
-        // Still the files' own day: an open partition is not compacted.
+        // Still the files' own day, and each file is over the open day's target: nothing
+        // to merge until the day has closed.
+        let config = MaintenanceConfig {
+            open_target_file_size: 1,
+            ..config
+        };
         let report = table.maintain_at(&config, today()).await.expect("maintain");
         assert_eq!(
             (report.files_compacted, report.files_live),
@@ -348,6 +365,30 @@ mod tests {
             .expect("commit");
         assert_eq!(out.rows_written(), 0);
         assert_eq!(count(dir.path(), "acme").await, 3_000);
+    }
+
+    #[tokio::test]
+    async fn todays_files_are_merged_to_the_open_target_and_again_as_the_day_grows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let table = open(dir.path()).await;
+        let config = MaintenanceConfig {
+            vacuum_grace: Duration::ZERO,
+            ..MaintenanceConfig::default()
+        };
+        for round in 0..2 {
+            for i in 0..10 {
+                let at = HOUR_10 + (round * 10 + i) * 1_000_000_000;
+                table
+                    .commit(vec![staged("acme", series(100, at))])
+                    .await
+                    .expect("commit");
+            }
+            let report = table.maintain_at(&config, today()).await.expect("maintain");
+            // The first pass merges 10 files; the second the merged one and 10 new ones.
+            assert_eq!(report.files_compacted, 10 + round as u64, "{report:?}");
+            assert_eq!(report.files_live, 1, "{report:?}");
+            assert_eq!(count(dir.path(), "acme").await, 1_000 * (round + 1));
+        }
     }
 
     #[tokio::test]
