@@ -35,11 +35,11 @@ COPY --from=builder /out/sluice /out/loadgen /usr/local/bin/
 
 USER sluice:sluice
 WORKDIR /data
-# Parquet root of `sluice process`; every processor replica shares it.
+# The readings table when no object store is configured (compose uses MinIO instead).
 VOLUME ["/data"]
-ENV SLUICE_DATA_DIR=/data \
+ENV SLUICE_STORE=/data \
     SLUICE_LOG=info
-# 8080: ingest HTTP; 8090: router subscription API; 9090: Prometheus /metrics of every
-# service.
-EXPOSE 8080 8090 9090
+# 8080: ingest HTTP; 8070: the read API (SQL, latest values); 8090: router subscription
+# API; 9090: Prometheus /metrics of every service.
+EXPOSE 8070 8080 8090 9090
 CMD ["sluice", "--help"]
