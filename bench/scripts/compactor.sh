@@ -9,8 +9,9 @@
 # hours at 1 000 readings/s, a commit per second, on 2026-11-21); the table is copied, and
 # each copy takes the same saturating load (`loadgen --target amqp` → `sluice process`),
 # once alone and once with `sluice maintain --once` (compaction of the closed day, one
-# task, then vacuum) started with the load; MAINTAIN_NICE=19 runs it at the lowest CPU
-# priority (compose.yaml gives the maintain service a low cpu_shares for the same reason). Needs RabbitMQ and Redis on loopback.
+# task, then vacuum) started with the load. MAINTAIN_WRAP prefixes the pass's command:
+# MAINTAIN_WRAP="nice -n 19" (lowest priority), MAINTAIN_WRAP="chrt --idle 0" (SCHED_IDLE:
+# only cycles nothing else wants). Needs RabbitMQ and Redis on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 readings=${1:-10000000}
@@ -33,7 +34,7 @@ for run in alone with-compactor alone with-compactor; do
     sleep 3
     pass="—"
     if [ "$run" = with-compactor ]; then
-        ( ${MAINTAIN_NICE:+nice -n "$MAINTAIN_NICE"} "$bin/sluice" maintain --store "$work/$run" --once --vacuum-grace 0s \
+        ( ${MAINTAIN_WRAP:-} "$bin/sluice" maintain --store "$work/$run" --once --vacuum-grace 0s \
             --metrics-listen "" --log warn > "$work/pass.txt" 2>&1; date +%s.%N > "$work/pass.end" ) &
     fi
     start=$(date +%s.%N)
