@@ -32,12 +32,7 @@ fn tenants() -> Tenants {
 }
 
 fn staged(tenant: &str, readings: &[(&str, &str, i64, f64)]) -> StagedBatch {
-    StagedBatch {
-        tenant: tenant.to_owned(),
-        batch_id: uuid::Uuid::now_v7(),
-        maybe_duplicate: false,
-        rows: sluice_sinks::readings_rows(readings.iter().copied()),
-    }
+    StagedBatch::from_readings(tenant, readings.iter().copied())
 }
 
 /// acme: 100 readings of pump-0..pump-9 (metric temp, value i), one per second from T0;

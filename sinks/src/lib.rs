@@ -85,6 +85,23 @@ pub struct StagedBatch {
     pub rows: RecordBatch,
 }
 
+impl StagedBatch {
+    /// A new batch (a fresh batch id, not a redelivery) of `tenant`'s
+    /// `(device, metric, ts_ns, value)` readings, for callers that hold readings rather than
+    /// a binding batch (tests, benchmarks, embedders).
+    pub fn from_readings<'a>(
+        tenant: &str,
+        readings: impl IntoIterator<Item = (&'a str, &'a str, i64, f64)>,
+    ) -> Self {
+        Self {
+            tenant: tenant.to_owned(),
+            batch_id: uuid::Uuid::now_v7(),
+            maybe_duplicate: false,
+            rows: readings_rows(readings),
+        }
+    }
+}
+
 /// Rows whose schema is not [`readings_schema`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("batch {batch_id}: rows do not match the readings schema: {reason}")]

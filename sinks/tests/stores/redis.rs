@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
+use sluice_sinks::StagedBatch;
 use sluice_sinks::latest::{DeviceLatest, Latest, LatestStore, RedisLatest};
-use sluice_sinks::{StagedBatch, readings_rows};
 use sluice_testkit::Namespace;
 use sluice_testkit::env::redis_url;
 
@@ -11,12 +11,7 @@ use sluice_testkit::env::redis_url;
 const T0: i64 = 1_795_255_200_000_000_000;
 
 fn batch(tenant: &str, readings: &[(&str, &str, i64, f64)]) -> StagedBatch {
-    StagedBatch {
-        tenant: tenant.to_owned(),
-        batch_id: uuid::Uuid::now_v7(),
-        maybe_duplicate: false,
-        rows: readings_rows(readings.iter().copied()),
-    }
+    StagedBatch::from_readings(tenant, readings.iter().copied())
 }
 
 fn latest(metric: &str, ts_ns: i64, value: f64) -> Latest {
