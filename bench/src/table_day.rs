@@ -18,6 +18,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use sluice_sinks::query::TenantQuery;
 use sluice_sinks::table::maintain::MaintenanceConfig;
+use sluice_sinks::table::pace::IoBudget;
 use sluice_sinks::table::{ReadingsTable, TableConfig};
 use sluice_sinks::{StagedBatch, readings_rows};
 
@@ -147,6 +148,8 @@ async fn main() -> Result<()> {
         .maintain_at(
             &MaintenanceConfig {
                 vacuum_grace: Duration::ZERO,
+                // The pass alone on the machine: as fast as it goes.
+                io_budget: IoBudget::UNLIMITED,
                 ..MaintenanceConfig::default()
             },
             chrono::NaiveDate::from_ymd_opt(2026, 11, 22).context("date")?,

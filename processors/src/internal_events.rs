@@ -285,6 +285,12 @@ pub const FILES_VACUUMED: &str = "sluice_table_files_vacuumed_total";
 pub const TABLE_FILES: &str = "sluice_table_files";
 /// The table's newest version.
 pub const TABLE_VERSION: &str = "sluice_table_version";
+/// Bytes maintenance read and wrote on the store.
+pub const MAINTENANCE_IO_BYTES: &str = "sluice_table_maintenance_io_bytes_total";
+/// Store requests maintenance made.
+pub const MAINTENANCE_IO_REQUESTS: &str = "sluice_table_maintenance_io_requests_total";
+/// Time the last maintenance pass waited on its I/O budget, seconds.
+pub const MAINTENANCE_IO_WAIT: &str = "sluice_table_maintenance_io_wait_seconds";
 
 /// A maintenance pass finished.
 #[derive(Debug)]
@@ -303,6 +309,9 @@ impl MaintenanceDone<'_> {
             merged = r.files_merged,
             expired_partitions = r.partitions_expired.len(),
             vacuumed = r.files_vacuumed,
+            io_bytes = r.io.bytes,
+            io_requests = r.io.requests,
+            io_waited = ?r.io.waited,
             took = ?self.took,
             "table maintenance pass"
         );
@@ -316,6 +325,9 @@ impl MaintenanceDone<'_> {
         }
         metrics::gauge!(TABLE_FILES).set(r.files_live as f64);
         metrics::gauge!(TABLE_VERSION).set(r.version as f64);
+        metrics::counter!(MAINTENANCE_IO_BYTES).increment(r.io.bytes);
+        metrics::counter!(MAINTENANCE_IO_REQUESTS).increment(r.io.requests);
+        metrics::gauge!(MAINTENANCE_IO_WAIT).set(r.io.waited.as_secs_f64());
     }
 }
 

@@ -19,6 +19,7 @@ use sluice_processors::maintain::MaintainConfig;
 use sluice_processors::{PoolConfig, Sinks};
 use sluice_sinks::latest::{LatestStore, RedisLatest};
 use sluice_sinks::table::maintain::{Keep, MaintenanceConfig};
+use sluice_sinks::table::pace::IoBudget;
 use sluice_sinks::table::{Location, ReadingsTable, TableConfig};
 
 /// Where the broker is and how the topology is shaped.
@@ -429,6 +430,13 @@ pub(crate) struct MaintainArgs {
     /// ZSTD level of the merged files.
     #[arg(long, env = "SLUICE_ZSTD_LEVEL", default_value_t = 1)]
     pub(crate) zstd_level: i32,
+    /// MiB a second a pass may read and write on the store (0: unlimited). Compaction is
+    /// I/O work that would take it from ingest on the same machine or store.
+    #[arg(long, env = "SLUICE_MAINTAIN_IO_MIB", default_value_t = 32)]
+    pub(crate) io_mib_per_sec: u64,
+    /// Store requests a second a pass may make: gets, puts, deletes, lists (0: unlimited).
+    #[arg(long, env = "SLUICE_MAINTAIN_IO_REQUESTS", default_value_t = 400)]
+    pub(crate) io_requests_per_sec: u32,
 }
 
 impl MaintainArgs {
@@ -455,6 +463,10 @@ impl MaintainArgs {
                 vacuum_grace: self.vacuum_grace,
                 default_retention: keep(self.retention),
                 tenant_retention,
+                io_budget: IoBudget {
+                    bytes_per_second: self.io_mib_per_sec.saturating_mul(1024 * 1024),
+                    requests_per_second: self.io_requests_per_sec,
+                },
             },
         })
     }

@@ -183,6 +183,31 @@ impl Location {
             })
     }
 
+    /// The log store of this location with every store call spending `pace` first (table
+    /// maintenance: [`super::pace`]).
+    pub(crate) fn paced_log_store(
+        &self,
+        pace: Arc<super::pace::Pace>,
+    ) -> Result<LogStoreRef, TableError> {
+        let root = self.log_store()?.root_object_store(None);
+        let paced: ObjectStoreRef = Arc::new(super::pace::PacedStore::new(root, pace));
+        let options: HashMap<String, String> = self
+            .options
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        deltalake_core::DeltaTableBuilder::from_url(self.url.clone())
+            .and_then(|b| {
+                b.with_storage_options(options)
+                    .with_storage_backend(paced, self.url.clone())
+                    .build_storage()
+            })
+            .map_err(|e| TableError::Location {
+                location: self.redacted(),
+                reason: e.to_string(),
+            })
+    }
+
     /// Makes a written object durable on local disk: fsyncs the file and its directory
     /// (object stores are durable once the write returned). `path` is relative to the table.
     pub async fn sync(&self, path: &ObjectPath) -> Result<(), TableError> {

@@ -22,12 +22,17 @@
 //!    entry names that are older than the grace (left by a writer killed between writing
 //!    its files and its log entry).
 //!
+//! Every store call of the pass spends [`MaintenanceConfig::io_budget`] first
+//! ([`super::pace`]): the pass takes longer, and ingest sharing the machine and the store
+//! keeps its pace.
+//!
 //! Writers never wait for maintenance and maintenance never conflicts with them: appends
 //! and a compaction of files already in the log commute. Two maintenance passes at once
 //! (two `sluice maintain`) may conflict; the loser fails its pass and the next one retries.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::num::NonZeroU64;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ::parquet::basic::{Compression, ZstdLevel};
@@ -38,6 +43,7 @@ use deltalake_core::operations::vacuum::VacuumMode;
 use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 
+use super::pace::{IoBudget, IoSpent, Pace};
 use super::{DATE, ReadingsTable, TENANT, TableError};
 
 /// How long one tenant's readings are kept.
@@ -67,6 +73,8 @@ pub struct MaintenanceConfig {
     pub default_retention: Keep,
     /// Tenants with their own retention.
     pub tenant_retention: BTreeMap<String, Keep>,
+    /// The bytes and requests a second the pass may spend on the store.
+    pub io_budget: IoBudget,
 }
 
 impl Default for MaintenanceConfig {
@@ -79,6 +87,7 @@ impl Default for MaintenanceConfig {
             vacuum_grace: Duration::from_secs(3600),
             default_retention: Keep::Forever,
             tenant_retention: BTreeMap::new(),
+            io_budget: IoBudget::default(),
         }
     }
 }
@@ -102,6 +111,8 @@ pub struct MaintenanceReport {
     pub files_live: u64,
     /// The newest version after the pass.
     pub version: u64,
+    /// What the pass spent on the store, and how long it waited on its budget.
+    pub io: IoSpent,
 }
 
 impl ReadingsTable {
@@ -124,7 +135,9 @@ impl ReadingsTable {
         let zstd = ZstdLevel::try_new(config.zstd_level)
             .map_err(|e| TableError::Config(format!("zstd_level: {e}")))?;
         let mut report = MaintenanceReport::default();
-        let mut table = DeltaTable::new(self.log_store());
+        let pace = Arc::new(Pace::new(config.io_budget));
+        // Unlimited too: the pass's spending is reported either way.
+        let mut table = DeltaTable::new(self.location().paced_log_store(Arc::clone(&pace))?);
         table.load().await?;
 
         // 1. Retention, tenant by tenant, by whole partitions.
@@ -213,6 +226,7 @@ impl ReadingsTable {
             .get_active_add_actions_by_partitions(&[])
             .try_fold(0u64, |n, _| async move { Ok(n + 1) })
             .await?;
+        report.io = pace.spent();
         Ok(report)
     }
 }
@@ -239,8 +253,6 @@ mod tests {
 
     use arrow::array::AsArray;
     use arrow::datatypes::Int64Type;
-
-    use std::sync::Arc;
 
     use super::*;
     use crate::query::TenantQuery;
@@ -335,10 +347,21 @@ mod tests {
             "{report:?}"
         );
         let tomorrow = today() + chrono::Duration::days(1);
+        // A tight request budget: the pass waits on it (it reads and deletes 30 files).
+        let config = MaintenanceConfig {
+            io_budget: IoBudget {
+                bytes_per_second: 0,
+                requests_per_second: 50,
+            },
+            ..config
+        };
         let report = table
             .maintain_at(&config, tomorrow)
             .await
             .expect("maintain");
+        assert!(report.io.requests >= 60, "{report:?}");
+        assert!(report.io.bytes > 0, "{report:?}");
+        assert!(report.io.waited > Duration::ZERO, "{report:?}");
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         assert!(reader.await.expect("reader") > 0);
         assert_eq!(report.files_compacted, 30);

@@ -53,6 +53,7 @@ mod encode;
 pub mod ledger;
 pub mod location;
 pub mod maintain;
+pub mod pace;
 
 pub use location::Location;
 
