@@ -36,6 +36,7 @@ fn hot_path(c: &mut Criterion) {
         b.iter(|| {
             sluice_processors::stage::stage(&body, false, now_ns(), &limits)
                 .expect("stage")
+                .0
                 .rows
                 .num_rows()
         })

@@ -12,6 +12,78 @@ pub const MIN_TIMESTAMP_NS: i64 = 946_684_800_000_000_000;
 /// Longest device or metric name, in bytes.
 pub const MAX_NAME_BYTES: usize = 256;
 
+/// Nanoseconds in a UTC day: storage partitions by tenant and UTC day.
+pub const NS_PER_DAY: i64 = 86_400_000_000_000;
+
+/// The UTC day (days since the Unix epoch) of a timestamp in ns.
+pub fn utc_day(ts_ns: i64) -> i64 {
+    ts_ns.div_euclid(NS_PER_DAY)
+}
+
+/// The distinct UTC days of some readings, sorted: the storage partitions they touch (one
+/// file each per commit). Small by construction: batches hold at most
+/// [`Limits::max_days`] of them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DaySet(Vec<i64>);
+
+impl DaySet {
+    /// The days of `ts`, or `Err(n)` as soon as more than `max` distinct days are seen
+    /// (`n = max + 1`).
+    pub fn of(ts: &[i64], max: usize) -> Result<Self, usize> {
+        let mut days = Self::default();
+        let mut last = None;
+        for &t in ts {
+            let day = utc_day(t);
+            // Readings come in runs of one day: skip the search for those.
+            if last == Some(day) {
+                continue;
+            }
+            last = Some(day);
+            days.insert(day);
+            if days.len() > max {
+                return Err(days.len());
+            }
+        }
+        Ok(days)
+    }
+
+    /// Adds a day; whether it was new.
+    pub fn insert(&mut self, day: i64) -> bool {
+        match self.0.binary_search(&day) {
+            Ok(_) => false,
+            Err(at) => {
+                self.0.insert(at, day);
+                true
+            }
+        }
+    }
+
+    /// Whether `day` is in the set.
+    pub fn contains(&self, day: i64) -> bool {
+        self.0.binary_search(&day).is_ok()
+    }
+
+    /// Distinct days.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// No day at all.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The days, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = i64> + '_ {
+        self.0.iter().copied()
+    }
+
+    /// Empties the set.
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
 /// Bounds applied to a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -19,6 +91,11 @@ pub struct Limits {
     pub max_readings: usize,
     /// How far ahead of the validator's clock a device timestamp may be, in ns.
     pub max_future_ns: i64,
+    /// Most distinct UTC days the readings of one batch (and of one HTTP request) fall on.
+    /// Storage writes a file per tenant and day a commit touches: without this bound one
+    /// batch of readings spread over years would make one commit write thousands of files
+    /// and stall every tenant's commits behind it. A week of buffered readings fits.
+    pub max_days: usize,
 }
 
 impl Default for Limits {
@@ -26,9 +103,13 @@ impl Default for Limits {
         Self {
             max_readings: 100_000,
             max_future_ns: 3_600_000_000_000,
+            max_days: DEFAULT_MAX_DAYS,
         }
     }
 }
+
+/// [`Limits::max_days`] by default: a week of buffered readings and the day it is sent.
+pub const DEFAULT_MAX_DAYS: usize = 8;
 
 /// What is wrong; stable names, used as metric labels and in HTTP error bodies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +126,8 @@ pub enum Problem {
     Timestamp,
     /// A value is NaN or infinite.
     Value,
+    /// The readings fall on more UTC days than [`Limits::max_days`].
+    Days,
 }
 
 impl Problem {
@@ -57,6 +140,7 @@ impl Problem {
             Problem::Name => "name",
             Problem::Timestamp => "timestamp",
             Problem::Value => "value",
+            Problem::Days => "days",
         }
     }
 }
@@ -135,8 +219,8 @@ pub fn check_value(x: f64) -> Result<(), String> {
     }
 }
 
-/// Checks every rule on a decoded batch.
-pub fn validate(batch: &BatchView<'_>, now_ns: i64, limits: &Limits) -> Result<(), Invalid> {
+/// Checks every rule on a decoded batch; the UTC days its readings fall on.
+pub fn validate(batch: &BatchView<'_>, now_ns: i64, limits: &Limits) -> Result<DaySet, Invalid> {
     if !TenantId::is_valid(batch.tenant) {
         return Err(invalid(
             Problem::Tenant,
@@ -199,7 +283,18 @@ pub fn validate(batch: &BatchView<'_>, now_ns: i64, limits: &Limits) -> Result<(
             .map_err(|d| invalid(Problem::Timestamp, Some(i), d))?;
         check_value(batch.x[i]).map_err(|d| invalid(Problem::Value, Some(i), d))?;
     }
-    Ok(())
+    check_days(&batch.t, limits).map_err(|d| invalid(Problem::Days, None, d))
+}
+
+/// Checks that readings at `ts` fall on at most [`Limits::max_days`] UTC days.
+pub fn check_days(ts: &[i64], limits: &Limits) -> Result<DaySet, String> {
+    DaySet::of(ts, limits.max_days.max(1)).map_err(|_| {
+        let max = limits.max_days.max(1);
+        format!(
+            "the readings fall on more than {max} UTC days (at most {max} per batch or \
+             request); send a backfill in parts of at most {max} days each"
+        )
+    })
 }
 
 #[cfg(test)]
@@ -227,6 +322,10 @@ mod tests {
     }
 
     fn problem(b: &BatchView<'_>) -> Option<(Problem, Option<usize>)> {
+        // Ok holds the batch's days: NOW's, once.
+        if let Ok(days) = validate(b, NOW, &Limits::default()) {
+            assert!(!days.is_empty());
+        }
         validate(b, NOW, &Limits::default())
             .err()
             .map(|e| (e.problem, e.reading))
@@ -281,6 +380,41 @@ mod tests {
         let mut b = view();
         b.x[0] = f64::NEG_INFINITY;
         assert_eq!(problem(&b), Some((Problem::Value, Some(0))));
+
+        // Nine readings on nine days, one over the default bound.
+        let mut b = view();
+        b.d = vec![0; 9];
+        b.m = vec![0; 9];
+        b.x = vec![1.0; 9];
+        b.t = (0..9).map(|i| NOW - i * NS_PER_DAY).collect();
+        assert_eq!(problem(&b), Some((Problem::Days, None)));
+        b.t[8] = b.t[0] + 1; // back to eight days
+        assert_eq!(problem(&b), None);
+    }
+
+    #[test]
+    fn day_sets_count_distinct_utc_days() {
+        let midnight = 20_000 * NS_PER_DAY;
+        let ts = [
+            midnight - 1,
+            midnight,
+            midnight + 5,
+            midnight - 2,
+            3 * NS_PER_DAY,
+        ];
+        let days = DaySet::of(&ts, 8).expect("3 days");
+        assert_eq!(days.iter().collect::<Vec<_>>(), vec![3, 19_999, 20_000]);
+        assert_eq!(DaySet::of(&ts, 2), Err(3));
+        assert_eq!(utc_day(-1), -1, "before 1970 rounds down");
+        let err = check_days(
+            &ts,
+            &Limits {
+                max_days: 2,
+                ..Limits::default()
+            },
+        )
+        .expect_err("over");
+        assert!(err.contains("more than 2 UTC days"), "{err}");
     }
 
     #[test]

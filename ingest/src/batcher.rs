@@ -4,7 +4,10 @@
 //! partitioning, where every batch holds a single device). A request hands its validated
 //! readings over as one [`Chunk`]; the task appends them to the open batch of their key,
 //! sending that batch when it holds `max_readings` readings — so a big request spans several
-//! batches — or `linger` after its first reading, whichever comes first.
+//! batches — or `linger` after its first reading, whichever comes first. A batch also never
+//! holds readings of more than `max_days` UTC days (the consumers refuse those): a reading
+//! of a new day that would exceed them sends the open batch first. Requests are checked
+//! against the same bound, so every batch makes progress.
 //!
 //! For every batch a chunk's readings land in, the request receives a oneshot that resolves
 //! with that batch's outcome; [`Batcher::submit`] returns `Ok` only once every one of them
@@ -37,6 +40,7 @@ use std::time::Duration;
 
 use sluice_binding::model::{BatchBuilder, now_ns};
 use sluice_binding::transport::PublishError;
+use sluice_binding::validate::{DaySet, utc_day};
 use sluice_binding::{Partitioning, TenantId};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
@@ -59,6 +63,8 @@ pub struct BatcherConfig {
     pub max_inflight_batches: usize,
     /// Capacity of the input channel, in requests.
     pub queue: usize,
+    /// Distinct UTC days a batch may hold at most (the binding's `Limits::max_days`).
+    pub max_days: usize,
 }
 
 /// Readings of one request, validated, column-wise with request-local dictionaries (the
@@ -77,6 +83,11 @@ impl Chunk {
     /// Number of readings.
     pub fn len(&self) -> usize {
         self.d.len()
+    }
+
+    /// The readings' timestamps, ns.
+    pub fn timestamps(&self) -> &[i64] {
+        &self.t
     }
 
     /// Whether it holds no reading.
@@ -166,6 +177,7 @@ impl Batcher {
         let run = Run {
             by_device: producer.partitioning() == Partitioning::DeviceHash,
             max_readings: cfg.max_readings.max(1),
+            max_days: cfg.max_days.max(1),
             linger: cfg.linger,
             sends: Arc::new(Semaphore::new(cfg.max_inflight_batches.max(1))),
             tracker: tracker.clone(),
@@ -238,6 +250,7 @@ struct Run {
     producer: Arc<Producer>,
     by_device: bool,
     max_readings: usize,
+    max_days: usize,
     linger: Duration,
     sends: Arc<Semaphore>,
     tracker: TaskTracker,
@@ -259,6 +272,8 @@ struct Slot {
 
 struct Open {
     builder: BatchBuilder,
+    /// The UTC days of the readings in `builder`.
+    days: DaySet,
     waiters: Vec<oneshot::Sender<Outcome>>,
     generation: u64,
     /// The submission that registered the last waiter (one waiter per request and batch).
@@ -337,6 +352,20 @@ impl Run {
             let Some(slot) = tenant_slots.get_mut(key) else {
                 continue; // inserted just above
             };
+            let day = utc_day(chunk.t[i]);
+            if slot
+                .open
+                .as_ref()
+                .is_some_and(|o| !o.days.contains(day) && o.days.len() >= self.max_days)
+            {
+                flush(
+                    &self.producer,
+                    &self.sends,
+                    &self.tracker,
+                    self.by_device,
+                    slot,
+                );
+            }
             let open = slot.open.get_or_insert_with(|| {
                 self.next_gen += 1;
                 self.deadlines.push_back(Deadline {
@@ -347,6 +376,7 @@ impl Run {
                 });
                 Open {
                     builder: self.producer.batch(tenant.as_str()),
+                    days: DaySet::default(),
                     waiters: Vec::new(),
                     generation: self.next_gen,
                     last_submission: 0,
@@ -359,6 +389,7 @@ impl Run {
                 open.last_submission = submission;
             }
             open.builder.push(device, metric, chunk.t[i], chunk.x[i]);
+            open.days.insert(day);
             if open.builder.len() >= self.max_readings {
                 flush(
                     &self.producer,
@@ -512,6 +543,7 @@ mod tests {
                 linger,
                 max_inflight_batches: 16,
                 queue: 16,
+                max_days: 3,
             },
         );
         (batcher, consumers)
@@ -585,6 +617,33 @@ mod tests {
         assert_eq!(batches.len(), 1, "{batches:?}");
         assert_eq!(batches[0].1, ["d1", "d1", "d2"]);
         assert_eq!(batches[0].2, [0.0, 1.0, 10.0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_never_holds_more_days_than_the_bound() {
+        use sluice_binding::validate::NS_PER_DAY;
+        // max_days = 3: four requests within the linger, on days 0, 1, 2 (two of them on
+        // day 1) and 3; the one of day 3 starts a new batch.
+        let (batcher, mut consumers) =
+            setup(Partitioning::RoundRobin, 1000, Duration::from_millis(5), 64).await;
+        let on_day = |day: i64, value: f64| {
+            let mut b = ChunkBuilder::with_capacity(1);
+            b.push("d1", "temp", TS - day * NS_PER_DAY, value);
+            b.finish()
+        };
+        let (a, b, c, d, e) = tokio::join!(
+            batcher.submit(tenant("acme"), on_day(0, 0.0)),
+            batcher.submit(tenant("acme"), on_day(1, 1.0)),
+            batcher.submit(tenant("acme"), on_day(1, 2.0)),
+            batcher.submit(tenant("acme"), on_day(2, 3.0)),
+            batcher.submit(tenant("acme"), on_day(3, 4.0)),
+        );
+        for r in [a, b, c, d, e] {
+            r.unwrap();
+        }
+        let batches = drain(&mut consumers).await;
+        let values: Vec<Vec<f64>> = batches.iter().map(|b| b.2.clone()).collect();
+        assert_eq!(values, [vec![0.0, 1.0, 2.0, 3.0], vec![4.0]]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -679,6 +738,7 @@ mod tests {
                 linger: Duration::from_millis(5),
                 max_inflight_batches: 4,
                 queue: 4,
+                max_days: 8,
             },
         );
         let err = batcher
@@ -711,6 +771,7 @@ mod tests {
                 linger: Duration::from_millis(5),
                 max_inflight_batches: 8,
                 queue: 8,
+                max_days: 8,
             },
         );
         let on = |p: u64| {

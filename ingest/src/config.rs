@@ -55,6 +55,11 @@ pub struct IngestConfig {
     /// dead-lettered downstream).
     #[serde(with = "sluice_binding::config::duration")]
     pub max_future_skew: Duration,
+    /// Most distinct UTC days the readings of one request may fall on (default 8, the
+    /// consumers' default); more get 422 `too_many_days`. Batches never mix more days
+    /// either: storage writes a file per tenant and day, and readings spread over years
+    /// would otherwise make one commit write thousands of files.
+    pub max_days_per_batch: usize,
     /// The producer: id, partitioning, retries.
     pub producer: ProducerConfig,
 }
@@ -74,6 +79,7 @@ impl Default for IngestConfig {
             max_inflight_batches: 256,
             retry_after_secs: 1,
             max_future_skew: Duration::from_secs(3600),
+            max_days_per_batch: sluice_binding::validate::DEFAULT_MAX_DAYS,
             producer: ProducerConfig::default(),
         }
     }
@@ -100,6 +106,7 @@ impl IngestConfig {
             ("max_inflight_requests", self.max_inflight_requests),
             ("max_inflight_batches", self.max_inflight_batches),
             ("max_connections", self.max_connections),
+            ("max_days_per_batch", self.max_days_per_batch),
         ];
         for (field, v) in positive {
             if v == 0 {
@@ -137,6 +144,7 @@ impl IngestConfig {
         self.body_read_timeout = self.body_read_timeout.max(Duration::from_millis(1));
         self.header_read_timeout = self.header_read_timeout.max(Duration::from_millis(1));
         self.max_connections = self.max_connections.max(1);
+        self.max_days_per_batch = self.max_days_per_batch.max(1);
         self
     }
 
@@ -155,6 +163,7 @@ impl IngestConfig {
         Limits {
             max_readings: self.max_readings_per_request,
             max_future_ns: i64::try_from(self.max_future_skew.as_nanos()).unwrap_or(i64::MAX),
+            max_days: self.max_days_per_batch,
         }
     }
 }

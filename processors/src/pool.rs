@@ -34,7 +34,7 @@ use hdrhistogram::Histogram;
 use sluice_binding::receipt::Receipt;
 use sluice_binding::shutdown::{CancellationToken, TaskTracker};
 use sluice_binding::transport::{Acker, DeadLetter, Transport, TransportError};
-use sluice_binding::validate::Limits;
+use sluice_binding::validate::{DaySet, Limits};
 use sluice_sinks::StagedBatch;
 use sluice_sinks::latest::LatestStore;
 use sluice_sinks::table::{CommitOutcome, ReadingsTable};
@@ -73,6 +73,10 @@ pub struct PoolConfig {
     pub flush_rows: usize,
     /// Commit at the latest this long after the first staged row.
     pub flush_interval: Duration,
+    /// Commit before the staged batches touch more `(tenant, UTC day)` partitions than
+    /// this: a commit writes a file per partition, so tenants backfilling many days never
+    /// make one commit (and the live readings in it) wait for hundreds of files.
+    pub flush_partitions: usize,
     /// Validation bounds.
     pub limits: Limits,
     /// How often queue backlogs are sampled for `/metrics` (the autoscaler's interval
@@ -97,6 +101,7 @@ impl Default for PoolConfig {
             committers: 2,
             flush_rows: 100_000,
             flush_interval: Duration::from_secs(1),
+            flush_partitions: 64,
             limits: Limits::default(),
             backlog_interval: Duration::from_secs(5),
             retry_backoff: Duration::from_secs(1),
@@ -185,6 +190,8 @@ impl PoolReport {
 pub(crate) enum Staged {
     Store {
         batch: StagedBatch,
+        /// The UTC days of its readings.
+        days: DaySet,
         acker: Acker,
         stage_ns: u64,
     },
@@ -297,6 +304,8 @@ pub async fn run(
         sinks,
         group: cfg.group.clone(),
         flush_rows: cfg.flush_rows.max(1),
+        // At least one batch's days, or a batch would never fit.
+        flush_partitions: cfg.flush_partitions.max(cfg.limits.max_days).max(1),
         // Every commit in flight and the one being staged hold their deliveries unacked:
         // each gets a share of the window, or staging would stall on a full window.
         flush_deliveries: (window / (committers + 1)).max(1),
@@ -305,6 +314,8 @@ pub async fn run(
         tasks: tasks.clone(),
         pending: Vec::new(),
         pending_rows: 0,
+        pending_days: HashMap::new(),
+        pending_partitions: 0,
         inflight: JoinSet::new(),
         report: PoolReport::new(),
     };
@@ -415,6 +426,7 @@ struct Committer {
     sinks: Sinks,
     group: String,
     flush_rows: usize,
+    flush_partitions: usize,
     flush_deliveries: usize,
     /// Commits in flight at most.
     committers: usize,
@@ -422,6 +434,10 @@ struct Committer {
     tasks: TaskTracker,
     pending: Vec<(StagedBatch, Acker)>,
     pending_rows: usize,
+    /// The UTC days the pending batches touch, by tenant: their partitions.
+    pending_days: HashMap<String, DaySet>,
+    /// Partitions in `pending_days`.
+    pending_partitions: usize,
     /// Commits writing now; each returns what it committed for [`Committer::account`].
     inflight: JoinSet<Option<Flushed>>,
     report: PoolReport,
@@ -446,9 +462,19 @@ impl Committer {
             };
             tokio::select! {
                 msg = rx.recv() => match msg {
-                    Some(Staged::Store { batch, acker, stage_ns }) => {
+                    Some(Staged::Store { batch, days, acker, stage_ns }) => {
                         self.report.deliveries += 1;
                         let _ = self.report.stage.record(stage_ns.clamp(1_000, latency::MAX_NS));
+                        if self.would_overflow(&batch.tenant, &days) {
+                            self.flush().await;
+                            deadline = None;
+                        }
+                        let known = self.pending_days.entry(batch.tenant.clone()).or_default();
+                        for day in days.iter() {
+                            if known.insert(day) {
+                                self.pending_partitions += 1;
+                            }
+                        }
                         self.pending_rows += batch.rows.num_rows();
                         self.pending.push((batch, acker));
                         deadline.get_or_insert_with(|| tokio::time::Instant::now() + interval);
@@ -510,6 +536,20 @@ impl Committer {
         });
     }
 
+    /// Whether adding a batch of `tenant` on `days` would take the pending commit over
+    /// its partition bound.
+    fn would_overflow(&self, tenant: &str, days: &DaySet) -> bool {
+        if self.pending.is_empty() {
+            return false;
+        }
+        let known = self.pending_days.get(tenant);
+        let new = days
+            .iter()
+            .filter(|&d| !known.is_some_and(|k| k.contains(d)))
+            .count();
+        self.pending_partitions + new > self.flush_partitions
+    }
+
     /// Starts a commit of what is staged, first waiting for a commit slot.
     async fn flush(&mut self) {
         if self.pending.is_empty() {
@@ -522,6 +562,8 @@ impl Committer {
         }
         let pending = std::mem::take(&mut self.pending);
         self.pending_rows = 0;
+        self.pending_days.clear();
+        self.pending_partitions = 0;
         let (batches, ackers): (Vec<StagedBatch>, Vec<Acker>) = pending.into_iter().unzip();
         let retry = Retry {
             stop: self.stop.clone(),
@@ -998,6 +1040,51 @@ mod tests {
         assert_eq!(control.status().workers, 0, "a stopped pool runs no worker");
         assert_eq!(backlog(&t).await, 0, "drained deliveries are acked");
         assert_eq!(sinks.latest.get("acme", "dev-19").await.unwrap().len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_touches_at_most_flush_partitions_partitions() {
+        use sluice_binding::validate::NS_PER_DAY;
+        let dir = tempfile::tempdir().unwrap();
+        let (t, _) = transport();
+        let sinks = sinks(dir.path()).await;
+        // Six backfill batches, each one reading on each of 8 days of its own: 48
+        // partitions in all, which one commit would take without the bound.
+        let now = now_ns();
+        let bodies: Vec<Vec<u8>> = (0..6i64)
+            .map(|k| {
+                let mut b = BatchBuilder::new("acme", "pool-test", k as u64);
+                for day in 0..8 {
+                    b.push("dev", "temp", now - (k * 8 + day + 1) * NS_PER_DAY, 1.0);
+                }
+                codec::encode(&b.finish(now)).unwrap()
+            })
+            .collect();
+        publish(&t, &bodies).await;
+        let cfg = PoolConfig {
+            flush_interval: Duration::from_secs(60),
+            flush_partitions: 20,
+            ..config()
+        };
+        let pool = start(&t, &sinks, cfg);
+        wait_for("every delivery received", || async {
+            backlog(&t).await == 0
+        })
+        .await;
+        let report = pool.stop().await;
+        assert_eq!(report.rows_committed, 48);
+        // Two batches (16 partitions) per commit; a third would make 24.
+        assert_eq!(report.commits, 3);
+        let log = dir.path().join("_delta_log");
+        let mut most = 0;
+        for entry in std::fs::read_dir(&log).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "json") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                most = most.max(text.lines().filter(|l| l.starts_with("{\"add\"")).count());
+            }
+        }
+        assert_eq!(most, 16, "files in the largest commit");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

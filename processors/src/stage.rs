@@ -13,30 +13,32 @@ use arrow::record_batch::RecordBatch;
 use sluice_binding::codec;
 use sluice_binding::dead_letter::{DeadLetterKind, Refusal};
 use sluice_binding::model::BatchView;
-use sluice_binding::validate::{self, Limits};
+use sluice_binding::validate::{self, DaySet, Limits};
 use sluice_sinks::{StagedBatch, TS_TIMEZONE, readings_schema};
 
-/// Decodes, validates and converts one message body.
+/// Decodes, validates and converts one message body; the batch and the UTC days its
+/// readings fall on (the partitions a commit of it touches).
 pub fn stage(
     body: &[u8],
     redelivered: bool,
     now_ns: i64,
     limits: &Limits,
-) -> Result<StagedBatch, Refusal> {
+) -> Result<(StagedBatch, DaySet), Refusal> {
     let view = codec::decode(body)?;
-    validate::validate(&view, now_ns, limits)?;
+    let days = validate::validate(&view, now_ns, limits)?;
     let rows = to_record_batch(&view).map_err(|e| {
         Refusal::new(
             DeadLetterKind::Invalid,
             format!("cannot build Arrow batch: {e}"),
         )
     })?;
-    Ok(StagedBatch {
+    let batch = StagedBatch {
         tenant: view.tenant.to_owned(),
         batch_id: view.id,
         maybe_duplicate: redelivered,
         rows,
-    })
+    };
+    Ok((batch, days))
 }
 
 /// Builds the readings record batch of a validated batch.
@@ -73,7 +75,8 @@ mod tests {
         b.push("d1", "hum", now, 3.5);
         let batch = b.finish(now);
         let body = codec::encode(&batch).unwrap();
-        let staged = stage(&body, true, now, &Limits::default()).unwrap();
+        let (staged, days) = stage(&body, true, now, &Limits::default()).unwrap();
+        assert_eq!(days.len(), 1);
         assert_eq!(staged.tenant, "acme");
         assert_eq!(staged.batch_id, batch.id);
         assert!(staged.maybe_duplicate);
@@ -112,5 +115,19 @@ mod tests {
         let r = stage(&body, false, now, &Limits::default()).unwrap_err();
         assert_eq!(r.kind, DeadLetterKind::Invalid);
         assert!(r.reason.contains("NaN"), "{}", r.reason);
+        // A backfill over nine days in one batch (a direct publisher's): refused whole.
+        let mut b = BatchBuilder::new("acme", "p", 0);
+        for day in 0..9 {
+            b.push(
+                "d1",
+                "temp",
+                now - day * sluice_binding::validate::NS_PER_DAY,
+                1.0,
+            );
+        }
+        let body = codec::encode(&b.finish(now)).unwrap();
+        let r = stage(&body, false, now, &Limits::default()).unwrap_err();
+        assert_eq!(r.kind, DeadLetterKind::Invalid);
+        assert!(r.reason.contains("more than 8 UTC days"), "{}", r.reason);
     }
 }

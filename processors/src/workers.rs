@@ -166,12 +166,13 @@ fn work(
         let t0 = Instant::now();
         // A batch is stored only if its publisher may write its tenant (section 6 of the
         // binding): the tenant is known once the batch is decoded.
-        let staged = stage(&d.body, d.redelivered, now_ns(), &limits).and_then(|batch| {
-            check_publisher(tenants, &d.publisher, &batch.tenant).map(|()| batch)
+        let staged = stage(&d.body, d.redelivered, now_ns(), &limits).and_then(|staged| {
+            check_publisher(tenants, &d.publisher, &staged.0.tenant).map(|()| staged)
         });
         let out = match staged {
-            Ok(batch) => Staged::Store {
+            Ok((batch, days)) => Staged::Store {
                 batch,
+                days,
                 acker: d.acker,
                 stage_ns: t0.elapsed().as_nanos() as u64,
             },

@@ -112,6 +112,11 @@ pub(crate) struct IngestArgs {
     /// Tenants file (TOML): `[[tenant]] id = "..." api_keys = ["..."]`.
     #[arg(long, env = "SLUICE_TENANTS")]
     pub(crate) tenants: PathBuf,
+    /// Most distinct UTC days the readings of one batch (or HTTP request) may fall on: storage
+    /// writes a file per tenant and day a commit touches. Set it alike in ingest, process and
+    /// router (the same variable), or batches one accepts are dead-lettered by another.
+    #[arg(long, env = "SLUICE_MAX_DAYS_PER_BATCH", default_value_t = sluice_binding::validate::DEFAULT_MAX_DAYS)]
+    pub(crate) max_days_per_batch: usize,
     #[command(flatten)]
     pub(crate) batching: BatchingArgs,
 }
@@ -274,12 +279,22 @@ pub(crate) struct PoolArgs {
     /// Commit at the latest this long after the first staged row.
     #[arg(long, env = "SLUICE_FLUSH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub(crate) flush_interval: Duration,
+    /// Commit before the staged batches touch more (tenant, UTC day) partitions than this: a
+    /// commit writes a file per partition, and backfills spread over many days must not make
+    /// the commit holding live readings write hundreds of files.
+    #[arg(long, env = "SLUICE_FLUSH_PARTITIONS", default_value_t = 64)]
+    pub(crate) flush_partitions: usize,
     /// ZSTD level of the table's Parquet files.
     #[arg(long, env = "SLUICE_ZSTD_LEVEL", default_value_t = 1)]
     pub(crate) zstd_level: i32,
     /// How far ahead of this clock a device timestamp may be.
     #[arg(long, env = "SLUICE_MAX_FUTURE_SKEW", default_value = "1h", value_parser = humantime::parse_duration)]
     pub(crate) max_future_skew: Duration,
+    /// Most distinct UTC days the readings of one batch (or HTTP request) may fall on: storage
+    /// writes a file per tenant and day a commit touches. Set it alike in ingest, process and
+    /// router (the same variable), or batches one accepts are dead-lettered by another.
+    #[arg(long, env = "SLUICE_MAX_DAYS_PER_BATCH", default_value_t = sluice_binding::validate::DEFAULT_MAX_DAYS)]
+    pub(crate) max_days_per_batch: usize,
     #[command(flatten)]
     pub(crate) autoscale: AutoscaleArgs,
 }
@@ -342,8 +357,10 @@ impl PoolArgs {
             committers: self.committers,
             flush_rows: self.flush_rows,
             flush_interval: self.flush_interval,
+            flush_partitions: self.flush_partitions,
             limits: Limits {
                 max_future_ns: self.max_future_skew.as_nanos() as i64,
+                max_days: self.max_days_per_batch,
                 ..Limits::default()
             },
             ..PoolConfig::default()
@@ -667,6 +684,11 @@ pub(crate) struct RouterArgs {
     /// (the same variable), or batches storage keeps are dead-lettered here.
     #[arg(long, env = "SLUICE_MAX_FUTURE_SKEW", default_value = "1h", value_parser = humantime::parse_duration)]
     pub(crate) max_future_skew: Duration,
+    /// Most distinct UTC days the readings of one batch (or HTTP request) may fall on: storage
+    /// writes a file per tenant and day a commit touches. Set it alike in ingest, process and
+    /// router (the same variable), or batches one accepts are dead-lettered by another.
+    #[arg(long, env = "SLUICE_MAX_DAYS_PER_BATCH", default_value_t = sluice_binding::validate::DEFAULT_MAX_DAYS)]
+    pub(crate) max_days_per_batch: usize,
     /// Unsettled jobs per notify queue of the delivery stage; bounds what batches and
     /// pending notifications hold.
     #[arg(long, env = "SLUICE_NOTIFY_PREFETCH", default_value_t = 512)]
@@ -722,6 +744,7 @@ impl RouterArgs {
                 prefetch: self.match_prefetch,
                 limits: Limits {
                     max_future_ns: self.max_future_skew.as_nanos() as i64,
+                    max_days: self.max_days_per_batch,
                     ..Limits::default()
                 },
                 ..d.matching

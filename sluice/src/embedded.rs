@@ -150,7 +150,10 @@ pub(crate) async fn run(args: EmbeddedArgs) -> Result<()> {
             Some(DEMO_TENANT.to_owned()),
         ),
     };
-    let cfg = args.batching.config();
+    let cfg = sluice_ingest::IngestConfig {
+        max_days_per_batch: args.pool.max_days_per_batch,
+        ..args.batching.config()
+    };
     cfg.check()?;
     let producer = Producer::new(transport.clone(), cfg.producer.clone());
     let reads =

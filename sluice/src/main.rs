@@ -185,7 +185,10 @@ async fn run_ingest(args: IngestArgs, broker: BrokerArgs, ops: OpsArgs) -> Resul
     let shutdown = start_ops(&ops)?;
     let tenants = sluice_binding::tenancy::Tenants::load(&args.tenants)
         .with_context(|| format!("cannot load tenants from {}", args.tenants.display()))?;
-    let cfg = args.batching.config();
+    let cfg = sluice_ingest::IngestConfig {
+        max_days_per_batch: args.max_days_per_batch,
+        ..args.batching.config()
+    };
     cfg.check()?;
     let transport = connect(&broker, "sluice-ingest").await?;
     // Declare the storage group so batches accepted before any processor starts are kept.
@@ -365,4 +368,16 @@ async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every subcommand's flags are consistent (no name used twice by flattened groups):
+    /// clap checks that only when a subcommand is parsed, so check them all here.
+    #[test]
+    fn every_subcommand_parses_its_flags() {
+        super::Cli::command().debug_assert();
+    }
 }

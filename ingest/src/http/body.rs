@@ -36,7 +36,7 @@ use std::fmt;
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_path_to_error::{Segment, Track};
-use sluice_binding::validate::{Limits, check_name, check_timestamp, check_value};
+use sluice_binding::validate::{Limits, check_days, check_name, check_timestamp, check_value};
 
 use super::error::{ApiError, ErrorCode, Problems};
 use crate::batcher::{Chunk, ChunkBuilder};
@@ -235,11 +235,13 @@ fn validate(readings: &[RawReading<'_>], opts: &ParseOptions) -> Result<Chunk, A
             chunk.push(&r.device, &r.metric, ts, r.value.0);
         }
     }
-    if problems.is_empty() {
-        Ok(chunk.finish())
-    } else {
-        Err(problems.into_error(readings.len()))
+    if !problems.is_empty() {
+        return Err(problems.into_error(readings.len()));
     }
+    let chunk = chunk.finish();
+    check_days(chunk.timestamps(), &opts.limits)
+        .map_err(|e| ApiError::new(ErrorCode::TooManyDays, e))?;
+    Ok(chunk)
 }
 
 /// A `ts` in ns, checked against the binding's bounds.

@@ -47,6 +47,9 @@ pub enum ErrorCode {
     NoReadings,
     /// 422: readings break the binding's rules (names, timestamps, values); see `details`.
     InvalidReading,
+    /// 422: the readings fall on more UTC days than `max_days_per_batch` (a backfill sent
+    /// at once); send them in requests of fewer days.
+    TooManyDays,
     /// 503: the broker did not confirm (blocked, nacked, unroutable, timeout, connection
     /// lost) or ingest is shutting down; retry after `Retry-After` seconds.
     Unavailable,
@@ -74,6 +77,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::NoReadings => "no_readings",
             ErrorCode::InvalidReading => "invalid_reading",
+            ErrorCode::TooManyDays => "too_many_days",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::Internal => "internal",
@@ -93,7 +97,9 @@ impl ErrorCode {
             ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorCode::BodyTooLarge | ErrorCode::TooManyReadings => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ErrorCode::NoReadings | ErrorCode::InvalidReading => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::NoReadings | ErrorCode::InvalidReading | ErrorCode::TooManyDays => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ErrorCode::Unavailable | ErrorCode::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }

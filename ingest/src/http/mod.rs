@@ -89,6 +89,7 @@ impl AppState {
                 max_inflight_batches: cfg.max_inflight_batches,
                 // One entry per request: the in-flight semaphore already bounds them.
                 queue: cfg.max_inflight_requests,
+                max_days: cfg.max_days_per_batch,
             },
         );
         let share = cfg.tenant_share(tenants.len());

@@ -411,6 +411,24 @@ async fn too_many_readings_get_413() {
 }
 
 #[tokio::test]
+async fn readings_over_too_many_days_get_422_and_nothing_is_published() {
+    let (app, _state, t) = setup(IngestConfig::default()).await;
+    const DAY: i64 = 86_400_000_000_000;
+    let day = |n: i64| reading("d1", ts() - n * DAY, n as f64);
+    let body = json!({"readings": (0..9).map(day).collect::<Vec<_>>()});
+    let (status, _, answer) = call(&app, post_json(DEMO_KEY, &body)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(answer["error"], "too_many_days");
+    let message = answer["message"].as_str().unwrap_or_default();
+    assert!(message.contains("more than 8 UTC days"), "{answer}");
+    assert_eq!(published(&t).await.0, 0);
+    // Eight days are fine.
+    let body = json!({"readings": (0..8).map(day).collect::<Vec<_>>()});
+    let (status, _, answer) = call(&app, post_json(DEMO_KEY, &body)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+}
+
+#[tokio::test]
 async fn unsupported_content_types_get_415() {
     let (app, _state, _t) = setup(IngestConfig::default()).await;
     let body = json!({"readings": [reading("d1", ts(), 1.0)]}).to_string();
