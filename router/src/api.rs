@@ -41,7 +41,7 @@ use crate::notify::amqp::AmqpGrants;
 use crate::notify::live::LiveFeed;
 use crate::notify::webhook::WebhookNotifier;
 use crate::store::{Store, StoreError};
-use crate::subscription::{NewSubscription, Subscription, Target};
+use crate::subscription::{MAX_SCANNED_PER_TENANT, NewSubscription, Subscription, Target};
 use crate::sync::{self, SharedIndex};
 
 /// Largest request body.
@@ -256,6 +256,30 @@ async fn create(
             e.to_string(),
         )
     })?;
+    if new.criteria.is_scanned() {
+        // Counted in the store, which every instance shares (two racing creates may both
+        // pass: the bound is kept within one).
+        let scanned = state
+            .inner
+            .store
+            .list(tenant.as_str())
+            .await?
+            .iter()
+            .filter(|s| s.criteria.is_scanned())
+            .count();
+        if scanned >= MAX_SCANNED_PER_TENANT {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "too_costly",
+                format!(
+                    "this tenant already has {scanned} subscriptions whose device and metric \
+                     patterns both start with a wildcard (at most {MAX_SCANNED_PER_TENANT}): \
+                     each is checked against every reading; give the devices or the metrics \
+                     a literal prefix"
+                ),
+            ));
+        }
+    }
     if let Target::Webhook { url } = &new.target {
         state.inner.webhook.check_target(url).await.map_err(|e| {
             ApiError::new(

@@ -32,7 +32,7 @@ pub mod sync;
 #[cfg(test)]
 mod testing;
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_binding::serve::ServerLimits;
@@ -140,7 +140,7 @@ pub async fn run(
     outbox.declare().await?;
     let (index, version) = sync::load(&store).await?;
     tracing::info!(subscriptions = index.len(), "subscriptions loaded");
-    let index: sync::SharedIndex = Arc::new(RwLock::new(index));
+    let index = sync::SharedIndex::new(index);
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(sync::run(

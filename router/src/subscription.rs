@@ -19,6 +19,15 @@ use uuid::Uuid;
 pub const MAX_PATTERNS: usize = 64;
 /// Longest pattern, in bytes.
 pub const MAX_PATTERN_LEN: usize = 256;
+/// Most `*` in one pattern: a glob is matched in O(name × pattern) without backtracking,
+/// and each `*` is a segment searched.
+pub const MAX_WILDCARDS: usize = 8;
+/// Most subscriptions of one tenant that are *scanned*: neither every device pattern nor
+/// every metric pattern has a literal prefix (`*-boiler` on both sides), so no index can
+/// narrow them and each is checked against every series of that tenant's batches.
+pub const MAX_SCANNED_PER_TENANT: usize = 16;
+/// Most pattern bytes (devices and metrics together) in one scanned subscription.
+pub const MAX_SCANNED_PATTERN_BYTES: usize = 1024;
 /// Largest `batch_notify.count`: a held batch pins its deliveries on the broker, so the
 /// notifier's prefetch bounds it.
 pub const MAX_BATCH_COUNT: u32 = 1000;
@@ -330,6 +339,15 @@ impl NewSubscription {
 }
 
 impl Criteria {
+    /// Whether no index can narrow these criteria: some device pattern and some metric
+    /// pattern start with a wildcard. The matching index checks such subscriptions on
+    /// every lookup of their tenant (its residual list), so their number and size are
+    /// bounded ([`MAX_SCANNED_PER_TENANT`], [`MAX_SCANNED_PATTERN_BYTES`]).
+    pub fn is_scanned(&self) -> bool {
+        let unprefixed = |ps: &[String]| ps.iter().any(|p| p.starts_with(['*', '?']));
+        unprefixed(&self.devices) && unprefixed(&self.metrics)
+    }
+
     fn validate(&self) -> Result<(), InvalidSubscription> {
         for (field, list) in [("devices", &self.devices), ("metrics", &self.metrics)] {
             if list.is_empty() {
@@ -348,6 +366,31 @@ impl Criteria {
                         format!("1 to {MAX_PATTERN_LEN} bytes"),
                     ));
                 }
+                if p.matches('*').count() > MAX_WILDCARDS {
+                    return Err(invalid(
+                        format!("criteria.{field}[{i}]"),
+                        format!("at most {MAX_WILDCARDS} '*' in a pattern"),
+                    ));
+                }
+            }
+        }
+        if self.is_scanned() {
+            let bytes: usize = self
+                .devices
+                .iter()
+                .chain(&self.metrics)
+                .map(String::len)
+                .sum();
+            if bytes > MAX_SCANNED_PATTERN_BYTES {
+                return Err(invalid(
+                    "criteria",
+                    format!(
+                        "patterns starting with a wildcard on both devices and metrics are \
+                         checked against every reading: at most {MAX_SCANNED_PATTERN_BYTES} \
+                         bytes of patterns then (give the devices or the metrics a literal \
+                         prefix to lift it)"
+                    ),
+                ));
             }
         }
         if self.kinds.is_empty() {

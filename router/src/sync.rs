@@ -6,8 +6,10 @@
 //! full reload. Either way a change reaches every instance within a second.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use arc_swap::{ArcSwap, Guard};
 
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -16,8 +18,58 @@ use crate::internal_events::IndexChanged;
 use crate::matching::Index;
 use crate::store::{Store, StoreError};
 
-/// The index every stage of this instance reads; written only by [`run`].
-pub type SharedIndex = Arc<RwLock<Index>>;
+/// The index every stage of this instance reads: a snapshot, swapped whole on a change.
+///
+/// Readers never wait and never make a writer wait: a match holds the snapshot it loaded
+/// (an `Arc`), not a lock, however long it takes, and a reload builds the next snapshot
+/// beside it. A snapshot is cheap to derive: tenants' indexes are shared between
+/// snapshots, and a change rebuilds only its tenant's.
+#[derive(Clone, Default)]
+pub struct SharedIndex {
+    current: Arc<ArcSwap<Index>>,
+    /// Serializes writers (the API's reload and [`run`]'s), so none loses another's change;
+    /// held while deriving a snapshot, never by readers, never across an await.
+    writers: Arc<Mutex<()>>,
+}
+
+impl SharedIndex {
+    /// Shares `index`.
+    pub fn new(index: Index) -> Self {
+        Self {
+            current: Arc::new(ArcSwap::from_pointee(index)),
+            writers: Arc::default(),
+        }
+    }
+
+    /// The current snapshot.
+    pub fn load(&self) -> Guard<Arc<Index>> {
+        self.current.load()
+    }
+
+    /// The current snapshot, owned (tests hold one across a change).
+    #[cfg(test)]
+    fn load_full_for_test(&self) -> Arc<Index> {
+        self.current.load_full()
+    }
+
+    /// Derives the next snapshot with `change` and publishes it; returns its size.
+    pub fn update(&self, change: impl FnOnce(&mut Index)) -> usize {
+        let _writer = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = Index::clone(&self.current.load());
+        change(&mut next);
+        let len = next.len();
+        self.current.store(Arc::new(next));
+        len
+    }
+}
+
+impl std::fmt::Debug for SharedIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedIndex")
+            .field("subscriptions", &self.load().len())
+            .finish()
+    }
+}
 
 /// Loads every subscription into a new index.
 pub async fn load(store: &Store) -> Result<(Index, u64), StoreError> {
@@ -102,12 +154,8 @@ pub async fn reload_tenant(
 ) -> Result<(), StoreError> {
     match store.list(tenant).await {
         Ok(subs) => {
-            let mut ix = index.write().unwrap_or_else(|p| p.into_inner());
-            ix.replace_tenant(tenant, subs);
-            IndexChanged {
-                subscriptions: ix.len(),
-            }
-            .emit();
+            let subscriptions = index.update(|ix| ix.replace_tenant(tenant, subs));
+            IndexChanged { subscriptions }.emit();
             Ok(())
         }
         Err(e) => {
@@ -135,14 +183,12 @@ async fn full_reload(
     .await;
     match result {
         Ok((v, tenants, sets)) => {
-            let mut ix = index.write().unwrap_or_else(|p| p.into_inner());
-            for (t, subs) in sets {
-                ix.replace_tenant(&t, subs);
-            }
-            IndexChanged {
-                subscriptions: ix.len(),
-            }
-            .emit();
+            let subscriptions = index.update(|ix| {
+                for (t, subs) in sets {
+                    ix.replace_tenant(&t, subs);
+                }
+            });
+            IndexChanged { subscriptions }.emit();
             *version = v;
             *known = tenants;
         }
@@ -160,8 +206,8 @@ mod tests {
     use crate::testing::sub;
 
     fn ids(index: &SharedIndex, tenant: &str) -> Vec<Uuid> {
-        let index = index.read().unwrap();
         index
+            .load()
             .tenant_subscriptions(tenant)
             .iter()
             .map(|s| s.id)
@@ -198,7 +244,7 @@ mod tests {
     async fn changes_reach_the_index_whether_announced_or_made_before_following() {
         let store = Store::memory(10);
         let (index, version) = load(&store).await.unwrap();
-        let index: SharedIndex = Arc::new(RwLock::new(index));
+        let index: SharedIndex = SharedIndex::new(index);
         // Made after the load, before `run` follows: the reload on (re)connecting has it.
         let early = sub("acme", &["*"], &["*"]);
         store.create(&early).await.unwrap();
@@ -229,12 +275,33 @@ mod tests {
         let (a, b) = (sub("acme", &["*"], &["*"]), sub("globex", &["*"], &["*"]));
         store.create(&a).await.unwrap();
         store.create(&b).await.unwrap();
-        let index: SharedIndex = Arc::new(RwLock::new(Index::new()));
+        let index: SharedIndex = SharedIndex::new(Index::new());
         reload_tenant(&store, &index, "acme").await.unwrap();
         assert_eq!(ids(&index, "acme"), [a.id]);
         assert!(ids(&index, "globex").is_empty());
         store.delete(&a.tenant, a.id).await.unwrap();
         reload_tenant(&store, &index, "acme").await.unwrap();
-        assert!(index.read().unwrap().is_empty());
+        assert!(index.load().is_empty());
+    }
+
+    #[test]
+    fn a_reader_s_snapshot_never_blocks_nor_sees_a_half_made_change() {
+        let index = SharedIndex::new(Index::new());
+        let a = sub("acme", &["*"], &["*"]);
+        index.update(|ix| ix.insert(a.clone()));
+        // A match in progress holds its snapshot...
+        let held = index.load_full_for_test();
+        // ...while a writer replaces the tenant's set (this would deadlock on one thread
+        // with a lock held by the reader).
+        let b = sub("acme", &["x-*"], &["*"]);
+        let len = index.update(|ix| ix.replace_tenant("acme", vec![b.clone()]));
+        assert_eq!(len, 1);
+        assert_eq!(ids(&index, "acme"), [b.id], "new loads see the change");
+        let old: Vec<Uuid> = held
+            .tenant_subscriptions("acme")
+            .iter()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(old, [a.id], "the held snapshot is unchanged");
     }
 }

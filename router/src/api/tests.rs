@@ -1,8 +1,6 @@
 //! The API's routes called with `oneshot`, over the in-memory store and the in-process
 //! transport: no socket, no Redis, no broker.
 
-use std::sync::RwLock;
-
 use axum::body::Body;
 use axum::http::{Method, Request};
 use serde_json::{Value, json};
@@ -36,7 +34,7 @@ struct Api {
 /// The API with an empty in-memory store; a tenant may hold `cap` subscriptions.
 fn api(cap: usize) -> Api {
     let tenants = Tenants::from_toml_str(TENANTS).unwrap();
-    let index: SharedIndex = Arc::new(RwLock::new(Index::new()));
+    let index = SharedIndex::new(Index::new());
     let transport = Transport::InProcess(InProcessTransport::new(Topology::default(), 16));
     let state = ApiState::new(ApiParts {
         amqp: AmqpGrants::new(tenants.clone(), "sluice"),
@@ -118,8 +116,8 @@ impl Api {
     }
 
     fn indexed(&self, tenant: &str) -> Vec<Uuid> {
-        let index = self.index.read().unwrap();
-        index
+        self.index
+            .load()
             .tenant_subscriptions(tenant)
             .iter()
             .map(|s| s.id)
@@ -361,6 +359,59 @@ async fn each_tenant_holds_at_most_its_cap() {
     let path = format!("/v1/subscriptions/{first}");
     assert_eq!(api.delete(ACME, &path).await.status, StatusCode::NO_CONTENT);
     assert_eq!(api.create(ACME, live()).await.status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn matching_cost_is_bounded_per_pattern_subscription_and_tenant() {
+    use crate::subscription::{MAX_SCANNED_PATTERN_BYTES, MAX_SCANNED_PER_TENANT};
+    let api = api(100);
+    let scanned = |metric: &str| json!({"criteria": {"devices": ["*-boiler"], "metrics": [metric]}, "target": {"type": "live"}});
+    // Too many wildcards in one pattern.
+    let a = api
+        .create(
+            ACME,
+            json!({"criteria": {"devices": ["a*b*c*d*e*f*g*h*i*"]}, "target": {"type": "live"}}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(a.error().1.contains("at most 8 '*'"), "{}", a.body);
+    // A scanned subscription with too many pattern bytes.
+    let many: Vec<String> = (0..40)
+        .map(|i| format!("*{}", "x".repeat(30 + i)))
+        .collect();
+    let a = api
+        .create(
+            ACME,
+            json!({"criteria": {"devices": ["*"], "metrics": many}, "target": {"type": "live"}}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        a.error().1.contains(&MAX_SCANNED_PATTERN_BYTES.to_string()),
+        "{}",
+        a.body
+    );
+    // At most MAX_SCANNED_PER_TENANT scanned subscriptions per tenant...
+    for i in 0..MAX_SCANNED_PER_TENANT {
+        let a = api.create(ACME, scanned(&format!("*temp{i}"))).await;
+        assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    }
+    let a = api.create(ACME, scanned("*temp")).await;
+    assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(a.error().0, "too_costly", "{}", a.body);
+    // ...while indexed ones (a literal prefix on one side) are still taken, and other
+    // tenants are not affected.
+    let a = api
+        .create(
+            ACME,
+            json!({"criteria": {"devices": ["plant-*"], "metrics": ["*temp"]}, "target": {"type": "live"}}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    assert_eq!(
+        api.create(GLOBEX, scanned("*temp")).await.status,
+        StatusCode::CREATED
+    );
 }
 
 #[tokio::test]

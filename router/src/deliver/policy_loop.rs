@@ -83,7 +83,7 @@ impl PolicyLoop {
 
     fn incoming(&mut self, Incoming { job, hold }: Incoming, back: &mpsc::UnboundedSender<Back>) {
         let sub = {
-            let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+            let index = self.index.load();
             index.get(&job.tenant, job.subscription).cloned()
         };
         let Some(sub) = sub else {

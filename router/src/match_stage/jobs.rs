@@ -61,7 +61,7 @@ impl JobMatcher {
         }
         .emit();
         let matches = {
-            let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+            let index = self.index.load();
             self.matcher.match_batch(&index, &view)
         };
         let mut jobs = Vec::new();
@@ -89,7 +89,7 @@ impl JobMatcher {
         .emit();
         let e = &ev.event;
         let subs = {
-            let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+            let index = self.index.load();
             self.matcher.match_event(
                 &index,
                 &ev.tenant,
@@ -108,7 +108,7 @@ impl JobMatcher {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, RwLock};
+    use std::sync::Arc;
 
     use sluice_binding::codec;
     use sluice_binding::dead_letter::DeadLetterKind;
@@ -147,7 +147,7 @@ mod tests {
             index.insert(s);
         }
         JobMatcher::new(
-            Arc::new(RwLock::new(index)),
+            crate::sync::SharedIndex::new(index),
             Arc::new(tenants()),
             Limits::default(),
             1000,

@@ -375,7 +375,8 @@ impl TenantIndex {
 /// not grow linearly with the number of subscriptions (see the module doc for the shape).
 #[derive(Debug, Default, Clone)]
 pub struct Index {
-    pub(super) tenants: HashMap<String, TenantIndex>,
+    /// Shared between snapshots of a `SharedIndex`: a change copies only its tenant's.
+    pub(super) tenants: HashMap<String, Arc<TenantIndex>>,
     len: usize,
 }
 
@@ -391,7 +392,7 @@ impl Index {
             Some(t) => t,
             None => self.tenants.entry(sub.tenant.to_string()).or_default(),
         };
-        if !tenant.insert(sub) {
+        if !Arc::make_mut(tenant).insert(sub) {
             self.len += 1;
         }
     }
@@ -399,6 +400,10 @@ impl Index {
     /// Removes a subscription; returns it if it was there.
     pub fn remove(&mut self, tenant: &str, id: Uuid) -> Option<SubRef> {
         let t = self.tenants.get_mut(tenant)?;
+        if !t.ids.contains_key(&id) {
+            return None;
+        }
+        let t = Arc::make_mut(t);
         let removed = t.remove(id)?;
         self.len -= 1;
         if t.ids.is_empty() {
@@ -429,7 +434,7 @@ impl Index {
         }
         if !t.ids.is_empty() {
             self.len += t.ids.len();
-            self.tenants.insert(tenant.to_owned(), t);
+            self.tenants.insert(tenant.to_owned(), Arc::new(t));
         }
     }
 
@@ -500,6 +505,30 @@ mod tests {
     use super::*;
     use crate::matching::Matcher;
     use crate::matching::test_support::*;
+
+    /// The API bounds the subscriptions the index scans on every lookup by
+    /// `Criteria::is_scanned`: it must name exactly those placed on the residual list.
+    #[test]
+    fn scanned_criteria_are_exactly_the_residual_ones() {
+        let cases: [(&[&str], &[&str]); 7] = [
+            (&["boiler-1"], &["temp"]),
+            (&["*"], &["temp"]),
+            (&["*"], &["*"]),
+            (&["?x"], &["*-hum", "t*"]),
+            (&["a*", "*b"], &["*c"]),
+            (&["a*", "b*"], &["*"]),
+            (&["*-boiler"], &["temp", "?"]),
+        ];
+        for (devices, metrics) in cases {
+            let s = sub("acme", devices, metrics);
+            let scanned = s.criteria.is_scanned();
+            assert_eq!(
+                Entry::new(s).dim == Dim::Rest,
+                scanned,
+                "{devices:?} {metrics:?}"
+            );
+        }
+    }
 
     #[test]
     fn exact_prefix_any_and_metric_only() {
