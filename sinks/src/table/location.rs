@@ -184,11 +184,12 @@ impl Location {
     }
 
     /// The log store of this location with every store call spending `pace` first (table
-    /// maintenance: [`super::pace`]).
+    /// maintenance: [`super::pace`]), and the paced root store under it (DataFusion scans
+    /// must be given it: their session has its own `file://` store).
     pub(crate) fn paced_log_store(
         &self,
         pace: Arc<super::pace::Pace>,
-    ) -> Result<LogStoreRef, TableError> {
+    ) -> Result<(LogStoreRef, ObjectStoreRef), TableError> {
         let root = self.log_store()?.root_object_store(None);
         let paced: ObjectStoreRef = Arc::new(super::pace::PacedStore::new(root, pace));
         let options: HashMap<String, String> = self
@@ -199,9 +200,10 @@ impl Location {
         deltalake_core::DeltaTableBuilder::from_url(self.url.clone())
             .and_then(|b| {
                 b.with_storage_options(options)
-                    .with_storage_backend(paced, self.url.clone())
+                    .with_storage_backend(Arc::clone(&paced), self.url.clone())
                     .build_storage()
             })
+            .map(|log_store| (log_store, paced))
             .map_err(|e| TableError::Location {
                 location: self.redacted(),
                 reason: e.to_string(),
