@@ -11,7 +11,9 @@
 # once alone and once with `sluice maintain --once` (compaction of the closed day, one
 # task, then vacuum) started with the load. MAINTAIN_WRAP prefixes the pass's command:
 # MAINTAIN_WRAP="nice -n 19" (lowest priority), MAINTAIN_WRAP="chrt --idle 0" (SCHED_IDLE:
-# only cycles nothing else wants). Needs RabbitMQ and Redis on loopback.
+# only cycles nothing else wants). MAINTAIN_ARGS adds flags to the pass (its I/O budget:
+# MAINTAIN_ARGS="--io-mib-per-sec 0 --io-requests-per-sec 0" lifts it). PAIRS (2) sets
+# how many alone/with-compactor pairs run. Needs RabbitMQ and Redis on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 readings=${1:-10000000}
@@ -25,7 +27,9 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 "$bin/table-day" --store "$work/pristine" --hours "$hours" --flush 1s --write-only
 echo "| run | committed | wall | readings/s | compaction pass |"
 echo "|---|---:|---:|---:|---|"
-for run in alone with-compactor alone with-compactor; do
+runs=()
+for _ in $(seq "${PAIRS:-2}"); do runs+=(alone with-compactor); done
+for run in "${runs[@]}"; do
     cp -a "$work/pristine" "$work/$run"
     ns="cx$RANDOM"
     "$bin/sluice" process --store "$work/$run" --redis-url "$redis" --redis-prefix "$ns" \
@@ -35,7 +39,7 @@ for run in alone with-compactor alone with-compactor; do
     pass="—"
     if [ "$run" = with-compactor ]; then
         ( ${MAINTAIN_WRAP:-} "$bin/sluice" maintain --store "$work/$run" --once --vacuum-grace 0s \
-            --metrics-listen "" --log warn > "$work/pass.txt" 2>&1; date +%s.%N > "$work/pass.end" ) &
+            --metrics-listen "" --log warn ${MAINTAIN_ARGS:-} > "$work/pass.txt" 2>&1; date +%s.%N > "$work/pass.end" ) &
     fi
     start=$(date +%s.%N)
     out=$("$bin/loadgen" --target amqp --amqp-url "$amqp" --namespace "$ns" --tenant demo \
