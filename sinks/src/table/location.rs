@@ -168,15 +168,21 @@ impl Location {
             .flatten()
     }
 
-    /// The Delta log store of this location (rooted at the table).
-    pub fn log_store(&self) -> Result<LogStoreRef, TableError> {
-        let options: HashMap<String, String> = self
-            .options
+    /// The options as delta-rs takes them.
+    fn storage_options(&self) -> HashMap<String, String> {
+        self.options
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+            .collect()
+    }
+
+    /// The Delta log store of this location (rooted at the table).
+    pub fn log_store(&self) -> Result<LogStoreRef, TableError> {
         deltalake_core::DeltaTableBuilder::from_url(self.url.clone())
-            .and_then(|b| b.with_storage_options(options).build_storage())
+            .and_then(|b| {
+                b.with_storage_options(self.storage_options())
+                    .build_storage()
+            })
             .map_err(|e| TableError::Location {
                 location: self.redacted(),
                 reason: e.to_string(),
@@ -192,14 +198,9 @@ impl Location {
     ) -> Result<(LogStoreRef, ObjectStoreRef), TableError> {
         let root = self.log_store()?.root_object_store(None);
         let paced: ObjectStoreRef = Arc::new(super::pace::PacedStore::new(root, pace));
-        let options: HashMap<String, String> = self
-            .options
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
         deltalake_core::DeltaTableBuilder::from_url(self.url.clone())
             .and_then(|b| {
-                b.with_storage_options(options)
+                b.with_storage_options(self.storage_options())
                     .with_storage_backend(Arc::clone(&paced), self.url.clone())
                     .build_storage()
             })

@@ -299,25 +299,16 @@ mod tests {
 
     /// Bytes of the data files under `root` (the log excluded).
     fn data_bytes(root: &Path) -> u64 {
-        let mut n = 0;
-        let mut stack = vec![root.to_path_buf()];
-        while let Some(d) = stack.pop() {
-            for e in std::fs::read_dir(&d).expect("dir").flatten() {
-                let p = e.path();
-                if p.is_dir() && !p.ends_with("_delta_log") {
-                    stack.push(p);
-                } else if p.extension().is_some_and(|x| x == "parquet")
-                    && !p.to_string_lossy().contains("_delta_log")
-                {
-                    n += e.metadata().expect("metadata").len();
-                }
-            }
-        }
-        n
+        data_file_sizes(root).iter().sum()
     }
 
     fn data_files(root: &Path) -> usize {
-        let mut n = 0;
+        data_file_sizes(root).len()
+    }
+
+    /// The sizes of the data files under `root` (the log excluded).
+    fn data_file_sizes(root: &Path) -> Vec<u64> {
+        let mut sizes = Vec::new();
         let mut stack = vec![root.to_path_buf()];
         while let Some(d) = stack.pop() {
             for e in std::fs::read_dir(&d).expect("dir").flatten() {
@@ -327,11 +318,11 @@ mod tests {
                 } else if p.extension().is_some_and(|x| x == "parquet")
                     && !p.to_string_lossy().contains("_delta_log")
                 {
-                    n += 1;
+                    sizes.push(e.metadata().expect("metadata").len());
                 }
             }
         }
-        n
+        sizes
     }
 
     fn today() -> NaiveDate {
