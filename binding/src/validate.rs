@@ -77,11 +77,6 @@ impl DaySet {
     pub fn iter(&self) -> impl Iterator<Item = i64> + '_ {
         self.0.iter().copied()
     }
-
-    /// Empties the set.
-    pub fn clear(&mut self) {
-        self.0.clear();
-    }
 }
 
 /// Bounds applied to a batch.

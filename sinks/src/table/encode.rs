@@ -32,7 +32,9 @@ use super::{DATE, TENANT, TableError};
 use crate::columns::{DEVICE, DEVICE_IDX, METRIC, METRIC_IDX, TS, TS_IDX, VALUE, VALUE_IDX};
 use crate::{TS_TIMEZONE, readings_schema};
 
-const NS_PER_DAY: i64 = 86_400_000_000_000;
+// The binding's day: the one `Limits::max_days` counts, so a batch never makes more files
+// than the bound says.
+use sluice_binding::validate::{NS_PER_DAY, utc_day};
 /// Longest string kept as a min/max statistic; longer ones are left out (a truncated
 /// maximum would not bound the column).
 const MAX_STAT_STRING: usize = 64;
@@ -90,7 +92,7 @@ pub(crate) fn split_by_day(rows: &RecordBatch) -> Result<Vec<(i64, RecordBatch)>
     let ts = rows
         .column(TS_IDX)
         .as_primitive::<TimestampNanosecondType>();
-    let days: Int64Array = unary(ts, |t| t.div_euclid(NS_PER_DAY));
+    let days: Int64Array = unary(ts, utc_day);
     let (Some(lo), Some(hi)) = (min(&days), max(&days)) else {
         return Ok(Vec::new()); // no rows
     };

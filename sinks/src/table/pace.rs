@@ -65,10 +65,40 @@ impl Default for IoBudget {
 /// Bytes are counted in KiB cells: governor counts in `u32`.
 const CELL: u64 = 1024;
 
+/// A token bucket refilled at a rate per second, with a second's worth of burst: short
+/// calls go through at once, a sustained rate is held to the budget.
+struct Bucket {
+    limiter: DefaultDirectRateLimiter,
+    burst: NonZeroU32,
+}
+
+impl Bucket {
+    /// `None` for a rate of 0 (unlimited).
+    fn per_second(cells: u64) -> Option<Self> {
+        let burst = NonZeroU32::new(u32::try_from(cells).unwrap_or(u32::MAX))?;
+        Some(Self {
+            limiter: RateLimiter::direct(Quota::per_second(burst)),
+            burst,
+        })
+    }
+
+    /// Waits until `cells` may go, a burst at a time (never over it, so never
+    /// `InsufficientCapacity`).
+    async fn spend(&self, mut cells: u64) {
+        while cells > 0 {
+            let step = cells.min(u64::from(self.burst.get()));
+            let n = NonZeroU32::new(step as u32).unwrap_or(self.burst);
+            let _ = self.limiter.until_n_ready(n).await;
+            cells -= step;
+        }
+    }
+}
+
 /// The two buckets, and what went through them.
 pub(crate) struct Pace {
-    bytes: Option<(DefaultDirectRateLimiter, NonZeroU32)>,
-    requests: Option<DefaultDirectRateLimiter>,
+    /// In KiB cells.
+    bytes: Option<Bucket>,
+    requests: Option<Bucket>,
     spent_bytes: AtomicU64,
     spent_requests: AtomicU64,
     waited_ns: AtomicU64,
@@ -87,18 +117,12 @@ pub struct IoSpent {
 
 impl Pace {
     pub(crate) fn new(budget: IoBudget) -> Self {
-        // A second's worth of burst: short calls go through at once, a sustained rate is
-        // held to the budget.
-        let bytes = NonZeroU32::new(
-            u32::try_from((budget.bytes_per_second / CELL).max(1)).unwrap_or(u32::MAX),
-        )
-        .filter(|_| budget.bytes_per_second > 0)
-        .map(|cells| (RateLimiter::direct(Quota::per_second(cells)), cells));
-        let requests = NonZeroU32::new(budget.requests_per_second)
-            .map(|n| RateLimiter::direct(Quota::per_second(n)));
+        let bytes = (budget.bytes_per_second > 0)
+            .then(|| Bucket::per_second((budget.bytes_per_second / CELL).max(1)))
+            .flatten();
         Self {
             bytes,
-            requests,
+            requests: Bucket::per_second(u64::from(budget.requests_per_second)),
             spent_bytes: AtomicU64::new(0),
             spent_requests: AtomicU64::new(0),
             waited_ns: AtomicU64::new(0),
@@ -117,36 +141,22 @@ impl Pace {
     async fn request(&self, requests: u32) {
         self.spent_requests
             .fetch_add(u64::from(requests), Ordering::Relaxed);
-        let Some(limiter) = &self.requests else {
-            return;
-        };
-        let started = Instant::now();
-        for _ in 0..requests {
-            limiter.until_ready().await;
-        }
-        self.waited(started);
+        self.spend(&self.requests, u64::from(requests)).await;
     }
 
-    /// Waits until `n` bytes may go, a second's burst at a time.
+    /// Waits until `n` bytes may go.
     async fn bytes(&self, n: u64) {
         self.spent_bytes.fetch_add(n, Ordering::Relaxed);
-        let Some((limiter, burst)) = &self.bytes else {
+        self.spend(&self.bytes, n.div_ceil(CELL)).await;
+    }
+
+    async fn spend(&self, bucket: &Option<Bucket>, cells: u64) {
+        let Some(bucket) = bucket else {
             return;
         };
         let started = Instant::now();
-        let mut cells = n.div_ceil(CELL);
-        while cells > 0 {
-            let step = cells.min(u64::from(burst.get()));
-            let step_cells = NonZeroU32::new(step as u32).unwrap_or(*burst);
-            // Never over the burst, so never `InsufficientCapacity`.
-            let _ = limiter.until_n_ready(step_cells).await;
-            cells -= step;
-        }
-        self.waited(started);
-    }
-
-    fn waited(&self, since: Instant) {
-        let ns = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        bucket.spend(cells).await;
+        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.waited_ns.fetch_add(ns, Ordering::Relaxed);
     }
 }
