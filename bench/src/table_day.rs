@@ -130,6 +130,7 @@ async fn main() -> Result<()> {
         commits += 1;
         s = to;
     }
+    table.settle().await;
     let write = started.elapsed();
     let rows = end_s * cli.rate;
     if cli.write_only {

@@ -331,6 +331,7 @@ pub async fn run(
 
     tasks.close();
     tasks.wait().await;
+    committer.sinks.table.settle().await;
     let report = committer.report;
     let lost = lost.lock().unwrap_or_else(|p| p.into_inner()).take();
     match lost {

@@ -27,7 +27,6 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ::parquet::basic::ZstdLevel;
@@ -300,7 +299,8 @@ struct Inner {
     /// Loaded before the first commit (reading the window's log entries), then held by a
     /// commit while it writes its log entry. Never held while files are encoded or written.
     ledger: OnceCell<Mutex<Ledger>>,
-    checkpointing: AtomicBool,
+    /// The background checkpoint, if one was started; [`ReadingsTable::settle`] awaits it.
+    checkpoint: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl ReadingsTable {
@@ -355,7 +355,7 @@ impl ReadingsTable {
                 log_store,
                 store,
                 ledger: OnceCell::new(),
-                checkpointing: AtomicBool::new(false),
+                checkpoint: std::sync::Mutex::new(None),
             }),
         };
         table.inner.create_or_check().await?;
@@ -382,6 +382,21 @@ impl ReadingsTable {
         match self.inner.ledger.get() {
             Some(l) => l.lock().await.len(),
             None => 0,
+        }
+    }
+
+    /// Waits for the background checkpoint, if one runs. Call it before the runtime
+    /// shuts down: a checkpoint cut off by the runtime's end panics inside delta-rs (the
+    /// checkpoint itself is optional; the log is complete without it).
+    pub async fn settle(&self) {
+        let running = self
+            .inner
+            .checkpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(handle) = running {
+            let _ = handle.await;
         }
     }
 
@@ -828,20 +843,19 @@ impl Inner {
         if version == 0 || !version.is_multiple_of(self.config.checkpoint_interval) {
             return;
         }
-        if self.checkpointing.swap(true, Ordering::AcqRel) {
+        let mut running = self.checkpoint.lock().unwrap_or_else(|p| p.into_inner());
+        if running.as_ref().is_some_and(|h| !h.is_finished()) {
             return;
         }
         let inner = Arc::clone(self);
-        tokio::spawn(async move {
-            let result = inner.checkpoint(version).await;
-            inner.checkpointing.store(false, Ordering::Release);
-            match result {
+        *running = Some(tokio::spawn(async move {
+            match inner.checkpoint(version).await {
                 Ok(()) => tracing::debug!(store = %inner.location, version, "checkpoint written"),
                 Err(e) => {
                     tracing::warn!(store = %inner.location, version, error = %e, "checkpoint failed");
                 }
             }
-        });
+        }));
     }
 
     async fn checkpoint(&self, version: u64) -> Result<(), DeltaTableError> {
