@@ -41,7 +41,9 @@ use crate::notify::amqp::AmqpGrants;
 use crate::notify::live::LiveFeed;
 use crate::notify::webhook::WebhookNotifier;
 use crate::store::{Store, StoreError};
-use crate::subscription::{MAX_SCANNED_PER_TENANT, NewSubscription, Subscription, Target};
+use crate::subscription::{
+    MAX_SCANNED_PER_TENANT, MAX_STREAM_ENTRIES_PER_TENANT, NewSubscription, Subscription, Target,
+};
 use crate::sync::{self, SharedIndex};
 
 /// Largest request body.
@@ -276,6 +278,30 @@ async fn create(
                      patterns both start with a wildcard (at most {MAX_SCANNED_PER_TENANT}): \
                      each is checked against every reading; give the devices or the metrics \
                      a literal prefix"
+                ),
+            ));
+        }
+    }
+    if new.target.stream_entries() > 0 {
+        // Redis memory is every tenant's: a tenant's streams keep a bounded number of
+        // entries in all (counted as the scanned ones are).
+        let held: u64 = state
+            .inner
+            .store
+            .list(tenant.as_str())
+            .await?
+            .iter()
+            .map(|s| s.target.stream_entries())
+            .sum();
+        let asked = new.target.stream_entries();
+        if held + asked > MAX_STREAM_ENTRIES_PER_TENANT {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "too_costly",
+                format!(
+                    "this tenant's Redis streams already keep up to {held} entries; {asked} more \
+                     would pass the {MAX_STREAM_ENTRIES_PER_TENANT} a tenant may keep: lower \
+                     target.maxlen or delete a stream subscription"
                 ),
             ));
         }

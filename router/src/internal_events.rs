@@ -177,7 +177,7 @@ impl LiveListenerClosed {
 // --- The delivery stage.
 
 /// A notification reached a settled state other than delivered. Labels: `tenant`,
-/// `target`, `outcome` (`retry`, `pending`, `deferred`, `dead`).
+/// `target`, `outcome` (`batched`, `retry`, `pending`, `deferred`, `dead`).
 #[derive(Debug)]
 pub(crate) struct NotificationSettled<'a> {
     pub(crate) tenant: &'a str,

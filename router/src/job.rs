@@ -37,6 +37,9 @@ pub enum Stage {
     /// A notification held back by the rate limit: rate limit and expiration still apply,
     /// its events and key are fixed.
     Pending,
+    /// A `batch_notify` batch, full or due: rate limit and expiration still apply, its
+    /// events and key are fixed.
+    Batched,
     /// A notification whose delivery failed `attempt` times: only delivery remains.
     Retry {
         /// Failed attempts so far.

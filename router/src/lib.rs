@@ -182,7 +182,7 @@ pub async fn run(
         store.clone(),
         index.clone(),
         notifiers,
-        cfg.deliver.clone(),
+        cfg.deliver.clone().shared_by(publishers.len()),
         shutdown.clone(),
     ));
     let matched = match_stage::run(

@@ -31,6 +31,14 @@ pub const MAX_SCANNED_PATTERN_BYTES: usize = 1024;
 /// Largest `batch_notify.count`: a held batch pins its deliveries on the broker, so the
 /// notifier's prefetch bounds it.
 pub const MAX_BATCH_COUNT: u32 = 1000;
+/// `MAXLEN ~` of a Redis-stream target that sets none: Redis memory is shared by every
+/// tenant, so no stream is unbounded.
+pub const DEFAULT_STREAM_MAXLEN: u64 = 10_000;
+/// Largest `maxlen` of one Redis-stream target.
+pub const MAX_STREAM_MAXLEN: u64 = 1_000_000;
+/// Most stream entries a tenant's Redis-stream targets may keep in all (the sum of their
+/// `maxlen`s).
+pub const MAX_STREAM_ENTRIES_PER_TENANT: u64 = 2_000_000;
 /// Longest `batch_notify.duration` and `rate_limit.window`.
 pub const MAX_WINDOW: Duration = Duration::from_secs(24 * 3600);
 /// A batch without a duration is still flushed after this long, so a slow trickle of
@@ -234,7 +242,8 @@ pub enum Target {
         /// Stream key; the router prefixes it with `sluice:notify:{tenant}:` so tenants
         /// cannot write into each other's (or Sluice's own) keys.
         stream: String,
-        /// Approximate cap on the stream length (`MAXLEN ~`); absent = unbounded.
+        /// Approximate cap on the stream length (`MAXLEN ~`), 1 to [`MAX_STREAM_MAXLEN`];
+        /// absent = [`DEFAULT_STREAM_MAXLEN`].
         #[serde(default, skip_serializing_if = "Option::is_none")]
         maxlen: Option<u64>,
     },
@@ -244,6 +253,14 @@ pub enum Target {
 }
 
 impl Target {
+    /// Stream entries the target keeps in Redis at most (0 for other targets).
+    pub fn stream_entries(&self) -> u64 {
+        match self {
+            Target::RedisStream { maxlen, .. } => maxlen.unwrap_or(DEFAULT_STREAM_MAXLEN),
+            _ => 0,
+        }
+    }
+
     /// The kind, for logs and metric labels.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -314,9 +331,15 @@ impl NewSubscription {
                     return Err(invalid("target.exchange", "reserved name"));
                 }
             }
-            Target::RedisStream { stream, .. } => {
+            Target::RedisStream { stream, maxlen } => {
                 if stream.is_empty() || stream.len() > 200 {
                     return Err(invalid("target.stream", "1 to 200 bytes"));
+                }
+                if maxlen.is_some_and(|n| !(1..=MAX_STREAM_MAXLEN).contains(&n)) {
+                    return Err(invalid(
+                        "target.maxlen",
+                        format!("1 to {MAX_STREAM_MAXLEN}"),
+                    ));
                 }
             }
             Target::Live => {}

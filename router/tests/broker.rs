@@ -174,6 +174,22 @@ impl Router {
         b.id
     }
 
+    /// Subscribes with `key` until the subscription lands on the notify queue of
+    /// `other` (deleting the ones that do not); its id.
+    async fn subscribe_beside(&self, key: &str, body: Value, other: Uuid) -> Uuid {
+        let outbox = Outbox::new(self.transport.clone(), NOTIFY_PARTITIONS);
+        for _ in 0..32 {
+            let s = self.subscribe(key, body.clone()).await;
+            let id: Uuid = s["id"].as_str().unwrap().parse().unwrap();
+            if outbox.partition_of(id) == outbox.partition_of(other) {
+                return id;
+            }
+            let url = format!("{}/v1/subscriptions/{id}", self.api);
+            assert_eq!(api(reqwest::Method::DELETE, &url, key, None).await.0, 204);
+        }
+        panic!("no subscription landed on the notify queue of {other}");
+    }
+
     async fn stop(self) {
         self.stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
@@ -227,6 +243,8 @@ struct Receiver {
     got: Arc<Mutex<Vec<(Instant, HeaderMap, Value)>>>,
     down_until: Arc<Mutex<Option<Instant>>>,
     status: Arc<Mutex<Option<u16>>>,
+    /// Answers (and records) each notification this long after it arrived.
+    slow: Arc<Mutex<Option<Duration>>>,
 }
 
 impl Receiver {
@@ -278,6 +296,10 @@ async fn hook(
     }
     if let Some(s) = *r.status.lock().unwrap() {
         return StatusCode::from_u16(s).unwrap();
+    }
+    let slow = *r.slow.lock().unwrap();
+    if let Some(d) = slow {
+        tokio::time::sleep(d).await;
     }
     let v: Value = serde_json::from_slice(&body).expect("notification is JSON");
     r.got.lock().unwrap().push((Instant::now(), headers, v));
@@ -967,6 +989,110 @@ async fn an_amqp_notification_no_queue_takes_is_dead_lettered_naming_its_exchang
             )
             .await;
         let _ = conn.close(200, "done".into()).await;
+        router.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_batch_waiting_for_a_day_pins_nothing_on_the_broker_and_outlives_its_router() {
+    with_namespace(|ns| async move {
+        // Four unsettled jobs per notify queue: forty held jobs would fill it ten times.
+        let router = Router::start(&ns, |c| c.deliver.prefetch = 4).await;
+        let (long, long_url) = Receiver::start().await;
+        let (due, due_url) = Receiver::start().await;
+        let (other, other_url) = Receiver::start().await;
+        let day = router
+            .subscribe(KEY_A, json!({"criteria": {"devices": ["day-*"]}, "policy": {"batch_notify": {"count": 1000, "duration": "24h"}},
+                                     "target": {"type": "webhook", "url": long_url}}))
+            .await;
+        let day_id: Uuid = day["id"].as_str().unwrap().parse().unwrap();
+        let soon = router
+            .subscribe(KEY_A, json!({"criteria": {"devices": ["soon-*"]}, "policy": {"batch_notify": {"count": 1000, "duration": "3s"}},
+                                     "target": {"type": "webhook", "url": due_url}}))
+            .await;
+        let soon_id: Uuid = soon["id"].as_str().unwrap().parse().unwrap();
+        // Tenant B's plain subscription, on the same notify queue as A's day-long batch.
+        router
+            .subscribe_beside(KEY_B, json!({"criteria": {"devices": ["b-*"]}, "target": {"type": "webhook", "url": other_url}}), day_id)
+            .await;
+
+        let mut rc = redis::Client::open(redis_url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+        let held = |id: Uuid| format!("{ns}:batch:tenant-a:{id}");
+        for i in 0..40 {
+            router.publish("tenant-a", &[(&format!("day-{i}"), "m", f64::from(i))]).await;
+        }
+        for i in 0..5 {
+            router.publish("tenant-a", &[(&format!("soon-{i}"), "m", f64::from(i))]).await;
+        }
+        let b = router.publish("tenant-b", &[("b-1", "m", 1.0)]).await;
+        assert_eq!(other.wait_events(1, Duration::from_secs(5)).await, [reading_id(b, 0)]);
+        // Every job of the batches was acked: their events wait in Redis.
+        let lens = until(Duration::from_secs(5), || {
+            let mut rc = rc.clone();
+            let (d, s) = (held(day_id), held(soon_id));
+            async move {
+                let dl: usize = redis::cmd("LLEN").arg(&d).query_async(&mut rc).await.unwrap();
+                let sl: usize = redis::cmd("LLEN").arg(&s).query_async(&mut rc).await.unwrap();
+                (dl == 40 && sl == 5).then_some((dl, sl))
+            }
+        })
+        .await;
+        assert_eq!(lens, Some((40, 5)), "the batches' events are held in Redis");
+        router.stop().await;
+
+        // Another router (this one is gone) sends the 3 s batch when it is due, in one
+        // notification, and leaves the day-long one alone.
+        let again = Router::start(&ns, |c| c.deliver.prefetch = 4).await;
+        let ids = due.wait_events(5, Duration::from_secs(10)).await;
+        assert_eq!(due.notifications().len(), 1, "one notification of five events: {ids:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(long.notifications().is_empty());
+        let left: usize = redis::cmd("LLEN").arg(held(soon_id)).query_async(&mut rc).await.unwrap();
+        assert_eq!(left, 0, "a sent batch leaves Redis");
+        // Deleting the subscription deletes its held batch.
+        let url = format!("{}/v1/subscriptions/{day_id}", again.api);
+        assert_eq!(api(reqwest::Method::DELETE, &url, KEY_A, None).await.0, 204);
+        let left: usize = redis::cmd("LLEN").arg(held(day_id)).query_async(&mut rc).await.unwrap();
+        assert_eq!(left, 0);
+        again.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_tenant_with_a_slow_webhook_leaves_the_notify_queue_to_the_others() {
+    with_namespace(|ns| async move {
+        let router = Router::start(&ns, |c| {
+            c.deliver.prefetch = 8;
+            c.webhook.timeout = Duration::from_secs(10);
+        })
+        .await;
+        let (slow, slow_url) = Receiver::start().await;
+        *slow.slow.lock().unwrap() = Some(Duration::from_secs(3));
+        let (fast, fast_url) = Receiver::start().await;
+        let a = router
+            .subscribe(KEY_A, json!({"criteria": {"devices": ["s-*"]}, "target": {"type": "webhook", "url": slow_url}}))
+            .await;
+        let a_id: Uuid = a["id"].as_str().unwrap().parse().unwrap();
+        router
+            .subscribe_beside(KEY_B, json!({"criteria": {"devices": ["b-*"]}, "target": {"type": "webhook", "url": fast_url}}), a_id)
+            .await;
+        // Thirty jobs of A, each waiting 3 s for its answer: without a share, A's eight
+        // would fill the queue's prefetch and B's job would wait behind them.
+        for i in 0..30 {
+            router.publish("tenant-a", &[(&format!("s-{i}"), "m", f64::from(i))]).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let b = router.publish("tenant-b", &[("b-1", "m", 1.0)]).await;
+        assert_eq!(fast.wait_events(1, Duration::from_secs(10)).await, [reading_id(b, 0)]);
+        slow.wait_events(1, Duration::from_secs(20)).await;
+        let b_at = fast.got.lock().unwrap()[0].0;
+        let a_first = slow.got.lock().unwrap().iter().map(|(t, _, _)| *t).min().unwrap();
+        assert!(b_at < a_first, "B's notification waited for A's slow webhook");
+        // A loses nothing: its deferred jobs come back and are all delivered.
+        let ids = slow.wait_events(30, Duration::from_secs(60)).await;
+        assert_eq!(ids.iter().collect::<BTreeSet<_>>().len(), 30);
         router.stop().await;
     })
     .await;

@@ -689,13 +689,21 @@ pub(crate) struct RouterArgs {
     /// router (the same variable), or batches one accepts are dead-lettered by another.
     #[arg(long, env = "SLUICE_MAX_DAYS_PER_BATCH", default_value_t = sluice_binding::validate::DEFAULT_MAX_DAYS)]
     pub(crate) max_days_per_batch: usize,
-    /// Unsettled jobs per notify queue of the delivery stage; bounds what batches and
-    /// pending notifications hold.
+    /// Unsettled jobs per notify queue of the delivery stage: the notifications decided
+    /// and sent at once (held batches and pending notifications wait outside it).
     #[arg(long, env = "SLUICE_NOTIFY_PREFETCH", default_value_t = 512)]
     pub(crate) notify_prefetch: u16,
+    /// Unsettled jobs one tenant may hold per notify queue; more wait on the delay queue
+    /// (0: half of --notify-prefetch with several tenants, else all of it).
+    #[arg(long, env = "SLUICE_NOTIFY_JOBS_PER_TENANT", default_value_t = 0)]
+    pub(crate) jobs_per_tenant: usize,
     /// Notifications being delivered at once by this instance.
     #[arg(long, env = "SLUICE_NOTIFY_IN_FLIGHT", default_value_t = 256)]
     pub(crate) in_flight: usize,
+    /// Notifications of one tenant being delivered at once (0: half of --in-flight with
+    /// several tenants, else all of it).
+    #[arg(long, env = "SLUICE_NOTIFY_IN_FLIGHT_PER_TENANT", default_value_t = 0)]
+    pub(crate) in_flight_per_tenant: usize,
     /// Delivery attempts before a notification goes to the dead-letter queue.
     #[arg(long, env = "SLUICE_NOTIFY_MAX_ATTEMPTS", default_value_t = 8)]
     pub(crate) max_attempts: u32,
@@ -752,6 +760,8 @@ impl RouterArgs {
             deliver: sluice_router::DeliverConfig {
                 prefetch: self.notify_prefetch,
                 max_in_flight: self.in_flight,
+                max_in_flight_per_tenant: self.in_flight_per_tenant,
+                max_jobs_per_tenant: self.jobs_per_tenant,
                 max_attempts: self.max_attempts,
                 retry_initial: self.retry_initial,
                 retry_max: self.retry_max,

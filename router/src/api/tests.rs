@@ -415,6 +415,40 @@ async fn matching_cost_is_bounded_per_pattern_subscription_and_tenant() {
 }
 
 #[tokio::test]
+async fn redis_streams_are_always_bounded_per_target_and_per_tenant() {
+    let api = api(100);
+    let stream = |maxlen: Option<u64>| match maxlen {
+        Some(n) => {
+            json!({"criteria": {}, "target": {"type": "redis_stream", "stream": "s", "maxlen": n}})
+        }
+        None => json!({"criteria": {}, "target": {"type": "redis_stream", "stream": "s"}}),
+    };
+    for bad in [0, crate::subscription::MAX_STREAM_MAXLEN + 1] {
+        let a = api.create(ACME, stream(Some(bad))).await;
+        assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", a.body);
+        assert!(a.error().1.contains("target.maxlen"), "{}", a.body);
+    }
+    // Two of a million, then the default's 10 000 no longer fits the tenant's 2 000 000.
+    for _ in 0..2 {
+        let a = api.create(ACME, stream(Some(1_000_000))).await;
+        assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    }
+    let a = api.create(ACME, stream(None)).await;
+    assert_eq!(
+        (a.status, a.error().0),
+        (StatusCode::UNPROCESSABLE_ENTITY, "too_costly"),
+        "{}",
+        a.body
+    );
+    // Other targets and other tenants are not affected.
+    assert_eq!(api.create(ACME, live()).await.status, StatusCode::CREATED);
+    assert_eq!(
+        api.create(GLOBEX, stream(None)).await.status,
+        StatusCode::CREATED
+    );
+}
+
+#[tokio::test]
 async fn a_live_feed_needs_a_live_target() {
     let api = api(10);
     let hook = api

@@ -2,8 +2,8 @@
 //! dead-letter queue rather than looping.
 
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Mutex, OnceLock};
 
 use lapin::BasicProperties;
 use sluice_binding::transport::Consumer;
@@ -17,6 +17,7 @@ use crate::job::Job;
 use crate::outbox::Outbox;
 
 pub(super) async fn read(
+    queue: usize,
     mut consumer: Consumer,
     tx: mpsc::Sender<Incoming>,
     outbox: Outbox,
@@ -35,8 +36,9 @@ pub(super) async fn read(
                     acker: Mutex::new(Some(d.acker)),
                     failed: AtomicBool::new(false),
                     tracker: tracker.clone(),
+                    share: OnceLock::new(),
                 });
-                if tx.send(Incoming { job, hold }).await.is_err() {
+                if tx.send(Incoming { job, hold, queue }).await.is_err() {
                     break;
                 }
             }

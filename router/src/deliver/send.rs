@@ -3,22 +3,19 @@
 //! delay queue after a backoff, or dead-lettered (a permanent failure, or `max_attempts`
 //! spent).
 
-use sluice_binding::model::now_ns;
-use sluice_binding::transport::PublishError;
-use tokio::sync::mpsc;
-
 use super::policy::{Admission, admit, expire};
-use super::policy_loop::Back;
 use super::settle::fail_all;
 use super::{Ctx, Ready};
 use sluice_binding::event::Notification;
+use sluice_binding::model::now_ns;
+use sluice_binding::transport::PublishError;
 
 use crate::internal_events::{NotificationDelivered, NotificationSettled};
 use crate::job::{Shape, Stage};
 use crate::notify::{NotifyError, backoff};
 
-pub(super) async fn send(ctx: &Ctx, ready: Ready, back: &mpsc::UnboundedSender<Back>) {
-    let Admission::Send { last, mut ready } = admit(ctx, ready, back).await else {
+pub(super) async fn send(ctx: &Ctx, ready: Ready) {
+    let Admission::Send { last, mut ready } = admit(ctx, ready).await else {
         return;
     };
     let json = serialise(&mut ready);

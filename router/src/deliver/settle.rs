@@ -1,7 +1,7 @@
 //! Acking a job's delivery once every notification carrying its events is settled.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use sluice_binding::transport::Acker;
 use tokio_util::task::TaskTracker;
@@ -12,6 +12,9 @@ pub(super) struct Settle {
     pub(super) acker: Mutex<Option<Acker>>,
     pub(super) failed: AtomicBool,
     pub(super) tracker: TaskTracker,
+    /// The count of unsettled jobs of its tenant on its queue, which this one is part of
+    /// until it settles.
+    pub(super) share: OnceLock<Arc<AtomicUsize>>,
 }
 
 pub(super) type Hold = Arc<Settle>;
@@ -24,6 +27,9 @@ impl Settle {
 
 impl Drop for Settle {
     fn drop(&mut self) {
+        if let Some(share) = self.share.get() {
+            share.fetch_sub(1, Ordering::AcqRel);
+        }
         let acker = self.acker.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(a) = acker {
             let failed = self.failed.load(Ordering::Relaxed);

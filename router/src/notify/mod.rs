@@ -60,10 +60,9 @@ impl Notifiers {
                     .send(&sub.tenant, exchange, routing_key, key, &json)
                     .await?;
             }
-            Target::RedisStream { stream, maxlen } => {
-                self.stream
-                    .send(tenant, stream, *maxlen, key, &json)
-                    .await?;
+            Target::RedisStream { stream, .. } => {
+                let maxlen = sub.target.stream_entries();
+                self.stream.send(tenant, stream, maxlen, key, &json).await?;
             }
             Target::Live => self.live.send(tenant, sub.id, &json).await?,
         }

@@ -1,6 +1,7 @@
 //! The Redis-stream notifier: appends a notification to a stream under its tenant's own
 //! prefix, `{ns}:notify:{tenant}:{stream}` (fields `id`, the idempotency key, and
-//! `notification`, the JSON), trimmed to about `maxlen` entries when the target sets it.
+//! `notification`, the JSON), always trimmed to about `maxlen` entries (the target's, or
+//! the default: Redis memory is every tenant's).
 
 use redis::aio::ConnectionManager;
 
@@ -39,16 +40,16 @@ impl StreamNotifier {
         &self,
         tenant: &str,
         stream: &str,
-        maxlen: Option<u64>,
+        maxlen: u64,
         key: &str,
         json: &str,
     ) -> Result<(), redis::RedisError> {
         let mut cmd = redis::cmd("XADD");
-        cmd.arg(self.stream_key(tenant, stream));
-        if let Some(n) = maxlen {
-            cmd.arg("MAXLEN").arg("~").arg(n);
-        }
-        cmd.arg("*")
+        cmd.arg(self.stream_key(tenant, stream))
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(maxlen)
+            .arg("*")
             .arg("id")
             .arg(key)
             .arg("notification")

@@ -1,7 +1,7 @@
 //! The subscription store in this process's memory: the same rules as Redis (the
 //! per-tenant cap, the change counter and its announcements, the expiration counter and
-//! the sliding rate-limit window), for one instance and for tests that run without
-//! services.
+//! the sliding rate-limit window, the held notifications), for one instance and for tests
+//! that run without services.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -12,7 +12,9 @@ use sluice_binding::TenantId;
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
-use super::{Changes, Expiration, StoreError, expiration, now_ms};
+use sluice_binding::event::Event;
+
+use super::{Changes, Expiration, HeldBatch, StoreError, expiration, now_ms};
 use crate::subscription::{RateLimit, Subscription};
 
 /// Announcements a slow follower may fall behind by; one that falls further misses some,
@@ -38,6 +40,12 @@ struct State {
     sent: HashMap<(String, Uuid), u64>,
     /// Send times (ms) in each subscription's rate-limit window.
     window: HashMap<(String, Uuid), VecDeque<u64>>,
+    /// Held `batch_notify` events and when each batch is due (ms).
+    batches: HashMap<(String, Uuid), (VecDeque<Event>, u64)>,
+    /// Flush locks: the holder's token.
+    locks: HashMap<(String, Uuid), String>,
+    /// Key of each subscription's newest `latest_notify` notification.
+    latest: HashMap<(String, Uuid), String>,
 }
 
 impl MemoryStore {
@@ -93,6 +101,8 @@ impl MemoryStore {
         let key = (t.to_owned(), id);
         state.sent.remove(&key);
         state.window.remove(&key);
+        state.batches.remove(&key);
+        state.latest.remove(&key);
         self.changed(&mut state, t);
         removed
     }
@@ -168,6 +178,106 @@ impl MemoryStore {
     }
 }
 
+/// Held notifications, as the Redis store keeps them.
+impl MemoryStore {
+    pub(super) fn hold_batch(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        events: &[Event],
+        due_ms: u64,
+        cap: usize,
+    ) -> Option<usize> {
+        let mut state = self.state();
+        let (held, due) = state
+            .batches
+            .entry((tenant.to_owned(), id))
+            .or_insert_with(|| (VecDeque::new(), due_ms));
+        if held.len() >= cap {
+            return None;
+        }
+        if held.is_empty() {
+            *due = due_ms;
+        }
+        held.extend(events.iter().cloned());
+        Some(held.len())
+    }
+
+    pub(super) fn held_batch(&self, tenant: &str, id: Uuid, n: usize) -> HeldBatch {
+        let state = self.state();
+        match state.batches.get(&(tenant.to_owned(), id)) {
+            Some((held, due)) if !held.is_empty() => HeldBatch {
+                events: held.iter().take(n).cloned().collect(),
+                len: held.len(),
+                due_ms: *due,
+            },
+            _ => HeldBatch::default(),
+        }
+    }
+
+    pub(super) fn release_batch(&self, tenant: &str, id: Uuid, n: usize, next_due: u64) -> usize {
+        let mut state = self.state();
+        let key = (tenant.to_owned(), id);
+        let Some((held, due)) = state.batches.get_mut(&key) else {
+            return 0;
+        };
+        held.drain(..n.min(held.len()));
+        *due = next_due;
+        let left = held.len();
+        if left == 0 {
+            state.batches.remove(&key);
+        }
+        left
+    }
+
+    pub(super) fn due_batches(&self, now_ms: u64, limit: usize) -> Vec<(String, Uuid)> {
+        let state = self.state();
+        let mut due: Vec<(u64, (String, Uuid))> = state
+            .batches
+            .iter()
+            .filter(|(_, (held, due))| !held.is_empty() && *due <= now_ms)
+            .map(|(k, (_, due))| (*due, k.clone()))
+            .collect();
+        due.sort();
+        due.into_iter().take(limit).map(|(_, k)| k).collect()
+    }
+
+    pub(super) fn lock_batch(&self, tenant: &str, id: Uuid, token: &str) -> bool {
+        let mut state = self.state();
+        let key = (tenant.to_owned(), id);
+        if state.locks.contains_key(&key) {
+            return false;
+        }
+        state.locks.insert(key, token.to_owned());
+        true
+    }
+
+    pub(super) fn unlock_batch(&self, tenant: &str, id: Uuid, token: &str) {
+        let mut state = self.state();
+        let key = (tenant.to_owned(), id);
+        if state.locks.get(&key).is_some_and(|t| t == token) {
+            state.locks.remove(&key);
+        }
+    }
+
+    pub(super) fn drop_batch(&self, tenant: &str, id: Uuid) -> usize {
+        self.state()
+            .batches
+            .remove(&(tenant.to_owned(), id))
+            .map_or(0, |(held, _)| held.len())
+    }
+
+    pub(super) fn set_latest(&self, tenant: &str, id: Uuid, key: &str) {
+        self.state()
+            .latest
+            .insert((tenant.to_owned(), id), key.to_owned());
+    }
+
+    pub(super) fn latest(&self, tenant: &str, id: Uuid) -> Option<String> {
+        self.state().latest.get(&(tenant.to_owned(), id)).cloned()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,5 +347,64 @@ mod tests {
         );
         // Another subscription has a window of its own.
         assert_eq!(store.take_rate_slot("acme", Uuid::now_v7(), &limit), None);
+    }
+
+    fn ev(i: u32) -> Event {
+        Event {
+            id: format!("b:{i}"),
+            kind: sluice_binding::event::EventKind::Reading,
+            device: "d".into(),
+            metric: "m".into(),
+            t: i64::from(i),
+            value: Some(f64::from(i)),
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn a_held_batch_keeps_its_due_time_fills_to_its_cap_and_releases_from_the_front() {
+        let store = MemoryStore::new(10);
+        let id = Uuid::now_v7();
+        assert_eq!(
+            store.hold_batch("acme", id, &[ev(0), ev(1)], 1_000, 4),
+            Some(2)
+        );
+        // Growing does not move the due time.
+        assert_eq!(
+            store.hold_batch("acme", id, &[ev(2), ev(3)], 9_000, 4),
+            Some(4)
+        );
+        assert_eq!(
+            store.hold_batch("acme", id, &[ev(4)], 9_000, 4),
+            None,
+            "at its cap"
+        );
+        assert_eq!(store.due_batches(999, 10), []);
+        assert_eq!(store.due_batches(1_000, 10), [("acme".to_owned(), id)]);
+        let held = store.held_batch("acme", id, 3);
+        assert_eq!((held.len, held.due_ms), (4, 1_000));
+        assert_eq!(held.events, [ev(0), ev(1), ev(2)]);
+        assert_eq!(store.release_batch("acme", id, 3, 5_000), 1);
+        assert_eq!(store.held_batch("acme", id, 3).events, [ev(3)]);
+        assert_eq!(store.due_batches(4_999, 10), []);
+        assert_eq!(store.release_batch("acme", id, 1, 0), 0);
+        assert_eq!(store.held_batch("acme", id, 3), HeldBatch::default());
+        // Another tenant's subscription of the same id holds nothing of it.
+        assert_eq!(store.held_batch("globex", id, 3), HeldBatch::default());
+    }
+
+    #[test]
+    fn one_flusher_holds_a_batch_s_lock_and_only_its_token_frees_it() {
+        let store = MemoryStore::new(10);
+        let id = Uuid::now_v7();
+        assert!(store.lock_batch("acme", id, "one"));
+        assert!(!store.lock_batch("acme", id, "two"));
+        store.unlock_batch("acme", id, "two");
+        assert!(
+            !store.lock_batch("acme", id, "two"),
+            "not freed by another token"
+        );
+        store.unlock_batch("acme", id, "one");
+        assert!(store.lock_batch("acme", id, "two"));
     }
 }

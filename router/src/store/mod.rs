@@ -1,7 +1,12 @@
-//! The subscription store: the subscriptions of every tenant and the policy counters
-//! (expiration counters, rate-limit windows) that every router instance shares, and the
-//! announcement of each change, which keeps each instance's index up to date
-//! ([`crate::sync`]).
+//! The subscription store: the subscriptions of every tenant, the policy counters
+//! (expiration counters, rate-limit windows) and the held notifications (`batch_notify`
+//! batches, the newest pending `latest_notify` notification) that every router instance
+//! shares, and the announcement of each change, which keeps each instance's index up to
+//! date ([`crate::sync`]).
+//!
+//! Held notifications live here rather than as unacked deliveries on the broker: a batch
+//! waiting for its count or its duration (up to a day) would otherwise pin its jobs in the
+//! notify queue's prefetch window, which every tenant's notifications share.
 //!
 //! Two implementations behind one type, as `LatestStore` has in sinks: [`RedisStore`], the
 //! one a router runs on (shared by its instances), and [`MemoryStore`], one process's
@@ -15,6 +20,7 @@ use std::time::Duration;
 
 use futures::stream::BoxStream;
 use sluice_binding::TenantId;
+use sluice_binding::event::Event;
 use uuid::Uuid;
 
 pub use memory::MemoryStore;
@@ -53,6 +59,17 @@ pub enum StoreError {
     /// The tenant has as many subscriptions as it may have.
     #[error("tenant has {0} subscriptions, the most allowed")]
     TooMany(usize),
+}
+
+/// A subscription's held batch, as read by the flusher.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HeldBatch {
+    /// Its first events, oldest first (at most what was asked for).
+    pub events: Vec<Event>,
+    /// Events held in all.
+    pub len: usize,
+    /// When it is due (ms since the Unix epoch; 0 when nothing is held).
+    pub due_ms: u64,
 }
 
 /// What the expiration counter says about one more notification.
@@ -173,6 +190,131 @@ impl Store {
         match self {
             Store::Redis(s) => s.take_rate_slot(tenant, id, limit, member).await,
             Store::Memory(s) => Ok(s.take_rate_slot(tenant, id, limit)),
+        }
+    }
+}
+
+/// Held batches of the Redis store and the memory store.
+impl Store {
+    /// Adds `events` to the held batch of subscription `id`, which is due at `due_ms` if it
+    /// was empty. Returns the events now held, or `None` when it already holds `cap` or
+    /// more (its flushes are failing): the caller keeps the events elsewhere.
+    pub async fn hold_batch(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        events: &[Event],
+        due_ms: u64,
+        cap: usize,
+    ) -> Result<Option<usize>, StoreError> {
+        match self {
+            Store::Redis(s) => s.hold_batch(tenant, id, events, due_ms, cap).await,
+            Store::Memory(s) => Ok(s.hold_batch(tenant, id, events, due_ms, cap)),
+        }
+    }
+
+    /// The first `n` held events of subscription `id`, how many are held and when due.
+    pub async fn held_batch(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        n: usize,
+    ) -> Result<HeldBatch, StoreError> {
+        match self {
+            Store::Redis(s) => s.held_batch(tenant, id, n).await,
+            Store::Memory(s) => Ok(s.held_batch(tenant, id, n)),
+        }
+    }
+
+    /// Removes the first `n` held events of subscription `id` (they were sent on); what
+    /// remains is due at `next_due_ms`. Returns the events still held.
+    pub async fn release_batch(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        n: usize,
+        next_due_ms: u64,
+    ) -> Result<usize, StoreError> {
+        match self {
+            Store::Redis(s) => s.release_batch(tenant, id, n, next_due_ms).await,
+            Store::Memory(s) => Ok(s.release_batch(tenant, id, n, next_due_ms)),
+        }
+    }
+
+    /// Held batches due at `now_ms`, at most `limit`, most overdue first.
+    pub async fn due_batches(
+        &self,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(String, Uuid)>, StoreError> {
+        match self {
+            Store::Redis(s) => s.due_batches(now_ms, limit).await,
+            Store::Memory(s) => Ok(s.due_batches(now_ms, limit)),
+        }
+    }
+
+    /// Takes the flush lock of subscription `id`'s batch for `ttl` (one flusher among the
+    /// instances, so a batch is sent once); whether it was free.
+    pub async fn lock_batch(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Store::Redis(s) => s.lock_batch(tenant, id, token, ttl).await,
+            Store::Memory(s) => Ok(s.lock_batch(tenant, id, token)),
+        }
+    }
+
+    /// Frees the flush lock taken with `token` (not one another flusher took since).
+    pub async fn unlock_batch(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        token: &str,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Redis(s) => s.unlock_batch(tenant, id, token).await,
+            Store::Memory(s) => {
+                s.unlock_batch(tenant, id, token);
+                Ok(())
+            }
+        }
+    }
+
+    /// Drops the held batch of a subscription that is gone; the events dropped.
+    pub async fn drop_batch(&self, tenant: &str, id: Uuid) -> Result<usize, StoreError> {
+        match self {
+            Store::Redis(s) => s.drop_batch(tenant, id).await,
+            Store::Memory(s) => Ok(s.drop_batch(tenant, id)),
+        }
+    }
+
+    /// Records `key` as subscription `id`'s newest notification under `latest_notify`
+    /// (kept `ttl`): a pending one with another key is superseded.
+    pub async fn set_latest(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        key: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Redis(s) => s.set_latest(tenant, id, key, ttl).await,
+            Store::Memory(s) => {
+                s.set_latest(tenant, id, key);
+                Ok(())
+            }
+        }
+    }
+
+    /// Subscription `id`'s newest notification under `latest_notify`, if one is recorded.
+    pub async fn latest(&self, tenant: &str, id: Uuid) -> Result<Option<String>, StoreError> {
+        match self {
+            Store::Redis(s) => s.latest(tenant, id).await,
+            Store::Memory(s) => Ok(s.latest(tenant, id)),
         }
     }
 }

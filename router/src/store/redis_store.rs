@@ -9,6 +9,10 @@
 //! | `{ns}:subs:changed` | pub/sub channel | the tenant whose set changed |
 //! | `{ns}:exc:{tenant}:{id}` | counter | notifications sent (expirationCounter) |
 //! | `{ns}:rl:{tenant}:{id}` | sorted set | send times in the rate-limit window |
+//! | `{ns}:batch:{tenant}:{id}` | list | held `batch_notify` events (MessagePack), oldest first |
+//! | `{ns}:batch:{tenant}:{id}:lock` | string | the flusher's token, with a TTL |
+//! | `{ns}:batches:due` | sorted set | `{id}:{tenant}` of every held batch → due time (ms) |
+//! | `{ns}:latest:{tenant}:{id}` | string | key of the newest `latest_notify` notification, with a TTL |
 //!
 //! The Redis notifiers' keys (`{ns}:live:…`, `{ns}:notify:…`) are theirs:
 //! [`crate::notify::live`], [`crate::notify::stream`].
@@ -25,7 +29,9 @@ use redis::{AsyncCommands, Script};
 use sluice_binding::TenantId;
 use uuid::Uuid;
 
-use super::{Changes, Expiration, StoreError, expiration, now_ms};
+use sluice_binding::event::Event;
+
+use super::{Changes, Expiration, HeldBatch, StoreError, expiration, now_ms};
 use crate::subscription::{RateLimit, Subscription};
 
 /// `KEYS[1]` = counter, `ARGV[1]` = limit. Returns the count after this notification, or
@@ -68,6 +74,40 @@ if wait < 1 then wait = 1 end
 return wait
 ";
 
+/// Appends to a held batch within its cap. `KEYS` = the batch, the due set; `ARGV` = the
+/// due-set member, due time (ms), cap, then the events. Returns the events held after, or
+/// -1 when the batch already held `cap` (nothing is added). A new batch's due time is set;
+/// a growing one keeps its own.
+const HOLD_SCRIPT: &str = r"
+local n = redis.call('LLEN', KEYS[1])
+if n >= tonumber(ARGV[3]) then return -1 end
+for i = 4, #ARGV, 1000 do
+  redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1])
+return n + #ARGV - 3
+";
+
+/// Removes the first `ARGV[1]` held events (sent on). `KEYS` = the batch, the due set;
+/// `ARGV` = count, due-set member, next due time. Returns the events still held; an empty
+/// batch leaves the due set.
+const RELEASE_SCRIPT: &str = r"
+redis.call('LTRIM', KEYS[1], tonumber(ARGV[1]), -1)
+local left = redis.call('LLEN', KEYS[1])
+if left == 0 then
+  redis.call('ZREM', KEYS[2], ARGV[2])
+else
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+end
+return left
+";
+
+/// Frees a lock only for the token that took it. `KEYS[1]` = lock, `ARGV[1]` = token.
+const UNLOCK_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
 /// The subscription store and policy counters in Redis. Cheap to clone.
 #[derive(Clone)]
 pub struct RedisStore {
@@ -78,6 +118,9 @@ pub struct RedisStore {
     create: Script,
     expiration: Script,
     rate: Script,
+    hold: Script,
+    release: Script,
+    unlock: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -112,6 +155,9 @@ impl RedisStore {
             create: Script::new(CREATE_SCRIPT),
             expiration: Script::new(EXPIRATION_SCRIPT),
             rate: Script::new(RATE_SCRIPT),
+            hold: Script::new(HOLD_SCRIPT),
+            release: Script::new(RELEASE_SCRIPT),
+            unlock: Script::new(UNLOCK_SCRIPT),
         })
     }
 
@@ -136,6 +182,18 @@ impl RedisStore {
 
     fn tenants_key(&self) -> String {
         format!("{}:subs:tenants", self.ns)
+    }
+
+    fn batch_key(&self, tenant: &str, id: Uuid) -> String {
+        format!("{}:batch:{tenant}:{id}", self.ns)
+    }
+
+    fn due_key(&self) -> String {
+        format!("{}:batches:due", self.ns)
+    }
+
+    fn latest_key(&self, tenant: &str, id: Uuid) -> String {
+        format!("{}:latest:{tenant}:{id}", self.ns)
     }
 
     fn version_key(&self) -> String {
@@ -187,6 +245,12 @@ impl RedisStore {
             .del(format!("{}:exc:{tenant}:{id}", self.ns))
             .ignore()
             .del(format!("{}:rl:{tenant}:{id}", self.ns))
+            .ignore()
+            .del(self.batch_key(tenant.as_str(), id))
+            .ignore()
+            .zrem(self.due_key(), due_member(tenant.as_str(), id))
+            .ignore()
+            .del(self.latest_key(tenant.as_str(), id))
             .ignore()
             .incr(self.version_key(), 1)
             .ignore()
@@ -277,6 +341,180 @@ impl RedisStore {
             .await?;
         Ok((wait_ms > 0).then(|| Duration::from_millis(wait_ms)))
     }
+}
+
+/// Held notifications.
+impl RedisStore {
+    /// See [`super::Store::hold_batch`].
+    pub async fn hold_batch(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        events: &[Event],
+        due_ms: u64,
+        cap: usize,
+    ) -> Result<Option<usize>, StoreError> {
+        let mut call = self.hold.prepare_invoke();
+        call.key(self.batch_key(tenant, id))
+            .key(self.due_key())
+            .arg(due_member(tenant, id))
+            .arg(due_ms)
+            .arg(cap);
+        for e in events {
+            call.arg(rmp_serde::to_vec_named(e).expect("an event always serialises"));
+        }
+        let held: i64 = call.invoke_async(&mut self.conn.clone()).await?;
+        Ok(usize::try_from(held).ok())
+    }
+
+    /// See [`super::Store::held_batch`].
+    pub async fn held_batch(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        n: usize,
+    ) -> Result<HeldBatch, StoreError> {
+        let (raw, len, due): (Vec<Vec<u8>>, usize, Option<f64>) = redis::pipe()
+            .atomic()
+            .lrange(self.batch_key(tenant, id), 0, n as isize - 1)
+            .llen(self.batch_key(tenant, id))
+            .zscore(self.due_key(), due_member(tenant, id))
+            .query_async(&mut self.conn.clone())
+            .await?;
+        let mut events = Vec::with_capacity(raw.len());
+        for r in raw {
+            match rmp_serde::from_slice(&r) {
+                Ok(e) => events.push(e),
+                // Written by this module only: unreadable means damaged; sending the rest
+                // beats holding the batch forever.
+                Err(e) => {
+                    tracing::warn!(%tenant, subscription = %id, error = %e, "dropping an unreadable held event")
+                }
+            }
+        }
+        Ok(HeldBatch {
+            events,
+            len,
+            due_ms: due.map_or(0, |d| d as u64),
+        })
+    }
+
+    /// See [`super::Store::release_batch`].
+    pub async fn release_batch(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        n: usize,
+        next_due_ms: u64,
+    ) -> Result<usize, StoreError> {
+        Ok(self
+            .release
+            .key(self.batch_key(tenant, id))
+            .key(self.due_key())
+            .arg(n)
+            .arg(due_member(tenant, id))
+            .arg(next_due_ms)
+            .invoke_async(&mut self.conn.clone())
+            .await?)
+    }
+
+    /// See [`super::Store::due_batches`].
+    pub async fn due_batches(
+        &self,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(String, Uuid)>, StoreError> {
+        let members: Vec<String> = self
+            .conn
+            .clone()
+            .zrangebyscore_limit(self.due_key(), "-inf", now_ms, 0, limit as isize)
+            .await?;
+        Ok(members.iter().filter_map(|m| parse_due_member(m)).collect())
+    }
+
+    /// See [`super::Store::lock_batch`].
+    pub async fn lock_batch(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let taken: Option<String> = redis::cmd("SET")
+            .arg(format!("{}:lock", self.batch_key(tenant, id)))
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(taken.is_some())
+    }
+
+    /// See [`super::Store::unlock_batch`].
+    pub async fn unlock_batch(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        token: &str,
+    ) -> Result<(), StoreError> {
+        let _: i64 = self
+            .unlock
+            .key(format!("{}:lock", self.batch_key(tenant, id)))
+            .arg(token)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    /// See [`super::Store::drop_batch`].
+    pub async fn drop_batch(&self, tenant: &str, id: Uuid) -> Result<usize, StoreError> {
+        let (len,): (usize,) = redis::pipe()
+            .atomic()
+            .llen(self.batch_key(tenant, id))
+            .del(self.batch_key(tenant, id))
+            .ignore()
+            .zrem(self.due_key(), due_member(tenant, id))
+            .ignore()
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(len)
+    }
+
+    /// See [`super::Store::set_latest`].
+    pub async fn set_latest(
+        &self,
+        tenant: &str,
+        id: Uuid,
+        key: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let _: () = self
+            .conn
+            .clone()
+            .pset_ex(
+                self.latest_key(tenant, id),
+                key,
+                ttl.as_millis().max(1) as u64,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// See [`super::Store::latest`].
+    pub async fn latest(&self, tenant: &str, id: Uuid) -> Result<Option<String>, StoreError> {
+        Ok(self.conn.clone().get(self.latest_key(tenant, id)).await?)
+    }
+}
+
+/// The due set's member for a subscription: the id first (a UUID holds no `:`).
+fn due_member(tenant: &str, id: Uuid) -> String {
+    format!("{id}:{tenant}")
+}
+
+fn parse_due_member(member: &str) -> Option<(String, Uuid)> {
+    let (id, tenant) = member.split_once(':')?;
+    Some((tenant.to_owned(), id.parse().ok()?))
 }
 
 fn parse(id: &str, json: &str) -> Result<Subscription, StoreError> {
