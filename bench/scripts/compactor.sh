@@ -9,11 +9,12 @@
 # hours at 1 000 readings/s, a commit per second, on 2026-11-21); the table is copied, and
 # each copy takes the same saturating load (`loadgen --target amqp` → `sluice process`),
 # once alone and once with `sluice maintain --once` (compaction of the closed day, one
-# task, then vacuum) started with the load. MAINTAIN_WRAP prefixes the pass's command:
-# MAINTAIN_WRAP="nice -n 19" (lowest priority), MAINTAIN_WRAP="chrt --idle 0" (SCHED_IDLE:
-# only cycles nothing else wants). MAINTAIN_ARGS adds flags to the pass (its I/O budget:
-# MAINTAIN_ARGS="--io-mib-per-sec 0 --io-requests-per-sec 0" lifts it). PAIRS (2) sets
-# how many alone/with-compactor pairs run. Needs RabbitMQ and Redis on loopback.
+# task, then vacuum) started with the load, with its defaults (its I/O budget, nice 19).
+# MAINTAIN_ARGS adds flags to the pass: "--nice 0" keeps normal priority,
+# "--io-mib-per-sec 0 --io-requests-per-sec 0" lifts the budget. MAINTAIN_WRAP prefixes the
+# pass's command (MAINTAIN_WRAP="chrt --idle 0": SCHED_IDLE, only cycles nothing else
+# wants). PAIRS (2) sets how many alone/with-compactor pairs run. Needs RabbitMQ and Redis
+# on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 readings=${1:-10000000}

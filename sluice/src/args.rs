@@ -454,6 +454,12 @@ pub(crate) struct MaintainArgs {
     /// Store requests a second a pass may make: gets, puts, deletes, lists (0: unlimited).
     #[arg(long, env = "SLUICE_MAINTAIN_IO_REQUESTS", default_value_t = 400)]
     pub(crate) io_requests_per_sec: u32,
+    /// CPU priority (nice value, 0 to 19) the process lowers itself to before it starts:
+    /// compaction's decoding and encoding then takes only cores that ingest and storage
+    /// leave idle. 0 keeps the priority it was started with.
+    #[arg(long, env = "SLUICE_MAINTAIN_NICE", default_value_t = 19,
+          value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub(crate) nice: i32,
 }
 
 impl MaintainArgs {

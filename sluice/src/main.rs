@@ -128,6 +128,11 @@ fn one_line(e: &anyhow::Error) -> String {
 
 fn run() -> Result<()> {
     let cli = Cli::parse();
+    if let Command::Maintain { maintain, .. } = &cli.command {
+        // Before the runtime starts: Linux keeps a nice value per thread, and threads
+        // inherit it from the thread that creates them.
+        lower_priority(maintain.nice)?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -157,6 +162,17 @@ fn run() -> Result<()> {
             Command::Embedded(e) => embedded::run(*e).await,
         }
     })
+}
+
+/// Lowers this process's CPU priority to `nice` (never raises it: that needs privileges).
+fn lower_priority(nice: i32) -> Result<()> {
+    use rustix::process::{getpriority_process, setpriority_process};
+    let current = getpriority_process(None).context("cannot read the CPU priority")?;
+    if nice > current {
+        setpriority_process(None, nice)
+            .with_context(|| format!("cannot lower the CPU priority to nice {nice}"))?;
+    }
+    Ok(())
 }
 
 fn start_ops(ops: &OpsArgs) -> Result<CancellationToken> {
