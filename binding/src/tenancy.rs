@@ -9,7 +9,12 @@
 //! ]
 //! # Optional: the AMQP exchanges this tenant's subscriptions may publish notifications to.
 //! amqp_exchanges = ["demo.alerts"]
+//! # Optional: this tenant's ingest quota (else `[default_quota]`, else none).
+//! quota = { readings_per_sec = 100000, bytes_per_sec = 8000000 }
 //! ```
+//!
+//! A top-level `[default_quota]` table (same fields) sets the quota of every tenant
+//! without its own; without either a tenant has none. See [`Quota`].
 //!
 //! Each key has [scopes](Scope): what a request with it may do. `ingest` sends telemetry,
 //! `subscribe` manages subscriptions and follows live feeds, `query` reads stored data and
@@ -286,7 +291,37 @@ pub enum TenantsError {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
+    #[serde(default)]
+    default_quota: Option<Quota>,
     tenant: Vec<Entry>,
+}
+
+/// A tenant's ingest quota: sustained rates over HTTP, each a token bucket refilled at
+/// the rate, holding a second of it (and at least one largest request). A request over
+/// it is answered 429 with `Retry-After`; nothing of it is published. A field left out
+/// (or 0) is unlimited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    /// Readings a second.
+    #[serde(default)]
+    pub readings_per_sec: u64,
+    /// Request body bytes a second (as received, before parsing).
+    #[serde(default)]
+    pub bytes_per_sec: u64,
+}
+
+impl Quota {
+    /// No quota.
+    pub const UNLIMITED: Quota = Quota {
+        readings_per_sec: 0,
+        bytes_per_sec: 0,
+    };
+
+    /// Whether either rate is bounded.
+    pub fn is_limited(&self) -> bool {
+        self.readings_per_sec > 0 || self.bytes_per_sec > 0
+    }
 }
 
 #[derive(Deserialize)]
@@ -302,6 +337,9 @@ struct Entry {
     /// unset, the deployment's default (`sluice maintain --retention`).
     #[serde(default)]
     retention: Option<String>,
+    /// The tenant's ingest quota; unset, the file's `default_quota`.
+    #[serde(default)]
+    quota: Option<Quota>,
 }
 
 /// How long a tenant's stored readings are kept.
@@ -387,6 +425,8 @@ pub struct Tenants {
     amqp_users: HashMap<String, TenantId>,
     /// Tenants with their own retention.
     retention: HashMap<TenantId, Retention>,
+    /// Each tenant's ingest quota (its own or the default; absent: none).
+    quotas: HashMap<TenantId, Quota>,
 }
 
 impl std::fmt::Debug for Tenants {
@@ -456,6 +496,7 @@ impl Tenants {
         let mut exchanges: HashMap<String, TenantId> = HashMap::new();
         let mut amqp_users: HashMap<String, TenantId> = HashMap::new();
         let mut retention = HashMap::new();
+        let mut quotas = HashMap::new();
         for entry in file.tenant {
             if !seen.insert(entry.id.clone()) {
                 return Err(TenantsError::DuplicateTenant(entry.id));
@@ -541,6 +582,11 @@ impl Tenants {
                     })?;
                 retention.insert(entry.id.clone(), r);
             }
+            if let Some(q) = entry.quota.or(file.default_quota)
+                && q.is_limited()
+            {
+                quotas.insert(entry.id.clone(), q);
+            }
             ids.push(entry.id);
         }
         Ok(Self {
@@ -549,6 +595,7 @@ impl Tenants {
             exchanges,
             amqp_users,
             retention,
+            quotas,
         })
     }
 
@@ -563,6 +610,7 @@ impl Tenants {
             exchanges: HashMap::new(),
             amqp_users: HashMap::new(),
             retention: HashMap::new(),
+            quotas: HashMap::new(),
         }
     }
 
@@ -571,9 +619,24 @@ impl Tenants {
         self.retention.get(tenant).copied()
     }
 
+    /// The tenant's ingest quota ([`Quota::UNLIMITED`] when the file sets none).
+    pub fn quota(&self, tenant: &TenantId) -> Quota {
+        self.quotas.get(tenant).copied().unwrap_or(Quota::UNLIMITED)
+    }
+
     /// Every tenant with its own retention.
     pub fn retentions(&self) -> impl Iterator<Item = (&TenantId, Retention)> {
         self.retention.iter().map(|(t, r)| (t, *r))
+    }
+
+    /// Sets `tenant`'s ingest quota (tests, embedded mode).
+    pub fn with_quota(mut self, tenant: &TenantId, quota: Quota) -> Self {
+        if quota.is_limited() {
+            self.quotas.insert(tenant.clone(), quota);
+        } else {
+            self.quotas.remove(tenant);
+        }
+        self
     }
 
     /// Grants `tenant` the AMQP exchange `name` (tests, embedded mode); the same rules as
@@ -698,6 +761,36 @@ mod tests {
         assert!(bad.contains("tenant a: retention \"soon\""), "{bad}");
         let zero = err("[[tenant]]\nid = \"a\"\napi_keys = [\"k\"]\nretention = \"0s\"\n");
         assert!(zero.contains("longer than zero"), "{zero}");
+    }
+
+    #[test]
+    fn a_tenant_s_quota_is_its_own_else_the_default_else_none() {
+        let id = |s: &str| TenantId::new(s).unwrap();
+        let t = Tenants::from_toml_str(
+            "default_quota = { readings_per_sec = 1000 }\n\
+             [[tenant]]\nid = \"a\"\napi_keys = [\"k1\"]\n\
+             quota = { readings_per_sec = 50, bytes_per_sec = 4096 }\n\
+             [[tenant]]\nid = \"b\"\napi_keys = [\"k2\"]\n\
+             [[tenant]]\nid = \"c\"\napi_keys = [\"k3\"]\nquota = {}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            t.quota(&id("a")),
+            Quota {
+                readings_per_sec: 50,
+                bytes_per_sec: 4096
+            }
+        );
+        assert_eq!(t.quota(&id("b")).readings_per_sec, 1000);
+        assert_eq!(
+            t.quota(&id("c")),
+            Quota::UNLIMITED,
+            "an empty quota lifts the default"
+        );
+        let none = Tenants::from_toml_str("[[tenant]]\nid = \"a\"\napi_keys = [\"k\"]\n").unwrap();
+        assert_eq!(none.quota(&id("a")), Quota::UNLIMITED);
+        let bad = err("[[tenant]]\nid = \"a\"\napi_keys = [\"k\"]\nquota = { readings = 5 }\n");
+        assert!(bad.contains("unknown field `readings`"), "{bad}");
     }
 
     #[test]

@@ -50,6 +50,9 @@ pub enum ErrorCode {
     /// 422: the readings fall on more UTC days than `max_days_per_batch` (a backfill sent
     /// at once); send them in requests of fewer days.
     TooManyDays,
+    /// 429: the tenant is over its quota (readings or bytes a second, the tenants file's
+    /// `quota`); retry after `Retry-After` seconds.
+    QuotaExceeded,
     /// 503: the broker did not confirm (blocked, nacked, unroutable, timeout, connection
     /// lost) or ingest is shutting down; retry after `Retry-After` seconds.
     Unavailable,
@@ -78,6 +81,7 @@ impl ErrorCode {
             ErrorCode::NoReadings => "no_readings",
             ErrorCode::InvalidReading => "invalid_reading",
             ErrorCode::TooManyDays => "too_many_days",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::Internal => "internal",
@@ -100,6 +104,7 @@ impl ErrorCode {
             ErrorCode::NoReadings | ErrorCode::InvalidReading | ErrorCode::TooManyDays => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
+            ErrorCode::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::Unavailable | ErrorCode::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -10,8 +10,9 @@
 //!    (`max_inflight_per_tenant`), or when `max_inflight_requests` are (no queue of
 //!    waiting requests): one tenant cannot take every place;
 //! 4. the body, at most `max_body_bytes` (413) and within `body_read_timeout` (408),
-//!    parsed and validated ([`body`]): any bad reading refuses the whole request, nothing
-//!    of it is published;
+//!    then the tenant's byte quota (429, [`quota`]), parsed and validated ([`body`]): any
+//!    bad reading refuses the whole request, nothing of it is published; then the
+//!    tenant's reading quota (429);
 //! 5. the batcher ([`crate::batcher`]); the answer is 202 `{"accepted": n}` only once every
 //!    batch holding the request's readings was confirmed by the broker, else 503 with
 //!    `Retry-After`.
@@ -21,6 +22,7 @@
 
 pub mod body;
 pub mod error;
+mod quota;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -72,6 +74,8 @@ struct Inner {
     inflight: Arc<Semaphore>,
     /// Each tenant's share of `inflight`.
     per_tenant: HashMap<TenantId, Arc<Semaphore>>,
+    /// Each tenant's quota.
+    quotas: quota::Quotas,
 }
 
 impl AppState {
@@ -98,10 +102,12 @@ impl AppState {
             .iter()
             .map(|t| (t.clone(), Arc::new(Semaphore::new(share))))
             .collect();
+        let quotas = quota::Quotas::new(&tenants);
         Self {
             inner: Arc::new(Inner {
                 inflight: Arc::new(Semaphore::new(cfg.max_inflight_requests)),
                 per_tenant,
+                quotas,
                 cfg,
                 tenants,
                 producer,
@@ -270,6 +276,9 @@ async fn ingest(
                 format!("the request body did not arrive within {timeout:?}"),
             )
         })??;
+    s.quotas
+        .spend_bytes(&tenant, body.len())
+        .map_err(over_quota)?;
     let opts = body::ParseOptions {
         format,
         precision,
@@ -279,6 +288,9 @@ async fn ingest(
     };
     let chunk = parse(body, opts).await?;
     let accepted = chunk.len();
+    s.quotas
+        .spend_readings(&tenant, accepted)
+        .map_err(over_quota)?;
 
     match s.batcher.submit(tenant.clone(), chunk).await {
         Ok(()) => {
@@ -301,6 +313,38 @@ async fn ingest(
             unavailable_message(&e),
         )
         .retry_after(retry_after)),
+    }
+}
+
+/// The answer to a request over its tenant's quota: 429 until the bucket refills, 413 if
+/// it never can.
+fn over_quota(q: quota::OverQuota) -> ApiError {
+    match q.wait {
+        Some(wait) => {
+            let wait = wait.as_secs_f64();
+            ApiError::new(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "over the tenant's quota of {} {}; retry in {wait:.3} s",
+                    q.rate, q.which
+                ),
+            )
+            .retry_after(wait.ceil().max(1.0) as u64)
+        }
+        None => {
+            let code = if q.which == "bytes_per_sec" {
+                ErrorCode::BodyTooLarge
+            } else {
+                ErrorCode::TooManyReadings
+            };
+            ApiError::new(
+                code,
+                format!(
+                    "larger than a second of the tenant's quota ({} {}); send smaller requests",
+                    q.rate, q.which
+                ),
+            )
+        }
     }
 }
 

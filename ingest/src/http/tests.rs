@@ -693,3 +693,62 @@ async fn a_tenant_trickling_bodies_cannot_lock_out_another() {
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
 }
+
+#[tokio::test]
+async fn a_tenant_over_its_quota_gets_429_and_another_tenant_is_untouched() {
+    let t = transport(64);
+    t.declare(&["storage"]).await.unwrap();
+    let cfg = IngestConfig::default();
+    let demo = TenantId::new("demo").unwrap();
+    let quota = sluice_binding::tenancy::Quota {
+        readings_per_sec: 20,
+        bytes_per_sec: 0,
+    };
+    let state = AppState::new(
+        cfg.clone(),
+        tenants().with_quota(&demo, quota),
+        Producer::new(t.clone(), cfg.producer.clone()),
+    );
+    let app = app(state);
+    let body = |from: u32, n: u32| json!({"readings": (from..from + n).map(|i| reading("d", ts(), f64::from(i))).collect::<Vec<_>>()});
+    // The bucket holds a second of the rate: 20 readings, then nothing until it refills.
+    let (s, _, _) = call(&app, post_json(DEMO_KEY, &body(0, 20))).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let (s, h, v) = call(&app, post_json(DEMO_KEY, &body(20, 10))).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert_eq!(v["error"], "quota_exceeded");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("20 readings_per_sec"),
+        "{v}"
+    );
+    assert_eq!(h[header::RETRY_AFTER], "1");
+    // More than a second of the quota can never fit: 413, not a 429 to retry forever.
+    let (s, _, v) = call(&app, post_json(DEMO_KEY, &body(30, 21))).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("too_many_readings")),
+        "{v}"
+    );
+    // Another tenant is not counted against it.
+    let (s, _, _) = call(&app, post_json(ACME_KEY, &body(100, 500))).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let (_, got) = published(&t).await;
+    let demo_values: Vec<f64> = got
+        .iter()
+        .filter(|p| p.tenant == "demo")
+        .map(|p| p.value)
+        .collect();
+    assert_eq!(
+        demo_values,
+        (0..20).map(f64::from).collect::<Vec<_>>(),
+        "nothing of the refused request"
+    );
+    assert_eq!(got.iter().filter(|p| p.tenant == "acme").count(), 500);
+    // Refilled at 20 a second: 10 readings fit again after half a second.
+    tokio::time::sleep(Duration::from_millis(550)).await;
+    let (s, _, v) = call(&app, post_json(DEMO_KEY, &body(20, 10))).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+}
