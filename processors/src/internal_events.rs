@@ -20,6 +20,9 @@ pub const DEAD_LETTERED: &str = "sluice_storage_dead_lettered_total";
 pub const COMMIT_FAILURES: &str = "sluice_storage_commit_failures_total";
 /// Data files added to the readings table.
 pub const FILES_WRITTEN: &str = "sluice_storage_files_written_total";
+/// New latest-value series refused by their tenant's cap (the readings are stored), by
+/// tenant.
+pub const LATEST_SERIES_REFUSED: &str = "sluice_storage_latest_series_refused_total";
 /// Duration of a commit (readings table + latest values), seconds.
 pub const COMMIT_SECONDS: &str = "sluice_storage_commit_seconds";
 /// Device timestamp → committed, seconds, per row.
@@ -40,6 +43,20 @@ pub const AUTOSCALE_WANTED: &str = "sluice_autoscale_wanted_workers";
 pub const AUTOSCALE_BUSY: &str = "sluice_autoscale_busy_ratio";
 /// Deliveries staged per second over the last autoscaling interval.
 pub const AUTOSCALE_RATE: &str = "sluice_autoscale_processing_rate";
+
+/// An update of the latest values refused new series of tenants at their cap.
+#[derive(Debug)]
+pub(crate) struct LatestSeriesRefused<'a>(pub(crate) &'a sluice_sinks::latest::Refused);
+
+impl LatestSeriesRefused<'_> {
+    pub(crate) fn emit(&self) {
+        for (tenant, n) in &self.0.series {
+            // Debug: at its cap a tenant may hit this on every commit; the counter says it.
+            tracing::debug!(%tenant, series = n, "tenant at its cap of latest-value series; new series not kept");
+            metrics::counter!(LATEST_SERIES_REFUSED, "tenant" => tenant.clone()).increment(*n);
+        }
+    }
+}
 
 /// One commit finished.
 #[derive(Debug)]

@@ -45,7 +45,7 @@ use crate::autoscale::{AutoscaleConfig, Autoscaler, Sample};
 use crate::control::{Mode, PoolControl};
 use crate::internal_events::{
     AckFailed, AutoscaleDecided, CommitDuration, CommitFailed, Committed, DeadLetterFailed,
-    DeadLettered, DeliveryReceived, QueueBacklog, WorkersResized,
+    DeadLettered, DeliveryReceived, LatestSeriesRefused, QueueBacklog, WorkersResized,
 };
 use crate::latency;
 use crate::workers::{WorkerSet, WorkerStats};
@@ -711,10 +711,18 @@ async fn commit(
     };
     // The table holds the rows from here on; a retry (or a redelivery after a stop)
     // skips them there and writes the latest values again.
-    while let Err(e) = sinks.latest.update(&batches).await {
-        if !retry.wait("latest", &e, ackers.len(), &mut attempt).await {
-            requeue(ackers).await;
-            return None;
+    loop {
+        match sinks.latest.update(&batches).await {
+            Ok(refused) => {
+                LatestSeriesRefused(&refused).emit();
+                break;
+            }
+            Err(e) => {
+                if !retry.wait("latest", &e, ackers.len(), &mut attempt).await {
+                    requeue(ackers).await;
+                    return None;
+                }
+            }
         }
     }
     let took = t0.elapsed();

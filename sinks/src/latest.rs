@@ -19,6 +19,15 @@
 //! (about 104 days after the epoch). One `EVALSHA` per device hash carries all of that
 //! device's metrics; the calls of one update are pipelined. Tenant ids never contain `:`,
 //! so `SCAN MATCH <prefix>:latest:<tenant>:*` finds exactly one tenant's devices.
+//!
+//! # Series per tenant
+//!
+//! Redis memory is every tenant's, so a tenant keeps at most
+//! [`DEFAULT_MAX_SERIES_PER_TENANT`] series (settable, 0 for none). The script counts each
+//! series it creates in `<prefix>:latest-series:<tenant>` and creates none past the cap;
+//! the readings are stored in the table all the same, and the update reports what it
+//! refused per tenant (counted by the storage pool). The counter counts series created
+//! since it exists: series stored before it are not in it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -35,20 +44,41 @@ use sluice_binding::model::{InvalidTenantId, TenantId};
 /// Default Redis key prefix.
 pub const DEFAULT_PREFIX: &str = "sluice";
 
-/// Compare-and-set of a device hash. `KEYS[1]` is the hash, `ARGV` alternates metric and
-/// value; a field is written only if its stored timestamp (the first 20 characters) is
-/// older. Returns how many fields were written.
+/// Compare-and-set of a device hash. `KEYS[1]` is the hash, `KEYS[2]` the tenant's series
+/// counter; `ARGV[1]` the tenant's cap on series (0: none), then metric and value
+/// alternate. A field is written only if its stored timestamp (the first 20 characters) is
+/// older; a new field only while the counter is below the cap, and it is counted. Returns
+/// `{written, refused}`.
 pub const UPDATE_SCRIPT: &str = r"
-local written = 0
-for i = 1, #ARGV, 2 do
+local cap = tonumber(ARGV[1])
+local written, refused = 0, 0
+for i = 2, #ARGV, 2 do
   local current = redis.call('HGET', KEYS[1], ARGV[i])
-  if (not current) or string.sub(current, 1, 20) < string.sub(ARGV[i + 1], 1, 20) then
+  if not current then
+    if cap > 0 and tonumber(redis.call('GET', KEYS[2]) or '0') >= cap then
+      refused = refused + 1
+    else
+      redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+      redis.call('INCR', KEYS[2])
+      written = written + 1
+    end
+  elseif string.sub(current, 1, 20) < string.sub(ARGV[i + 1], 1, 20) then
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
     written = written + 1
   end
 end
-return written
+return {written, refused}
 ";
+
+/// Series a tenant keeps latest values of, by default (see the module docs).
+pub const DEFAULT_MAX_SERIES_PER_TENANT: u64 = 1_000_000;
+
+/// What an update did not store: new series past their tenant's cap, by tenant.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Refused {
+    /// Tenant → series refused by this update.
+    pub series: BTreeMap<String, u64>,
+}
 
 /// Devices per pipeline: bounds the size of one request and of its reply.
 const PIPELINE_DEVICES: usize = 1024;
@@ -119,15 +149,31 @@ impl LatestStore {
         Self::Memory(MemoryLatest::default())
     }
 
-    /// Records the newest reading per series of `batches`, unless a newer one is stored.
-    pub async fn update(&self, batches: &[StagedBatch]) -> Result<(), LatestError> {
+    /// Caps the series each tenant keeps at `n` (0: no cap); the default is
+    /// [`DEFAULT_MAX_SERIES_PER_TENANT`].
+    pub fn with_max_series_per_tenant(self, n: u64) -> Self {
+        match self {
+            Self::Redis(mut r) => {
+                r.max_series = n;
+                Self::Redis(r)
+            }
+            Self::Memory(m) => {
+                m.state
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .max_series = Some(n);
+                Self::Memory(m)
+            }
+        }
+    }
+
+    /// Records the newest reading per series of `batches`, unless a newer one is stored;
+    /// returns the new series refused by their tenant's cap.
+    pub async fn update(&self, batches: &[StagedBatch]) -> Result<Refused, LatestError> {
         let newest = reduce(batches)?;
         match self {
             Self::Redis(r) => r.write(newest).await,
-            Self::Memory(m) => {
-                m.write(newest);
-                Ok(())
-            }
+            Self::Memory(m) => Ok(m.write(newest)),
         }
     }
 
@@ -354,6 +400,7 @@ pub struct RedisLatest {
     conn: ConnectionManager,
     prefix: String,
     script: Arc<Script>,
+    max_series: u64,
 }
 
 impl std::fmt::Debug for RedisLatest {
@@ -379,6 +426,7 @@ impl RedisLatest {
             conn,
             prefix,
             script: Arc::new(Script::new(UPDATE_SCRIPT)),
+            max_series: DEFAULT_MAX_SERIES_PER_TENANT,
         };
         this.script.load_async(&mut this.conn.clone()).await?;
         Ok(this)
@@ -403,32 +451,46 @@ impl RedisLatest {
         format!("{}:latest:{tenant}:{device}", self.prefix)
     }
 
-    async fn write(&self, newest: Newest) -> Result<(), LatestError> {
+    fn series_key(&self, tenant: &str) -> String {
+        format!("{}:latest-series:{tenant}", self.prefix)
+    }
+
+    async fn write(&self, newest: Newest) -> Result<Refused, LatestError> {
         let mut conn = self.conn.clone();
+        let mut refused = Refused::default();
         let mut calls = newest.into_iter().peekable();
         while calls.peek().is_some() {
             let mut pipe = redis::pipe();
+            let mut tenants = Vec::with_capacity(PIPELINE_DEVICES);
             for ((tenant, device), metrics) in calls.by_ref().take(PIPELINE_DEVICES) {
                 let mut cmd = redis::cmd("EVALSHA");
                 cmd.arg(self.script.get_hash())
-                    .arg(1)
-                    .arg(self.key(&tenant, &device));
+                    .arg(2)
+                    .arg(self.key(&tenant, &device))
+                    .arg(self.series_key(&tenant))
+                    .arg(self.max_series);
                 for (metric, (ts, value)) in metrics {
                     cmd.arg(metric).arg(encode(ts, value));
                 }
-                pipe.add_command(cmd).ignore();
+                pipe.add_command(cmd);
+                tenants.push(tenant);
             }
-            match pipe.exec_async(&mut conn).await {
+            let replies: Vec<(u64, u64)> = match pipe.query_async(&mut conn).await {
                 // Redis lost its script cache (restart, failover, SCRIPT FLUSH). The script
                 // is idempotent, so reloading and resending the whole pipeline is safe.
                 Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                     self.script.load_async(&mut conn).await?;
-                    pipe.exec_async(&mut conn).await?;
+                    pipe.query_async(&mut conn).await?
                 }
                 result => result?,
+            };
+            for (tenant, (_, n)) in tenants.into_iter().zip(replies) {
+                if n > 0 {
+                    *refused.series.entry(tenant).or_default() += n;
+                }
             }
         }
-        Ok(())
+        Ok(refused)
     }
 
     async fn get(&self, tenant: &str, device: &str) -> Result<Vec<Latest>, LatestError> {
@@ -537,27 +599,53 @@ type TenantValues = HashMap<String, HashMap<String, (i64, f64)>>;
 /// Latest values in this process's memory. Cheap to clone; clones share the values.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryLatest {
-    /// tenant -> device -> metric -> (ts, value). A `std` lock: it is never held across an
-    /// `.await` (every method is synchronous inside).
-    values: Arc<RwLock<HashMap<String, TenantValues>>>,
+    /// A `std` lock: it is never held across an `.await` (every method is synchronous
+    /// inside).
+    state: Arc<RwLock<MemoryState>>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryState {
+    /// tenant -> device -> metric -> (ts, value).
+    values: HashMap<String, TenantValues>,
+    /// Series held per tenant.
+    series: HashMap<String, u64>,
+    /// The cap on series per tenant (`None`: the default; 0: none).
+    max_series: Option<u64>,
 }
 
 impl MemoryLatest {
-    fn write(&self, newest: Newest) {
-        let mut values = self.values.write().unwrap_or_else(|p| p.into_inner());
+    fn write(&self, newest: Newest) -> Refused {
+        let mut refused = Refused::default();
+        let mut guard = self.state.write().unwrap_or_else(|p| p.into_inner());
+        let state = &mut *guard;
+        let cap = state.max_series.unwrap_or(DEFAULT_MAX_SERIES_PER_TENANT);
         for ((tenant, device), metrics) in newest {
-            let series = values.entry(tenant).or_default().entry(device).or_default();
+            let held = state.series.entry(tenant.clone()).or_default();
+            let series = state
+                .values
+                .entry(tenant.clone())
+                .or_default()
+                .entry(device)
+                .or_default();
             for (metric, reading) in metrics {
-                series
-                    .entry(metric)
-                    .and_modify(|stored| {
+                match series.get_mut(&metric) {
+                    Some(stored) => {
                         if reading.0 > stored.0 {
                             *stored = reading;
                         }
-                    })
-                    .or_insert(reading);
+                    }
+                    None if cap > 0 && *held >= cap => {
+                        *refused.series.entry(tenant.clone()).or_default() += 1;
+                    }
+                    None => {
+                        series.insert(metric, reading);
+                        *held += 1;
+                    }
+                }
             }
         }
+        refused
     }
 
     fn device(metrics: &HashMap<String, (i64, f64)>) -> Vec<Latest> {
@@ -574,8 +662,9 @@ impl MemoryLatest {
     }
 
     fn get(&self, tenant: &str, device: &str) -> Vec<Latest> {
-        let values = self.values.read().unwrap_or_else(|p| p.into_inner());
-        values
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        state
+            .values
             .get(tenant)
             .and_then(|devices| devices.get(device))
             .map(Self::device)
@@ -583,7 +672,8 @@ impl MemoryLatest {
     }
 
     fn find(&self, tenant: &str, filter: &LatestFilter) -> Vec<DeviceLatest> {
-        let values = self.values.read().unwrap_or_else(|p| p.into_inner());
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let values = &state.values;
         let mut names: Vec<&String> = values
             .get(tenant)
             .into_iter()
@@ -622,6 +712,40 @@ mod tests {
             ts_ns,
             value,
         }
+    }
+
+    #[tokio::test]
+    async fn memory_caps_each_tenant_s_series() {
+        let store = LatestStore::memory().with_max_series_per_tenant(2);
+        let refused = store
+            .update(&[
+                staged(
+                    "acme",
+                    rows(&[("d1", "a", HOUR_10, 1.0), ("d1", "b", HOUR_10, 2.0)]),
+                ),
+                staged("acme", rows(&[("d2", "a", HOUR_10, 3.0)])),
+                staged("globex", rows(&[("d2", "a", HOUR_10, 4.0)])),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            refused.series.into_iter().collect::<Vec<_>>(),
+            [("acme".to_owned(), 1)]
+        );
+        assert!(store.get("acme", "d2").await.unwrap().is_empty());
+        let refused = store
+            .update(&[staged("acme", rows(&[("d1", "a", HOUR_10 + 1, 5.0)]))])
+            .await
+            .unwrap();
+        assert!(
+            refused.series.is_empty(),
+            "a known series still moves forward"
+        );
+        assert_eq!(
+            store.get("acme", "d1").await.unwrap()[0],
+            latest("a", HOUR_10 + 1, 5.0)
+        );
+        assert_eq!(store.get("globex", "d2").await.unwrap().len(), 1);
     }
 
     #[tokio::test]

@@ -191,6 +191,10 @@ pub(crate) struct ProcessArgs {
     /// Prefix of the Redis keys.
     #[arg(long, env = "SLUICE_REDIS_PREFIX", default_value = "sluice")]
     pub(crate) redis_prefix: String,
+    /// Latest-value series a tenant keeps at most (0: no cap); the readings of new series
+    /// past it are stored in the table all the same.
+    #[arg(long, env = "SLUICE_MAX_LATEST_SERIES", default_value_t = sluice_sinks::latest::DEFAULT_MAX_SERIES_PER_TENANT)]
+    pub(crate) max_latest_series: u64,
     /// Address of the admin HTTP endpoint (`GET`/`PUT /v1/workers`, used by `sluice
     /// workers`); empty to disable. Operators only: keep it on a private address.
     #[arg(long, env = "SLUICE_ADMIN_LISTEN", default_value = "127.0.0.1:9091")]
@@ -407,7 +411,7 @@ impl ProcessArgs {
         };
         Ok(Sinks {
             table: self.pool.table().await?,
-            latest,
+            latest: latest.with_max_series_per_tenant(self.max_latest_series),
         })
     }
 }

@@ -43,6 +43,10 @@ pub(crate) struct EmbeddedArgs {
     /// Prefix of the Redis keys.
     #[arg(long, env = "SLUICE_REDIS_PREFIX", default_value = "sluice")]
     redis_prefix: String,
+    /// Latest-value series a tenant keeps at most (0: no cap); the readings of new series
+    /// past it are stored in the table all the same.
+    #[arg(long, env = "SLUICE_MAX_LATEST_SERIES", default_value_t = sluice_sinks::latest::DEFAULT_MAX_SERIES_PER_TENANT)]
+    max_latest_series: u64,
     /// Partitions of the in-process transport.
     #[arg(long, env = "SLUICE_PARTITIONS", default_value_t = 4)]
     partitions: u32,
@@ -120,7 +124,8 @@ pub(crate) async fn run(args: EmbeddedArgs) -> Result<()> {
             LatestStore::Redis(RedisLatest::connect(url, args.redis_prefix.clone()).await?)
         }
         None => LatestStore::memory(),
-    };
+    }
+    .with_max_series_per_tenant(args.max_latest_series);
     let sinks = Sinks {
         table: args.pool.table().await?,
         latest: latest.clone(),

@@ -263,3 +263,53 @@ async fn redis_finds_by_device_and_metric_patterns_in_pages() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_tenant_at_its_series_cap_adds_no_series_and_others_are_untouched() {
+    let ns = Namespace::new("sluice-test-series-cap").in_redis();
+    ns.guard(async {
+        let (store, _conn) = store(&ns).await;
+        let store = store.with_max_series_per_tenant(3);
+        let refused = store
+            .update(&[batch(
+                "acme",
+                &[
+                    ("d1", "a", T0, 1.0),
+                    ("d1", "b", T0, 2.0),
+                    ("d2", "a", T0, 3.0),
+                ],
+            )])
+            .await
+            .expect("update");
+        assert!(refused.series.is_empty(), "{refused:?}");
+        // At the cap: a new series is refused, a known one still moves forward.
+        let refused = store
+            .update(&[
+                batch(
+                    "acme",
+                    &[
+                        ("d1", "a", T0 + 1, 10.0),
+                        ("d3", "a", T0, 4.0),
+                        ("d1", "c", T0, 5.0),
+                    ],
+                ),
+                batch("globex", &[("d1", "a", T0, 6.0)]),
+            ])
+            .await
+            .expect("update");
+        assert_eq!(
+            refused.series.into_iter().collect::<Vec<_>>(),
+            [("acme".to_owned(), 2)]
+        );
+        assert_eq!(
+            store.get("acme", "d1").await.unwrap(),
+            vec![latest("a", T0 + 1, 10.0), latest("b", T0, 2.0)]
+        );
+        assert!(store.get("acme", "d3").await.unwrap().is_empty());
+        assert_eq!(
+            store.get("globex", "d1").await.unwrap(),
+            vec![latest("a", T0, 6.0)]
+        );
+    })
+    .await;
+}
