@@ -9,6 +9,7 @@
 #   cargo fmt --all -- --check
 #   cargo clippy --workspace --all-targets --features broker-tests -- -D warnings
 #   cargo test   --workspace --features broker-tests
+#   bash scripts/fuzz.sh        (each fuzz target 20 s from its committed corpus)
 #
 # with AMQP_ADDR, REDIS_URL, SLUICE_PYTHON, SLUICE_S3_ENDPOINT and SLUICE_S3_BUCKET exported (values already set in the
 # environment win, so you can point the tests at other services). With CI=true, cargo also
@@ -77,5 +78,8 @@ cargo clippy "${locked[@]}" --workspace --all-targets --features "$FEATURES" -- 
 
 step "cargo test --workspace --features $FEATURES"
 cargo test "${locked[@]}" --workspace --features "$FEATURES"
+
+step "bounded fuzz run (scripts/fuzz.sh, ${FUZZ_SECONDS:-20} s per target)"
+bash scripts/fuzz.sh
 
 step "all tests passed"
