@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use sluice_binding::TenantId;
 use sluice_binding::event::{Event, idempotency_key};
-use sluice_binding::model::now_ns;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -26,6 +25,7 @@ use super::{Ctx, Ready};
 use crate::internal_events::{NotificationDropped, NotificationSettled};
 use crate::job::{Job, Stage};
 use crate::matching::SubRef;
+use crate::store::now_ms;
 use crate::subscription::MAX_BATCH_COUNT;
 use crate::sync::SharedIndex;
 
@@ -204,8 +204,4 @@ async fn flush_locked(
         let next = now + wait.as_millis() as u64;
         ctx.store.release_batch(tenant, id, taken, next).await?;
     }
-}
-
-fn now_ms() -> u64 {
-    (now_ns() / 1_000_000).max(0) as u64
 }

@@ -13,10 +13,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::policy::defer;
 use super::{Ctx, Incoming, Ready, batch, send};
-use sluice_binding::event::idempotency_key;
 
-use crate::internal_events::{NotificationDropped, NotificationSettled};
+use crate::internal_events::NotificationDropped;
 use crate::job::Stage;
 use crate::sync::SharedIndex;
 
@@ -76,20 +76,8 @@ impl PolicyLoop {
             // Over its share of this queue: the job waits on the delay queue, unchanged.
             let ctx = self.ctx.clone();
             self.ctx.tracker.spawn(async move {
-                let key = idempotency_key(job.subscription, &job.events);
-                match ctx.outbox.delay(&job, &key, ctx.cfg.retry_initial).await {
-                    Ok(()) => NotificationSettled {
-                        tenant: &job.tenant,
-                        target: sub.target.kind(),
-                        outcome: "deferred",
-                        events: job.events.len(),
-                    }
-                    .emit(),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot defer a job over its tenant's share; requeueing it");
-                        hold.fail();
-                    }
-                }
+                let ready = Ready::new(sub, job.events, job.stage, vec![hold]);
+                defer(&ctx, &ready, "its tenant holds its share of the queue").await;
             });
             return;
         }

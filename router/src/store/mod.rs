@@ -330,7 +330,7 @@ fn expiration(n: i64, max: u64) -> Expiration {
 }
 
 /// Milliseconds since the Unix epoch: the clock of the rate-limit windows.
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
