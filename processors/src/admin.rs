@@ -4,8 +4,9 @@
 //! - `PUT /v1/workers` with `{"workers": N}` pins N workers; with `{"autoscale": true}`
 //!   hands the count back to the autoscaler → the new [`WorkersStatus`]
 //! - `GET /livez` (also `/healthz`) → 200 while the pool runs
-//! - `GET /readyz` → 200 while the pool runs, its broker connections are up and every
-//!   consumer is subscribed; 503 with the problems otherwise
+//! - `GET /readyz` → 200 while the pool runs, its broker connections are up, every
+//!   consumer is subscribed and no sink is failing its commits ([`crate::health`]); 503
+//!   with the problems otherwise
 //!
 //! Errors are `{"error": code, "message": text}` with 400 (bad body or count), 409 (no
 //! autoscaler) or 503 (pool stopped). It is an operator interface: bind it to a private
@@ -92,7 +93,8 @@ async fn ready(State(s): State<AdminState>) -> Response {
     if s.control.status().workers == 0 {
         return not_running();
     }
-    let readiness = s.transport.readiness();
+    let mut readiness = s.transport.readiness();
+    readiness.problems.extend(s.control.sinks().problems());
     if readiness.is_ready() {
         Json(readiness).into_response()
     } else {

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::autoscale::{AutoscaleConfig, Decision};
+use crate::health::SinkHealth;
 use crate::workers::MAX_WORKERS;
 
 /// Who decides the worker count.
@@ -115,6 +116,7 @@ pub struct PoolControl {
     desired: watch::Sender<Desired>,
     status: Arc<Mutex<WorkersStatus>>,
     autoscale: Option<AutoscaleConfig>,
+    sinks: SinkHealth,
 }
 
 impl PoolControl {
@@ -149,12 +151,18 @@ impl PoolControl {
             desired: watch::Sender::new(Desired { workers, mode }),
             status: Arc::new(Mutex::new(status)),
             autoscale,
+            sinks: SinkHealth::default(),
         }
     }
 
     /// Control of the pool `cfg` describes: its group, start count and autoscaler.
     pub fn for_pool(cfg: &crate::PoolConfig) -> Self {
         Self::new(&cfg.group, cfg.workers, cfg.autoscale.clone())
+    }
+
+    /// Whether the pool's sinks take its commits (the pool records it, `/readyz` reads it).
+    pub fn sinks(&self) -> &SinkHealth {
+        &self.sinks
     }
 
     /// The autoscaler's settings, if any.

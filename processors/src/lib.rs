@@ -14,6 +14,7 @@
 //! - [`control`]: the handle that sets the worker count of a running pool;
 //! - [`autoscale`]: the autoscaling policy (backlog and busy time in, worker count out);
 //! - [`admin`]: the HTTP endpoint over [`control`];
+//! - [`health`]: whether the sinks take commits (part of `/readyz`);
 //! - [`maintain`]: the table's maintenance service (retention, compaction, vacuum);
 //! - [`stage`]: the CPU work of one delivery (decode, validate, build the Arrow batch);
 //! - [`latency`]: HDR histograms of stage and end-to-end latency;
@@ -22,6 +23,7 @@
 pub mod admin;
 pub mod autoscale;
 pub mod control;
+pub mod health;
 pub mod internal_events;
 pub mod latency;
 pub mod maintain;

@@ -43,6 +43,7 @@ use tokio::task::JoinSet;
 
 use crate::autoscale::{AutoscaleConfig, Autoscaler, Sample};
 use crate::control::{Mode, PoolControl};
+use crate::health::SinkHealth;
 use crate::internal_events::{
     AckFailed, AutoscaleDecided, CommitDuration, CommitFailed, Committed, DeadLetterFailed,
     DeadLettered, DeliveryReceived, LatestSeriesRefused, QueueBacklog, WorkersResized,
@@ -311,6 +312,7 @@ pub async fn run(
         flush_deliveries: (window / (committers + 1)).max(1),
         committers,
         retry_backoff: cfg.retry_backoff,
+        health: control.sinks().clone(),
         tasks: tasks.clone(),
         pending: Vec::new(),
         pending_rows: 0,
@@ -432,6 +434,8 @@ struct Committer {
     /// Commits in flight at most.
     committers: usize,
     retry_backoff: Duration,
+    /// Where failing and recovered sinks are recorded for `/readyz`.
+    health: SinkHealth,
     tasks: TaskTracker,
     pending: Vec<(StagedBatch, Acker)>,
     pending_rows: usize,
@@ -569,6 +573,7 @@ impl Committer {
         let retry = Retry {
             stop: self.stop.clone(),
             backoff: self.retry_backoff,
+            health: self.health.clone(),
         };
         self.inflight
             .spawn(commit(self.sinks.clone(), batches, ackers, retry));
@@ -651,6 +656,7 @@ struct Retry {
     /// Ends the retries (the deliveries are then requeued).
     stop: CancellationToken,
     backoff: Duration,
+    health: SinkHealth,
 }
 
 impl Retry {
@@ -674,6 +680,7 @@ impl Retry {
             .saturating_mul(1 << (*attempt).min(16))
             .min(MAX_RETRY_BACKOFF);
         *attempt += 1;
+        self.health.failed(sink, &e.to_string());
         CommitFailed {
             sink,
             error: e,
@@ -700,7 +707,10 @@ async fn commit(
     let mut attempt = 0;
     let outcome = loop {
         match sinks.table.commit(batches.clone()).await {
-            Ok(o) => break o,
+            Ok(o) => {
+                retry.health.succeeded("table");
+                break o;
+            }
             Err(e) => {
                 if !retry.wait("table", &e, ackers.len(), &mut attempt).await {
                     requeue(ackers).await;
@@ -714,6 +724,7 @@ async fn commit(
     loop {
         match sinks.latest.update(&batches).await {
             Ok(refused) => {
+                retry.health.succeeded("latest");
                 LatestSeriesRefused(&refused).emit();
                 break;
             }
@@ -1115,6 +1126,12 @@ mod tests {
         // Retried in place: the deliveries stay in the pool's hands.
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(backlog(&t).await, 0, "held, not requeued, while retrying");
+        // And /readyz says why.
+        let problems = pool.control.sinks().problems();
+        assert!(
+            problems.iter().any(|p| p.starts_with("sink table failing")),
+            "{problems:?}"
+        );
         let report = pool.stop().await;
         assert_eq!(report.rows_committed, 0);
         assert_eq!(report.commits, 0);
