@@ -72,6 +72,19 @@ fn partition() -> String {
     Topology::routing_key(0)
 }
 
+/// Publishes `body` to partition 0 as mallory's user, with its own `user_id`, as a direct
+/// publisher of mallory's tenant would; panics unless the broker took it.
+async fn as_mallory(d: &Deployment, body: &[u8]) {
+    d.publish_as_mallory(
+        &d.w.ns.topology().telemetry_exchange(),
+        &partition(),
+        body,
+        Some(d.mallory_user.name()),
+    )
+    .await
+    .expect("mallory may write the telemetry exchange");
+}
+
 async fn spoofed_batch(d: &Deployment, with_user_id: bool) {
     let telemetry = d.w.ns.topology().telemetry_exchange();
     let mut b = BatchBuilder::new("acme", "mallory", 1);
@@ -213,14 +226,7 @@ async fn month_batch(d: &Deployment) {
         b.push("m-month", "m", now - day * DAY_NS, day as f64);
     }
     let body = codec::encode(&b.finish(now)).unwrap();
-    d.publish_as_mallory(
-        &d.w.ns.topology().telemetry_exchange(),
-        &partition(),
-        &body,
-        Some(d.mallory_user.name()),
-    )
-    .await
-    .unwrap();
+    as_mallory(d, &body).await;
     let dl = d
         .dead_letter("of the month batch", Duration::from_secs(30), |dl| {
             dl.body == body && dl.group == "storage"
@@ -237,14 +243,7 @@ async fn traversal(d: &Deployment) {
         let mut b = BatchBuilder::new(tenant, "mallory", 10 + i as u64);
         b.push("spoof-traversal", "m", now_ns(), 1.0);
         let body = codec::encode(&b.finish(now_ns())).unwrap();
-        d.publish_as_mallory(
-            &d.w.ns.topology().telemetry_exchange(),
-            &partition(),
-            &body,
-            Some(d.mallory_user.name()),
-        )
-        .await
-        .unwrap();
+        as_mallory(d, &body).await;
         d.dead_letter(
             &format!("of tenant {tenant:?}"),
             Duration::from_secs(30),
@@ -295,14 +294,7 @@ async fn hostile_bytes(d: &Deployment) {
         vec![0xdb, 0xff, 0xff, 0xff, 0xff, b'a'],
     ];
     for body in &bodies {
-        d.publish_as_mallory(
-            &d.w.ns.topology().telemetry_exchange(),
-            &partition(),
-            body,
-            Some(d.mallory_user.name()),
-        )
-        .await
-        .unwrap();
+        as_mallory(d, body).await;
     }
     for (i, body) in bodies.iter().enumerate() {
         for group in ["storage", "router"] {
