@@ -13,7 +13,8 @@
 # MAINTAIN_ARGS adds flags to the pass: "--nice 0" keeps normal priority,
 # "--io-mib-per-sec 0 --io-requests-per-sec 0" lifts the budget. MAINTAIN_WRAP prefixes the
 # pass's command (MAINTAIN_WRAP="chrt --idle 0": SCHED_IDLE, only cycles nothing else
-# wants). PAIRS (2) sets how many alone/with-compactor pairs run. Needs RabbitMQ and Redis
+# wants). PAIRS (2) sets how many alone/with-compactor pairs run; a broker ceiling is
+# measured before each run (`broker-ceiling`, 20 000 messages of 500 readings). Needs RabbitMQ and Redis
 # on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,12 +27,14 @@ work=$(mktemp -d /tmp/sluice-compactor.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 
 "$bin/table-day" --store "$work/pristine" --hours "$hours" --flush 1s --write-only
-echo "| run | committed | wall | readings/s | compaction pass |"
-echo "|---|---:|---:|---:|---|"
+echo "| run | broker ceiling before the run | committed | wall | readings/s | ratio to ceiling | compaction pass |"
+echo "|---|---:|---:|---:|---:|---:|---|"
 runs=()
 for _ in $(seq "${PAIRS:-2}"); do runs+=(alone with-compactor); done
 for run in "${runs[@]}"; do
     cp -a "$work/pristine" "$work/$run"
+    ceiling=$("$bin/broker-ceiling" --amqp-url "$amqp" --messages 20000 --readings 500 \
+        | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["readings_per_sec"]))')
     ns="cx$RANDOM"
     "$bin/sluice" process --store "$work/$run" --redis-url "$redis" --redis-prefix "$ns" \
         --namespace "$ns" --metrics-listen "" --admin-listen "" --log warn --amqp-url "$amqp" &
@@ -55,11 +58,12 @@ for run in "${runs[@]}"; do
     kill -TERM "$pid"
     wait "$pid" || true
     committed=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["committed"])' "$out")
-    python3 - "$run" "$committed" "$start" "$end" "$pass" <<'PY'
+    python3 - "$run" "$ceiling" "$committed" "$start" "$end" "$pass" <<'PY'
 import sys
-run, committed, start, end, passed = sys.argv[1:]
+run, ceiling, committed, start, end, passed = sys.argv[1:]
 wall = float(end) - float(start)
-print(f"| {run} | {int(committed):,} | {wall:.1f} s | {int(committed)/wall/1e6:.2f} M | {passed} |")
+rate = int(committed) / wall
+print(f"| {run} | {int(ceiling)/1e6:.2f} M | {int(committed):,} | {wall:.1f} s | {rate/1e6:.2f} M | {100*rate/int(ceiling):.0f} % | {passed} |")
 PY
     rm -rf "$work/$run"
 done
