@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use crate::codec::{self, EncodeError, MAX_MESSAGE_BYTES};
 use crate::internal_events::{BatchPublished, PublishFailed};
-use crate::model::BatchBuilder;
+use crate::model::{BatchBuilder, BatchView};
 use crate::transport::{Outgoing, PublishError, Transport};
 use crate::{Batch, Partitioner, Partitioning};
 use serde::Deserialize;
@@ -211,6 +211,34 @@ impl Producer {
             batch_id: batch.id,
             producer: &batch.producer,
         };
+        self.publish(msg, batch.d.len()).await
+    }
+
+    /// Publishes a batch someone else encoded, as it is (the same bytes, so the same id:
+    /// a batch forwarded twice is stored once), to the partition this producer's strategy
+    /// picks; returns once the broker confirmed it, retrying as [`Producer::send`] does.
+    /// For ingest's gate, which forwards direct publishers' batches.
+    pub async fn forward(&self, body: &[u8], view: &BatchView<'_>) -> Result<(), SendError> {
+        let device = match self.partitioner.strategy() {
+            Partitioning::DeviceHash => match view.devices.as_slice() {
+                [only] => Some(*only),
+                other => return Err(self.refuse(SendError::NotSingleDevice(other.len()))),
+            },
+            Partitioning::RoundRobin => None,
+        };
+        if body.len() > MAX_MESSAGE_BYTES {
+            return Err(self.refuse(SendError::TooLarge(body.len())));
+        }
+        let msg = Outgoing {
+            partition: self.partitioner.pick(device),
+            body,
+            batch_id: view.id,
+            producer: view.producer,
+        };
+        self.publish(msg, view.len()).await
+    }
+
+    async fn publish(&self, msg: Outgoing<'_>, readings: usize) -> Result<(), SendError> {
         let mut backoff = self.cfg.retry_backoff;
         let mut attempt = 1;
         loop {
@@ -218,7 +246,7 @@ impl Producer {
             match self.transport.publish(msg).await {
                 Ok(()) => {
                     BatchPublished {
-                        readings: batch.d.len(),
+                        readings,
                         confirm: started.elapsed(),
                     }
                     .emit();

@@ -473,6 +473,33 @@ pub fn check_publisher(
     }
 }
 
+/// [`check_publisher`] for a telemetry batch on the partitions: also refuses a batch that a
+/// gated tenant's own broker user published there. A tenant with a quota and `amqp_users`
+/// is gated: its users publish to its ingress exchange, which ingest's gate drains at the
+/// quota and forwards as Sluice's own user, so a batch of theirs on the partitions went
+/// around the quota (its permissions are wider than section 6 says).
+pub fn check_batch_publisher(
+    tenants: Option<&Tenants>,
+    publisher: &Publisher,
+    tenant: &str,
+) -> Result<(), Refusal> {
+    check_publisher(tenants, publisher, tenant)?;
+    if let (Some(t), Publisher::User(user)) = (tenants, publisher)
+        && let Some(own) = t.amqp_users.get(user)
+        && t.is_gated(own)
+    {
+        return Err(Refusal::new(
+            DeadLetterKind::Forbidden,
+            format!(
+                "tenant {own} has a quota: its broker user {user:?} publishes batches to the \
+                 tenant's ingress exchange (<namespace>.ingress.{own}, docs/binding.md section 6), \
+                 not to the partitions"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl Tenants {
     /// Reads and checks a tenants file.
     pub fn load(path: impl AsRef<Path>) -> Result<Self, TenantsError> {
@@ -657,6 +684,35 @@ impl Tenants {
     /// ([`check_publisher`] with this file's `amqp_users`).
     pub fn check_publisher(&self, publisher: &Publisher, tenant: &str) -> Result<(), Refusal> {
         check_publisher(Some(self), publisher, tenant)
+    }
+
+    /// [`check_batch_publisher`] with this file.
+    pub fn check_batch_publisher(
+        &self,
+        publisher: &Publisher,
+        tenant: &str,
+    ) -> Result<(), Refusal> {
+        check_batch_publisher(Some(self), publisher, tenant)
+    }
+
+    /// Whether `tenant`'s direct publishers go through ingest's gate: it has a quota and at
+    /// least one broker user.
+    pub fn is_gated(&self, tenant: &TenantId) -> bool {
+        self.quota(tenant).is_limited() && self.amqp_users.values().any(|t| t == tenant)
+    }
+
+    /// The gated tenants ([`Tenants::is_gated`]), in file order.
+    pub fn gated(&self) -> Vec<TenantId> {
+        self.ids
+            .iter()
+            .filter(|t| self.is_gated(t))
+            .cloned()
+            .collect()
+    }
+
+    /// Whether `publisher` is one of `tenant`'s broker users.
+    pub fn is_amqp_user_of(&self, publisher: &Publisher, tenant: &TenantId) -> bool {
+        matches!(publisher, Publisher::User(u) if self.amqp_users.get(u) == Some(tenant))
     }
 
     /// Every granted AMQP exchange with its tenant.
@@ -987,6 +1043,32 @@ mod tests {
              [[tenant]]\nid = \"b\"\napi_keys = [\"j\"]\namqp_users = [\"gw\"]\n",
         );
         assert!(shared.contains("publishes for tenants a and b"), "{shared}");
+    }
+
+    #[test]
+    fn a_gated_tenants_users_publish_batches_through_its_ingress_only() {
+        let t = Tenants::from_toml_str(
+            "[[tenant]]\nid = \"a\"\napi_keys = [\"k\"]\namqp_users = [\"a-gw\"]\n\
+             quota = { readings_per_sec = 10 }\n\
+             [[tenant]]\nid = \"b\"\napi_keys = [\"j\"]\namqp_users = [\"b-gw\"]\n\
+             [[tenant]]\nid = \"c\"\napi_keys = [\"i\"]\nquota = { bytes_per_sec = 10 }\n",
+        )
+        .unwrap();
+        let id = |s: &str| TenantId::new(s).unwrap();
+        let user = |u: &str| Publisher::User(u.to_owned());
+        // a: a quota and a broker user; b: no quota; c: no broker user.
+        assert_eq!(t.gated(), vec![id("a")]);
+        assert!(t.is_amqp_user_of(&user("a-gw"), &id("a")));
+        assert!(!t.is_amqp_user_of(&user("b-gw"), &id("a")));
+        assert!(!t.is_amqp_user_of(&Publisher::Sluice, &id("a")));
+        let around = t.check_batch_publisher(&user("a-gw"), "a").unwrap_err();
+        assert_eq!(around.kind, DeadLetterKind::Forbidden);
+        assert!(around.reason.contains("ingress exchange"), "{around}");
+        // Derived events are not gated; the gate's forwarded batches come as Sluice's own.
+        assert_eq!(t.check_publisher(&user("a-gw"), "a"), Ok(()));
+        assert_eq!(t.check_batch_publisher(&Publisher::Sluice, "a"), Ok(()));
+        assert_eq!(t.check_batch_publisher(&user("b-gw"), "b"), Ok(()));
+        assert!(t.check_batch_publisher(&user("b-gw"), "a").is_err());
     }
 
     #[test]

@@ -150,6 +150,71 @@ impl Topology {
         format!("{}.notify.dead", self.namespace)
     }
 
+    /// The exchange a tenant's direct publishers use when the tenant has a quota
+    /// (section 6): its ingress queue's only way in.
+    pub fn ingress_exchange(&self, tenant: &str) -> String {
+        format!("{}.ingress.{tenant}", self.namespace)
+    }
+
+    /// The queue in front of the partitions for one tenant with a quota: ingest's gate
+    /// drains it at the tenant's rate (`sluice_ingest::gate`).
+    pub fn ingress_queue(&self, tenant: &str) -> String {
+        format!("{}.ingress.{tenant}", self.namespace)
+    }
+
+    /// Declares `tenant`'s ingress exchange (fanout) and queue: at most `max_bytes` of
+    /// message bodies ready, past which the broker refuses publishes (`reject-publish`:
+    /// the publisher gets a nack, the backlog never grows). Idempotent with the same bound;
+    /// a queue declared with another bound fails with `PRECONDITION_FAILED` (change it with
+    /// a policy, docs/binding.md section 6).
+    #[cfg(feature = "transport")]
+    pub async fn declare_ingress(
+        &self,
+        channel: &Channel,
+        tenant: &str,
+        max_bytes: u64,
+    ) -> Result<(), lapin::Error> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        let name = self.ingress_exchange(tenant);
+        channel
+            .exchange_declare(
+                name.clone().into(),
+                ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        let mut args = FieldTable::default();
+        args.insert(
+            ShortString::from("x-queue-type"),
+            AMQPValue::LongString(self.queue_type.as_str().into()),
+        );
+        args.insert(
+            ShortString::from("x-max-length-bytes"),
+            AMQPValue::LongLongInt(i64::try_from(max_bytes).unwrap_or(i64::MAX)),
+        );
+        args.insert(
+            ShortString::from("x-overflow"),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+        let queue = self.ingress_queue(tenant);
+        channel
+            .queue_declare(queue.clone().into(), QueueDeclareOptions::durable(), args)
+            .await?;
+        channel
+            .queue_bind(
+                queue.into(),
+                name.into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+    }
+
     /// The routing key of partition `p`.
     pub fn routing_key(p: u32) -> String {
         p.to_string()
@@ -257,6 +322,8 @@ mod tests {
         assert_eq!(t.partition_queue("storage", 3), "sluice.storage.3");
         assert_eq!(t.dead_letter_exchange(), "sluice.dead-letter");
         assert_eq!(t.dead_letter_queue(), "sluice.dead-letter");
+        assert_eq!(t.ingress_exchange("acme"), "sluice.ingress.acme");
+        assert_eq!(t.ingress_queue("acme"), "sluice.ingress.acme");
         assert_eq!(t.commits_exchange(), "sluice.commits");
         assert_eq!(Topology::routing_key(2), "2");
     }

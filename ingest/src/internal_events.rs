@@ -1,8 +1,8 @@
 //! Telemetry of ingest: each event is a struct whose `emit` logs and counts in one place,
 //! so a metric and its log line never drift apart (vector's `internal_events`).
 //!
-//! Labels are bounded: `tenant` (from the tenants file), `status` (HTTP status) and `reason`
-//! (the error codes of [`crate::http::ErrorCode`]). The producer's publish metrics are the
+//! Labels are bounded: `tenant` (from the tenants file), `status` (HTTP status), `reason`
+//! (the error codes of [`crate::http::ErrorCode`]) and `error` (dead-letter kinds). The producer's publish metrics are the
 //! binding's (`sluice_binding::internal_events`).
 //! Device ids never become labels, and nothing here runs per reading.
 
@@ -18,6 +18,12 @@ pub const REQUESTS_TOTAL: &str = "sluice_ingest_requests_total";
 pub const REQUESTS_REJECTED_TOTAL: &str = "sluice_ingest_requests_rejected_total";
 /// Time to answer an HTTP request.
 pub const REQUEST_SECONDS: &str = "sluice_ingest_request_seconds";
+/// Readings the gate forwarded from a gated tenant's ingress queue, by tenant.
+pub const GATE_READINGS_FORWARDED_TOTAL: &str = "sluice_ingest_gate_readings_forwarded_total";
+/// Batches the gate dead-lettered, by tenant and error kind.
+pub const GATE_DEAD_LETTERS_TOTAL: &str = "sluice_ingest_gate_dead_letters_total";
+/// Forwards (or their acks) that failed and will be retried, by tenant.
+pub const GATE_FORWARD_FAILURES_TOTAL: &str = "sluice_ingest_gate_forward_failures_total";
 
 /// An HTTP request was answered.
 #[derive(Debug)]
@@ -82,6 +88,69 @@ impl ReadingsAccepted<'_> {
         );
         counter!(READINGS_ACCEPTED_TOTAL, "tenant" => self.tenant.to_owned())
             .increment(self.count as u64);
+    }
+}
+
+/// The gate forwarded a batch of a gated tenant to the partitions (confirmed).
+#[derive(Debug)]
+pub(crate) struct GateForwarded<'a> {
+    pub(crate) tenant: &'a str,
+    pub(crate) readings: usize,
+}
+
+impl GateForwarded<'_> {
+    pub(crate) fn emit(self) {
+        tracing::trace!(
+            tenant = self.tenant,
+            readings = self.readings,
+            "gate forwarded a batch"
+        );
+        counter!(GATE_READINGS_FORWARDED_TOTAL, "tenant" => self.tenant.to_owned())
+            .increment(self.readings as u64);
+    }
+}
+
+/// The gate dead-lettered a batch from a gated tenant's ingress queue.
+#[derive(Debug)]
+pub(crate) struct GateDeadLettered<'a> {
+    pub(crate) tenant: &'a str,
+    pub(crate) error: &'static str,
+    pub(crate) reason: &'a str,
+}
+
+impl GateDeadLettered<'_> {
+    pub(crate) fn emit(self) {
+        tracing::debug!(
+            tenant = self.tenant,
+            error = self.error,
+            reason = self.reason,
+            "gate dead-lettered a batch"
+        );
+        counter!(
+            GATE_DEAD_LETTERS_TOTAL,
+            "tenant" => self.tenant.to_owned(),
+            "error" => self.error
+        )
+        .increment(1);
+    }
+}
+
+/// A forward, dead letter or ack of the gate failed; the delivery is requeued (or, for a
+/// lost ack, redelivered and forwarded again, which storage deduplicates).
+#[derive(Debug)]
+pub(crate) struct GateForwardFailed<'a, E> {
+    pub(crate) tenant: &'a str,
+    pub(crate) error: &'a E,
+}
+
+impl<E: std::fmt::Display> GateForwardFailed<'_, E> {
+    pub(crate) fn emit(self) {
+        tracing::warn!(
+            tenant = self.tenant,
+            error = %self.error,
+            "gate: forwarding failed; the batch stays in the tenant's ingress queue"
+        );
+        counter!(GATE_FORWARD_FAILURES_TOTAL, "tenant" => self.tenant.to_owned()).increment(1);
     }
 }
 

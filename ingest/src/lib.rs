@@ -12,6 +12,9 @@
 //!   size or linger;
 //! - the producer it publishes with (encode, pick the partition, publish and await the
 //!   confirm, retry the same bytes) is the binding's, `sluice_binding::producer`;
+//! - [`gate`]: the quota of direct publishers: each gated tenant's ingress queue drained
+//!   at its rate into the partitions;
+//! - [`quota`](crate::quota) (private): each tenant's rate buckets, shared by HTTP and the gate;
 //! - [`config`]: [`IngestConfig`], the knobs of all of the above;
 //! - [`internal_events`]: logs and metrics, one struct per event.
 //!
@@ -20,8 +23,10 @@
 
 pub mod batcher;
 pub mod config;
+pub mod gate;
 pub mod http;
 pub mod internal_events;
+mod quota;
 
 pub use config::IngestConfig;
 pub use http::{AppState, app, serve};

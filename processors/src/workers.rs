@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use sluice_binding::model::now_ns;
-use sluice_binding::tenancy::{Tenants, check_publisher};
+use sluice_binding::tenancy::{Tenants, check_batch_publisher};
 use sluice_binding::transport::Delivery;
 use sluice_binding::validate::Limits;
 use tokio::sync::mpsc;
@@ -167,7 +167,7 @@ fn work(
         // A batch is stored only if its publisher may write its tenant (section 6 of the
         // binding): the tenant is known once the batch is decoded.
         let staged = stage(&d.body, d.redelivered, now_ns(), &limits).and_then(|staged| {
-            check_publisher(tenants, &d.publisher, &staged.0.tenant).map(|()| staged)
+            check_batch_publisher(tenants, &d.publisher, &staged.0.tenant).map(|()| staged)
         });
         let out = match staged {
             Ok((batch, days)) => Staged::Store {

@@ -117,6 +117,15 @@ pub(crate) struct IngestArgs {
     /// router (the same variable), or batches one accepts are dead-lettered by another.
     #[arg(long, env = "SLUICE_MAX_DAYS_PER_BATCH", default_value_t = sluice_binding::validate::DEFAULT_MAX_DAYS)]
     pub(crate) max_days_per_batch: usize,
+    /// Bytes of bodies each gated tenant's ingress queue holds (a tenant with a quota and
+    /// `amqp_users`: its direct publishers go through ingest's gate, docs/binding.md
+    /// section 6); past them the broker nacks the tenant's publishes. Fixed at the queue's
+    /// first declaration.
+    #[arg(long, env = "SLUICE_GATE_MAX_BACKLOG_BYTES", default_value_t = sluice_ingest::gate::GateConfig::default().max_backlog_bytes)]
+    pub(crate) gate_max_backlog_bytes: u64,
+    /// Forwards in flight per gated tenant and broker.
+    #[arg(long, env = "SLUICE_GATE_PREFETCH", default_value_t = sluice_ingest::gate::GateConfig::default().prefetch)]
+    pub(crate) gate_prefetch: u16,
     #[command(flatten)]
     pub(crate) batching: BatchingArgs,
 }

@@ -213,9 +213,20 @@ async fn run_ingest(args: IngestArgs, broker: BrokerArgs, ops: OpsArgs) -> Resul
         .await?;
     let producer = sluice_binding::producer::Producer::new(transport.clone(), cfg.producer.clone());
     let state = sluice_ingest::http::AppState::new(cfg, tenants, producer);
+    let gate_cfg = sluice_ingest::gate::GateConfig {
+        max_backlog_bytes: args.gate_max_backlog_bytes,
+        prefetch: args.gate_prefetch,
+    };
+    let gate = sluice_ingest::gate::Gate::start(state.clone(), gate_cfg).await?;
+    let stop = shutdown.clone();
+    let gate = tokio::spawn(gate.run(async move { stop.cancelled().await }));
     let listener = bind(args.listen).await?;
     let stop = shutdown.clone();
-    sluice_ingest::http::serve(listener, state, async move { stop.cancelled().await }).await?;
+    let served =
+        sluice_ingest::http::serve(listener, state, async move { stop.cancelled().await }).await;
+    shutdown.cancel();
+    let _ = gate.await;
+    served?;
     transport.close().await;
     tracing::info!("ingest stopped");
     Ok(())

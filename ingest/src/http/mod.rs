@@ -5,14 +5,15 @@
 //! 1. authentication: `Authorization: Bearer <key>` or `X-Api-Key: <key>` names the tenant
 //!    (401 otherwise); the body never does;
 //! 2. the cheap checks: `Content-Type` (415), query string (400);
-//! 3. admission: 503 at once when the broker blocked publishing or no broker is
-//!    connected, when the tenant already has its share of requests in flight
-//!    (`max_inflight_per_tenant`), or when `max_inflight_requests` are (no queue of
-//!    waiting requests): one tenant cannot take every place;
+//! 3. admission: 429 at once while a refusal of the tenant's quota holds it ([`crate::quota`]);
+//!    503 at once when the broker blocked publishing or no broker is connected, when the
+//!    tenant already has its share of requests in flight (`max_inflight_per_tenant`), or
+//!    when `max_inflight_requests` are (no queue of waiting requests): one tenant cannot
+//!    take every place; then the tenant's byte quota for a declared `Content-Length` (429);
 //! 4. the body, at most `max_body_bytes` (413) and within `body_read_timeout` (408),
-//!    then the tenant's byte quota (429, [`quota`]), parsed and validated ([`body`]): any
-//!    bad reading refuses the whole request, nothing of it is published; then the
-//!    tenant's reading quota (429);
+//!    then the byte quota if the length was not declared, parsed and validated
+//!    ([`body`]): any bad reading refuses the whole request, nothing of it is published;
+//!    then the tenant's reading quota (429);
 //! 5. the batcher ([`crate::batcher`]); the answer is 202 `{"accepted": n}` only once every
 //!    batch holding the request's readings was confirmed by the broker, else 503 with
 //!    `Retry-After`.
@@ -22,7 +23,6 @@
 
 pub mod body;
 pub mod error;
-mod quota;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -74,8 +74,8 @@ struct Inner {
     inflight: Arc<Semaphore>,
     /// Each tenant's share of `inflight`.
     per_tenant: HashMap<TenantId, Arc<Semaphore>>,
-    /// Each tenant's quota.
-    quotas: quota::Quotas,
+    /// Each tenant's quota, shared with the gate (`crate::gate`).
+    quotas: Arc<crate::quota::Quotas>,
 }
 
 impl AppState {
@@ -102,7 +102,7 @@ impl AppState {
             .iter()
             .map(|t| (t.clone(), Arc::new(Semaphore::new(share))))
             .collect();
-        let quotas = quota::Quotas::new(&tenants);
+        let quotas = Arc::new(crate::quota::Quotas::new(&tenants));
         Self {
             inner: Arc::new(Inner {
                 inflight: Arc::new(Semaphore::new(cfg.max_inflight_requests)),
@@ -124,6 +124,17 @@ impl AppState {
     /// The producer.
     pub fn producer(&self) -> &Arc<Producer> {
         &self.inner.producer
+    }
+
+    /// The tenants.
+    pub fn tenants(&self) -> &Tenants {
+        &self.inner.tenants
+    }
+
+    /// The tenants' quota buckets, which the gate spends too: a tenant's rate is shared by
+    /// its HTTP requests and its direct publishers.
+    pub(crate) fn quotas(&self) -> &Arc<crate::quota::Quotas> {
+        &self.inner.quotas
     }
 
     /// Stops the batcher: open batches are sent at once, and this returns when every batch
@@ -259,7 +270,7 @@ async fn ingest(
     tenant_out: &mut Option<TenantId>,
 ) -> Result<usize, ApiError> {
     let s = &*state.inner;
-    let (tenant, format, precision, _permits) = match admit(s, &req, tenant_out) {
+    let (tenant, format, precision, _permits, bytes_spent) = match admit(s, &req, tenant_out) {
         Ok(admitted) => admitted,
         Err(e) => {
             discard_body(req, s.cfg.max_body_bytes).await;
@@ -276,9 +287,11 @@ async fn ingest(
                 format!("the request body did not arrive within {timeout:?}"),
             )
         })??;
-    s.quotas
-        .spend_bytes(&tenant, body.len())
-        .map_err(over_quota)?;
+    if !bytes_spent {
+        s.quotas
+            .spend_bytes(&tenant, body.len())
+            .map_err(over_quota)?;
+    }
     let opts = body::ParseOptions {
         format,
         precision,
@@ -318,7 +331,7 @@ async fn ingest(
 
 /// The answer to a request over its tenant's quota: 429 until the bucket refills, 413 if
 /// it never can.
-fn over_quota(q: quota::OverQuota) -> ApiError {
+fn over_quota(q: crate::quota::OverQuota) -> ApiError {
     match q.wait {
         Some(wait) => {
             let wait = wait.as_secs_f64();
@@ -393,13 +406,14 @@ struct Permits {
 }
 
 /// The checks made before the body is read: the key, the content type, the precision,
-/// the broker's state and the in-flight limits (the tenant's share, then the whole), whose
-/// permits the caller holds.
+/// the tenant's quota hold, the broker's state, the in-flight limits (the tenant's share,
+/// then the whole), whose permits the caller holds, and the byte quota of a declared
+/// length (the last: `true` when it was spent).
 fn admit(
     s: &Inner,
     req: &Request,
     tenant_out: &mut Option<TenantId>,
-) -> Result<(TenantId, Format, Precision, Permits), ApiError> {
+) -> Result<(TenantId, Format, Precision, Permits, bool), ApiError> {
     let tenant = s
         .tenants
         .authenticate(req.headers(), Scope::Ingest)
@@ -416,6 +430,8 @@ fn admit(
     let format = content_type(req.headers())?;
     let precision = Precision::from_query(req.uri().query())?;
 
+    // Before anything is spent on it: a tenant held by its quota costs no body.
+    s.quotas.check_held(&tenant).map_err(over_quota)?;
     let retry_after = s.cfg.retry_after_secs;
     if let Some(reason) = s.producer.transport().blocked() {
         return Err(ApiError::new(ErrorCode::Unavailable, reason).retry_after(retry_after));
@@ -447,6 +463,13 @@ fn admit(
         )
         .retry_after(retry_after)
     })?;
+    // A length over the body limit is refused by `read_body` with 413, spending nothing.
+    let declared = declared_length(req.headers()).filter(|&n| n <= s.cfg.max_body_bytes as u64);
+    if let Some(n) = declared {
+        s.quotas
+            .spend_bytes(&tenant, usize::try_from(n).unwrap_or(usize::MAX))
+            .map_err(over_quota)?;
+    }
     Ok((
         tenant,
         format,
@@ -455,6 +478,7 @@ fn admit(
             _own: own,
             _all: all,
         },
+        declared.is_some(),
     ))
 }
 

@@ -711,6 +711,13 @@ async fn a_tenant_over_its_quota_gets_429_and_another_tenant_is_untouched() {
     );
     let app = app(state);
     let body = |from: u32, n: u32| json!({"readings": (from..from + n).map(|i| reading("d", ts(), f64::from(i))).collect::<Vec<_>>()});
+    // More than a second of the quota can never fit: 413, not a 429 to retry forever.
+    let (s, _, v) = call(&app, post_json(DEMO_KEY, &body(30, 21))).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("too_many_readings")),
+        "{v}"
+    );
     // The bucket holds a second of the rate: 20 readings, then nothing until it refills.
     let (s, _, _) = call(&app, post_json(DEMO_KEY, &body(0, 20))).await;
     assert_eq!(s, StatusCode::ACCEPTED);
@@ -725,13 +732,10 @@ async fn a_tenant_over_its_quota_gets_429_and_another_tenant_is_untouched() {
         "{v}"
     );
     assert_eq!(h[header::RETRY_AFTER], "1");
-    // More than a second of the quota can never fit: 413, not a 429 to retry forever.
-    let (s, _, v) = call(&app, post_json(DEMO_KEY, &body(30, 21))).await;
-    assert_eq!(
-        (s, v["error"].as_str()),
-        (StatusCode::PAYLOAD_TOO_LARGE, Some("too_many_readings")),
-        "{v}"
-    );
+    // The refusal holds demo: a single reading, which the bucket has refilled by now, is
+    // refused unread until the refused request would fit.
+    let (s, _, v) = call(&app, post_json(DEMO_KEY, &body(30, 1))).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
     // Another tenant is not counted against it.
     let (s, _, _) = call(&app, post_json(ACME_KEY, &body(100, 500))).await;
     assert_eq!(s, StatusCode::ACCEPTED);
@@ -751,4 +755,69 @@ async fn a_tenant_over_its_quota_gets_429_and_another_tenant_is_untouched() {
     tokio::time::sleep(Duration::from_millis(550)).await;
     let (s, _, v) = call(&app, post_json(DEMO_KEY, &body(20, 10))).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+}
+
+#[tokio::test]
+async fn a_declared_length_over_the_byte_quota_is_refused_before_the_body_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = transport(64);
+    t.declare(&["storage"]).await.unwrap();
+    let cfg = IngestConfig {
+        body_read_timeout: Duration::from_secs(30),
+        ..IngestConfig::default()
+    };
+    let demo = TenantId::new("demo").unwrap();
+    let quota = sluice_binding::tenancy::Quota {
+        readings_per_sec: 0,
+        bytes_per_sec: 10_000,
+    };
+    let state = AppState::new(
+        cfg.clone(),
+        tenants().with_quota(&demo, quota),
+        Producer::new(t.clone(), cfg.producer.clone()),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, state, async {
+        let _ = stopped.await;
+    }));
+    let head = |len: usize| {
+        format!(
+            "POST /v1/telemetry HTTP/1.1\r\nHost: sluice\r\nAuthorization: Bearer {DEMO_KEY}\r\n\
+             Content-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+        )
+    };
+    // A length the bucket could never hold is 413, and spends nothing.
+    let answer = |len: usize| async move {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(head(len).as_bytes()).await.unwrap();
+        let mut answer = vec![0; 1024];
+        // The answer waits for the unsent body to be discarded (DISCARD_TIMEOUT, 5 s),
+        // well under the 30 s the body would get if it were being read.
+        let n = tokio::time::timeout(Duration::from_secs(15), c.read(&mut answer))
+            .await
+            .expect("an answer without the body")
+            .unwrap();
+        String::from_utf8_lossy(&answer[..n]).into_owned()
+    };
+    let text = answer(10_001).await;
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    // 9 900 declared bytes are spent at admission; the body never comes.
+    let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
+    first.write_all(head(9_900).as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // 9 000 more do not fit for ≈ 0.7 s: 429, with no byte of the body sent. And the
+    // refusal holds the tenant: 10 bytes, sent just after (the bucket would take them),
+    // are refused unread too. Both answers wait out the discard of their unsent bodies.
+    let (over, held) = tokio::join!(answer(9_000), async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        answer(10).await
+    });
+    assert!(over.starts_with("HTTP/1.1 429"), "{over}");
+    assert!(over.contains("10000 bytes_per_sec"), "{over}");
+    assert!(held.starts_with("HTTP/1.1 429"), "{held}");
+    drop(first);
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
 }

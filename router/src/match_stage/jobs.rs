@@ -53,7 +53,7 @@ impl JobMatcher {
         publisher: &Publisher,
     ) -> Result<Vec<Job>, Refusal> {
         let view = codec::decode(body)?;
-        self.tenants.check_publisher(publisher, view.tenant)?;
+        self.tenants.check_batch_publisher(publisher, view.tenant)?;
         validate::validate(&view, now_ns(), &self.limits)?;
         EventsReceived {
             kind: EventKind::Reading.as_str(),

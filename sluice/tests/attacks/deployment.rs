@@ -36,6 +36,8 @@ pub(crate) const MALLORY: &str = "mallory-key";
 pub(crate) const MALLORY_DEVICE: &str = "mallory-device-key";
 /// Mallory's quota, readings per second (a request of more is 413).
 pub(crate) const MALLORY_QUOTA: u64 = 4000;
+/// Bytes mallory's ingress queue holds before the broker nacks its direct publishes.
+pub(crate) const GATE_BACKLOG_BYTES: u64 = 64 * 1024;
 /// Ingest's in-flight requests; each tenant holds at most half.
 pub(crate) const INGEST_INFLIGHT: usize = 64;
 /// Ingest's and the router's header and body read timeouts.
@@ -83,8 +85,16 @@ impl Deployment {
         let w = World::new();
         let ns = w.ns.name().to_owned();
         let mallory_user = BrokerUser::create("mallory-gw");
-        // docs/binding.md §6: write the telemetry and events exchanges, nothing else.
-        let write = format!("^{}\\.(telemetry|events)$", regex_escape(&ns));
+        // docs/binding.md §6: mallory has a quota, so its user writes its ingress exchange
+        // and the events exchange. Wider than documented on purpose, the telemetry exchange
+        // too: what it publishes there went around its quota, and every consumer refuses it.
+        let write = format!(
+            "^{}\\.(telemetry|events|ingress\\.mallory)$",
+            regex_escape(&ns)
+        );
+        let t = w.ns.topology();
+        w.ns.add_queue(t.ingress_queue("mallory"));
+        w.ns.add_exchange(t.ingress_exchange("mallory"));
         let out = Command::new("rabbitmqctl")
             .args([
                 "set_permissions",
@@ -160,6 +170,11 @@ impl Deployment {
             ("SLUICE_BODY_READ_TIMEOUT", &timeout),
             ("SLUICE_HEADER_READ_TIMEOUT", &timeout),
             ("SLUICE_MAX_CONNECTIONS", "512"),
+            // Mallory's ingress queue holds a few batches; its flood is nacked past them.
+            (
+                "SLUICE_GATE_MAX_BACKLOG_BYTES",
+                &GATE_BACKLOG_BYTES.to_string(),
+            ),
         ]);
         procs.push(ingest);
         let router_port = free_port();

@@ -49,6 +49,13 @@ pub(crate) async fn probes(d: &Deployment, s: &mut Suite) {
     )
     .await;
     s.probe(
+        "5",
+        "mallory's direct publisher at 10x its quota: its ingress queue nacks the excess, \
+         what the broker confirmed is forwarded at the quota; acme gets 202 throughout",
+        direct_flood(d),
+    )
+    .await;
+    s.probe(
         "6",
         "a direct batch spread over 30 days is dead-lettered",
         month_batch(d),
@@ -94,16 +101,44 @@ async fn spoofed_batch(d: &Deployment, with_user_id: bool) {
     d.publish_as_mallory(&telemetry, &partition(), &body, user.as_deref())
         .await
         .expect("the broker takes it (mallory may write the telemetry exchange)");
-    // Mallory's own tenant, on the same path, is stored (the probe can see a stored batch).
+    // Mallory's own tenant through its ingress exchange is stored (the probe can see a
+    // stored batch); the same batch on the telemetry exchange went around mallory's quota
+    // and is refused.
     let mut own = BatchBuilder::new("mallory", "mallory", 2);
     own.push(&format!("m-direct-{with_user_id}"), "m", now_ns(), 1.0);
     let own_body = codec::encode(&own.finish(now_ns())).unwrap();
+    let mut around = BatchBuilder::new("mallory", "mallory", 3);
+    around.push("m-around-the-gate", "m", now_ns(), 1.0);
+    let around = codec::encode(&around.finish(now_ns())).unwrap();
     if with_user_id {
-        d.publish_as_mallory(&telemetry, &partition(), &own_body, user.as_deref())
+        let ingress = d.w.ns.topology().ingress_exchange("mallory");
+        d.publish_as_mallory(&ingress, "", &own_body, user.as_deref())
             .await
             .unwrap();
         d.mallory_accepted
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        d.publish_as_mallory(&telemetry, &partition(), &around, user.as_deref())
+            .await
+            .unwrap();
+        let dl = d
+            .dead_letter(
+                "of a batch around the gate",
+                Duration::from_secs(30),
+                |dl| dl.body == around && dl.group == "storage",
+            )
+            .await;
+        assert_eq!(dl.kind, "forbidden", "{dl:?}");
+        assert!(dl.reason.contains("ingress exchange"), "{dl:?}");
+        // A batch claiming acme in mallory's own ingress queue: the gate refuses it.
+        d.publish_as_mallory(&ingress, "", &body, user.as_deref())
+            .await
+            .unwrap();
+        let dl = d
+            .dead_letter("of the gate", Duration::from_secs(30), |dl| {
+                dl.body == body && dl.group == "ingest-gate"
+            })
+            .await;
+        assert_eq!(dl.kind, "forbidden", "{dl:?}");
     }
     for group in ["storage", "router"] {
         let dl = d
@@ -217,6 +252,92 @@ async fn spoofed_event(d: &Deployment) {
         &format!("/v1/subscriptions/{id}"),
     )
     .await;
+}
+
+async fn direct_flood(d: &Deployment) {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+    const PER_BATCH: usize = 400;
+    // Ten times the quota for 3 s: 100 batches of 400 readings a second.
+    let (batches, every) = (300u64, Duration::from_millis(10));
+    let conn = Connection::connect(&d.mallory_user.url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let ingress = d.w.ns.topology().ingress_exchange("mallory");
+    let started = std::time::Instant::now();
+    let mut confirms = Vec::new();
+    let mut tick = tokio::time::interval(every);
+    for seq in 0..batches {
+        tick.tick().await;
+        let mut b = BatchBuilder::new("mallory", "mallory-flood", seq);
+        for i in 0..PER_BATCH {
+            b.push(&format!("m-dflood-{}", i % 20), "m", now_ns(), i as f64);
+        }
+        let body = codec::encode(&b.finish(now_ns())).unwrap();
+        let confirm = ch
+            .basic_publish(
+                ingress.as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_user_id(d.mallory_user.name().into()),
+            )
+            .await
+            .unwrap();
+        confirms.push(confirm);
+        if seq % 25 == 0 {
+            d.acme_sends(&format!("acme-during-dflood-{seq}"), 10).await;
+        }
+    }
+    let (mut acked, mut nacked) = (0u64, 0u64);
+    for c in confirms {
+        if c.await.unwrap().is_ack() {
+            acked += 1;
+        } else {
+            nacked += 1;
+        }
+    }
+    let published = started.elapsed().as_secs_f64();
+    let _ = conn.close(200, "done".into()).await;
+    let readings = acked * PER_BATCH as u64;
+    d.mallory_accepted
+        .fetch_add(readings, std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        nacked > 0,
+        "the broker confirmed all {batches} batches of the flood"
+    );
+    // The partitions saw at most a second's burst plus the quota's rate: what is stored
+    // by now was forwarded by now.
+    let stored = d
+        .rows(
+            "mallory",
+            "SELECT count(*) FROM readings WHERE device LIKE 'm-dflood-%'",
+        )
+        .await;
+    let bound = MALLORY_QUOTA as f64 * (1.0 + started.elapsed().as_secs_f64());
+    assert!(
+        stored as f64 <= bound,
+        "{stored} readings stored {published:.1} s into a flood held to {MALLORY_QUOTA}/s"
+    );
+    // Everything confirmed arrives (the final probe counts it exactly); acme's readings
+    // sent during the flood are stored.
+    let sql = "SELECT count(*) FROM readings WHERE device LIKE 'm-dflood-%'";
+    let all = sluice_testkit::wait::until(Duration::from_secs(60), || async {
+        (d.rows("mallory", sql).await >= readings).then_some(())
+    })
+    .await;
+    assert!(
+        all.is_some(),
+        "mallory's confirmed flood was not all stored"
+    );
+    d.acme_stored("acme-during-dflood-0", 10, Duration::from_secs(30))
+        .await;
 }
 
 async fn month_batch(d: &Deployment) {
