@@ -15,7 +15,8 @@
 //! tenant, see at most its rate. A batch in the queue that is not the tenant's (another
 //! tenant named, or a publisher that is not one of its users) or that cannot be decoded is
 //! dead-lettered with the reason; one larger than a second of the quota too (`invalid`: it
-//! could never pass). With several ingest processes the queues have competing consumers and
+//! could never pass). Refusals are paced by the quota like forwards, so the tenant's dead
+//! letters grow no faster than its data would. With several ingest processes the queues have competing consumers and
 //! each process spends its own buckets, so a tenant's rate is their sum, as over HTTP.
 
 use std::future::Future;
@@ -33,6 +34,11 @@ use crate::internal_events::{GateDeadLettered, GateForwardFailed, GateForwarded}
 
 /// The consumer group name the gate's dead letters carry (`x-sluice-group`).
 pub const GROUP: &str = "ingest-gate";
+
+/// The fewest bytes one reading takes in a batch (MessagePack: device and metric index of
+/// one byte each, timestamp and value of nine): what bytes that are no batch are charged
+/// as, in readings.
+const MIN_READING_BYTES: usize = 20;
 
 /// The gate's settings.
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -165,11 +171,20 @@ async fn forward(state: AppState, tenant: TenantId, d: Delivery) {
         acker,
         ..
     } = d;
-    let view = match admit(&state, &tenant, &publisher, &body) {
+    let admitted = admit(&state, &tenant, &publisher, &body);
+    // Everything in the queue costs the tenant's quota, refusals too, so that a flood of
+    // garbage reaches the dead-letter queue no faster than batches reach the partitions.
+    // Bytes that are no batch cost the most readings bytes of that size could hold.
+    let readings = match &admitted {
+        Ok(view) => view.len(),
+        Err(_) => body.len().div_ceil(MIN_READING_BYTES).max(1),
+    };
+    let paced = state.quotas().wait(&tenant, readings, body.len()).await;
+    let view = match admitted {
         Ok(view) => view,
         Err(refusal) => return dead_letter(&state, &tenant, body, refusal, acker).await,
     };
-    if let Err(over) = state.quotas().wait(&tenant, view.len(), body.len()).await {
+    if let Err(over) = paced {
         let refusal = Refusal::new(
             DeadLetterKind::Invalid,
             format!(

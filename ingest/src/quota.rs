@@ -198,9 +198,12 @@ impl Quotas {
         })
     }
 
-    /// Waits until `tenant`'s buckets hold `readings` and `bytes`, and spends them; `Err`
-    /// (spending nothing) when a bucket never could, as [`OverQuota`] with no wait. Waiters
-    /// of one tenant share its rate; other tenants' are untouched.
+    /// Waits until `tenant`'s buckets hold `readings` and `bytes`, and spends them. What
+    /// a bucket could never hold (more than a second of its rate) costs a whole second of
+    /// it, then `Err` as [`OverQuota`] with no wait: the gate refuses that message, and
+    /// refusing it took as long as the tenant's rate allows, so a flood of refusals is
+    /// held to the quota too. Waiters of one tenant share its rate; other tenants' are
+    /// untouched.
     pub(crate) async fn wait(
         &self,
         tenant: &TenantId,
@@ -210,35 +213,26 @@ impl Quotas {
         let Some(b) = self.tenants.get(tenant) else {
             return Ok(());
         };
-        let never = |which, bucket: &Bucket| OverQuota {
-            which,
-            rate: bucket.rate,
-            wait: None,
-        };
-        let cells = |n: usize| NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX));
+        let mut never = None;
         for (which, bucket, n) in [
             ("readings_per_sec", &b.readings, readings),
             ("bytes_per_sec", &b.bytes, bytes),
         ] {
-            if let (Some(bucket), Some(n)) = (bucket, cells(n))
-                && n.get() > bucket.burst
-            {
-                return Err(never(which, bucket));
+            let Some(bucket) = bucket else { continue };
+            let n = u32::try_from(n).unwrap_or(u32::MAX);
+            if n > bucket.burst {
+                never.get_or_insert(OverQuota {
+                    which,
+                    rate: bucket.rate,
+                    wait: None,
+                });
+            }
+            if let Some(cells) = NonZeroU32::new(n.min(bucket.burst)) {
+                // Cannot fail: at most the burst.
+                let _ = bucket.limiter.until_n_ready(cells).await;
             }
         }
-        for (which, bucket, n) in [
-            ("readings_per_sec", &b.readings, readings),
-            ("bytes_per_sec", &b.bytes, bytes),
-        ] {
-            if let (Some(bucket), Some(n)) = (bucket, cells(n)) {
-                bucket
-                    .limiter
-                    .until_n_ready(n)
-                    .await
-                    .map_err(|_| never(which, bucket))?;
-            }
-        }
-        Ok(())
+        never.map_or(Ok(()), Err)
     }
 
     fn now_ns(&self) -> u64 {
@@ -331,8 +325,15 @@ mod tests {
         );
         // Spent, as HTTP sees it.
         assert!(q.spend_readings(&a, 50).is_err());
+        // Never fits: refused, after a whole second of the rate was spent on it.
+        let before = Instant::now();
         let never = q.wait(&a, 101, 1).await.unwrap_err();
         assert_eq!((never.which, never.wait), ("readings_per_sec", None));
+        assert!(
+            before.elapsed() >= Duration::from_millis(900),
+            "{:?}",
+            before.elapsed()
+        );
         let never = q.wait(&a, 1, 10_001).await.unwrap_err();
         assert_eq!(never.which, "bytes_per_sec");
         // Another tenant, without a quota, has no bucket to wait for.
