@@ -18,7 +18,10 @@
 //! - **Retries are durable.** A failed delivery goes to the delay queue with its attempt
 //!   count and comes back after a backoff with jitter; after `max_attempts` (or at once, for
 //!   a permanent failure such as a 404 or a refused address) it goes to the dead-letter
-//!   queue with the reason.
+//!   queue with the reason. When the broker refuses the outbox itself (an alarm, a
+//!   reconnect), that step is retried in place with backoff, never requeued: a job's
+//!   broker redelivery count grows only when a router dies (RabbitMQ 4's quorum queues
+//!   drop a message past their delivery limit).
 //!
 //! Layout: `read` takes jobs off the notify queues, `policy_loop` starts each job's work,
 //! `batch` holds and flushes `batch_notify` batches, `policy` applies the checks that need
@@ -144,6 +147,7 @@ pub async fn run(
         sends: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
         tenant_sends: std::sync::Mutex::default(),
         tracker: tracker.clone(),
+        stopping: shutdown.clone(),
     });
     let polling = tracker.spawn(batch::poll(ctx.clone(), index.clone(), shutdown.clone()));
     let mut policy = PolicyLoop {
@@ -175,6 +179,8 @@ struct Ctx {
     /// Each tenant's share of `sends`.
     tenant_sends: std::sync::Mutex<std::collections::HashMap<String, Arc<Semaphore>>>,
     tracker: TaskTracker,
+    /// Cancelled when the stage stops: outbox steps retrying through an outage give up.
+    stopping: CancellationToken,
 }
 
 impl Ctx {

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use super::send::park_failed;
+use super::send::{outbox_step, park_failed};
 use super::{Ctx, Ready};
 use crate::internal_events::{NotificationDropped, NotificationSettled};
 use crate::job::Stage;
@@ -75,7 +75,7 @@ pub(super) async fn admit(ctx: &Ctx, ready: Ready) -> Admission {
             Ok(Some(wait)) => {
                 // Pending: parked on the broker until the window has room.
                 let job = ready.job(Stage::Pending);
-                match ctx.outbox.delay(&job, &ready.key, wait).await {
+                match outbox_step(ctx, || ctx.outbox.delay(&job, &ready.key, wait)).await {
                     Ok(()) => NotificationSettled {
                         tenant,
                         target: ready.sub.target.kind(),
@@ -138,7 +138,7 @@ pub(super) async fn defer(ctx: &Ctx, ready: &Ready, why: &str) {
         "the notification waits on the delay queue"
     );
     let job = ready.job(ready.stage);
-    match ctx.outbox.delay(&job, &ready.key, wait).await {
+    match outbox_step(ctx, || ctx.outbox.delay(&job, &ready.key, wait)).await {
         Ok(()) => NotificationSettled {
             tenant: ready.sub.tenant.as_str(),
             target: ready.sub.target.kind(),

@@ -73,10 +73,11 @@ async fn failed(ctx: &Ctx, ready: &Ready, e: &NotifyError) {
             format!("gave up after {attempt} attempts: {reason}")
         };
         tracing::warn!(%tenant, subscription = %id, target, reason = %why, "notification dead-lettered");
-        let dead = ctx
-            .outbox
-            .dead_letter(&job, &ready.key, e.kind(), &why, attempt)
-            .await;
+        let dead = outbox_step(ctx, || {
+            ctx.outbox
+                .dead_letter(&job, &ready.key, e.kind(), &why, attempt)
+        })
+        .await;
         (dead, "dead")
     } else {
         let wait = e.retry_wait(backoff::backoff(
@@ -86,7 +87,10 @@ async fn failed(ctx: &Ctx, ready: &Ready, e: &NotifyError) {
             &mut rand::rng(),
         ));
         tracing::debug!(%tenant, subscription = %id, target, attempt, ?wait, %reason, "delivery failed; retrying");
-        (ctx.outbox.delay(&job, &ready.key, wait).await, "retry")
+        (
+            outbox_step(ctx, || ctx.outbox.delay(&job, &ready.key, wait)).await,
+            "retry",
+        )
     };
     match published {
         Ok(()) => NotificationSettled {
@@ -100,8 +104,46 @@ async fn failed(ctx: &Ctx, ready: &Ready, e: &NotifyError) {
     }
 }
 
-/// The outbox refused a notification's next step: its jobs' deliveries are requeued.
+/// Runs an outbox step (a publish to the delay or dead-letter queue) until the broker
+/// confirms it, backing off from 100 ms to 5 s between attempts while the broker refuses
+/// (an alarm, a reconnect). Requeueing the jobs instead would bring them back at once, spin
+/// for as long as the outage lasts, and count broker redeliveries, which RabbitMQ 4's
+/// quorum queues turn into drops past their delivery limit. The jobs' deliveries stay
+/// unacked meanwhile: nothing else could be settled through the outbox either. Gives up
+/// only when the stage is stopping, with the last error.
+pub(super) async fn outbox_step<F, Fut>(ctx: &Ctx, mut step: F) -> Result<(), PublishError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), PublishError>>,
+{
+    let mut wait = OUTBOX_RETRY_FIRST;
+    let mut attempt = 1u32;
+    loop {
+        let e = match step().await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if ctx.stopping.is_cancelled() {
+            return Err(e);
+        }
+        if attempt == 1 || attempt.is_power_of_two() {
+            tracing::warn!(error = %e, attempt, ?wait, "cannot publish to the outbox; retrying");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = ctx.stopping.cancelled() => return Err(e),
+        }
+        wait = (wait * 2).min(OUTBOX_RETRY_MAX);
+        attempt = attempt.saturating_add(1);
+    }
+}
+
+const OUTBOX_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+const OUTBOX_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// An outbox step failed while the stage stops: the jobs' deliveries are requeued (once;
+/// another instance, or this one after its restart, takes them).
 pub(super) fn park_failed(ready: &Ready, e: &PublishError) {
-    tracing::warn!(error = %e, "cannot publish to the outbox; requeueing the job");
+    tracing::warn!(error = %e, "cannot publish to the outbox while stopping; requeueing the job");
     fail_all(&ready.holds);
 }
