@@ -14,8 +14,9 @@
 # "--io-mib-per-sec 0 --io-requests-per-sec 0" lifts the budget. MAINTAIN_WRAP prefixes the
 # pass's command (MAINTAIN_WRAP="chrt --idle 0": SCHED_IDLE, only cycles nothing else
 # wants). PAIRS (2) sets how many alone/with-compactor pairs run; a broker ceiling is
-# measured before each run (`broker-ceiling`, 20 000 messages of 500 readings). Needs RabbitMQ and Redis
-# on loopback.
+# measured before each run (`broker-ceiling`, 20 000 messages of 500 readings). PASS_KILL=1
+# stops the pass when the load ends (to compare budgets without waiting out each pass).
+# Needs RabbitMQ and Redis on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 readings=${1:-10000000}
@@ -42,8 +43,9 @@ for run in "${runs[@]}"; do
     sleep 3
     pass="—"
     if [ "$run" = with-compactor ]; then
-        ( ${MAINTAIN_WRAP:-} "$bin/sluice" maintain --store "$work/$run" --once --vacuum-grace 0s \
-            --metrics-listen "" --log warn ${MAINTAIN_ARGS:-} > "$work/pass.txt" 2>&1; date +%s.%N > "$work/pass.end" ) &
+        ${MAINTAIN_WRAP:-} "$bin/sluice" maintain --store "$work/$run" --once --vacuum-grace 0s \
+            --metrics-listen "" --log warn ${MAINTAIN_ARGS:-} > "$work/pass.txt" 2>&1 &
+        passpid=$!
     fi
     start=$(date +%s.%N)
     out=$("$bin/loadgen" --target amqp --amqp-url "$amqp" --namespace "$ns" --tenant demo \
@@ -51,9 +53,13 @@ for run in "${runs[@]}"; do
         --json --quiet --out "$work/results-$ns")
     end=$(date +%s.%N)
     if [ "$run" = with-compactor ]; then
-        while [ ! -f "$work/pass.end" ]; do sleep 0.5; done
-        pass="$(python3 -c 'import sys; print(f"{float(sys.argv[1]) - float(sys.argv[2]):.1f} s from the load start", end="")' "$(cat "$work/pass.end")" "$start"): $(tail -1 "$work/pass.txt")"
-        rm -f "$work/pass.end"
+        if [ -n "${PASS_KILL:-}" ]; then
+            # Only the load's overlap with the pass's start is measured: stop the pass.
+            kill -KILL "$passpid" 2>/dev/null || true
+        fi
+        wait "$passpid" || true
+        pass_end=$(date +%s.%N)
+        pass="$(python3 -c 'import sys; print(f"{float(sys.argv[1]) - float(sys.argv[2]):.1f} s from the load start", end="")' "$pass_end" "$start"): $(tail -1 "$work/pass.txt")"
     fi
     kill -TERM "$pid"
     wait "$pid" || true

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # A noisy neighbour: tenant acme sends at a steady rate over HTTP while tenant mallory
 # offers ten times its quota, through one `sluice ingest` and one `sluice process`
-# (issue #9, hole 5). Three runs, each on a fresh namespace and table:
+# (issue #9, hole 5). Four runs, each on a fresh namespace and table:
 #
 #   alone     acme only;
 #   quota     acme, and mallory offering 10x its quota (quotas in the tenants file);
+#   quota, flood at another ingest
+#             the control: mallory's same flood at a second ingest process, so acme's
+#             ingest does none of the refusing and only the machine is shared;
 #   no quota  the same load with no quota for anyone: what the quota buys.
 #
 #   cargo build --release --workspace --bins
@@ -62,9 +65,21 @@ EOF
         curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break
         sleep 0.2
     done
-    local mallory=""
-    if [[ $with_mallory == yes ]]; then
-        "$bin/loadgen" --target http --url "http://127.0.0.1:$port" --api-key mallory-key \
+    local mallory="" mport=$port other=""
+    if [[ $with_mallory == elsewhere ]]; then
+        # The control: the same flood at an ingest process of its own, so only the
+        # machine (cores, broker) is shared with acme's ingest.
+        mport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+        "$bin/sluice" ingest --listen "127.0.0.1:$mport" --tenants "$work/$ns.toml" \
+            --namespace "$ns" --metrics-listen "" --log warn --amqp-url "$amqp" &
+        other=$!
+        for _ in $(seq 100); do
+            curl -sf "http://127.0.0.1:$mport/readyz" >/dev/null && break
+            sleep 0.2
+        done
+    fi
+    if [[ $with_mallory != no ]]; then
+        "$bin/loadgen" --target http --url "http://127.0.0.1:$mport" --api-key mallory-key \
             --tenant mallory --amqp-url "$amqp" --namespace "$ns" --device-prefix m- --devices 1000 \
             --rate "$flood" --batch-size 500 --concurrency 64 --duration "$((secs + 4))s" \
             --drain-timeout 5s --json --quiet --out "$work/m-$ns" >/dev/null &
@@ -83,8 +98,8 @@ EOF
         m_summary="$work/none.json"
         echo '{}' >"$m_summary"
     fi
-    kill -TERM "$ingest" "$process"
-    wait "$ingest" "$process" || true
+    kill -TERM "$ingest" "$process" $other
+    wait "$ingest" "$process" $other || true
     python3 - "$name" "$work/a-$ns/summary.json" "$m_summary" <<'PY'
 import json, sys
 name, a, m = sys.argv[1:]
@@ -107,4 +122,5 @@ PY
 
 run alone yes no
 run quota yes yes
+run "quota, flood at another ingest" yes elsewhere
 run "no quota" no yes
