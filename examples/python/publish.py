@@ -77,6 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "device-hash: one device per batch, partition fnv1a64(device) mod P",
     )
     p.add_argument("--tenant", default="demo", help="tenant id")
+    p.add_argument(
+        "--ingress",
+        action="store_true",
+        help="publish to the tenant's ingress exchange <ns>.ingress.<tenant>: what a broker "
+        "user of a tenant with a quota must do (docs/binding.md section 6)",
+    )
     p.add_argument("--devices", type=int, default=50, help="number of simulated devices")
     p.add_argument("--device-prefix", default="dev-", help="device names are <prefix><i>")
     p.add_argument("--metrics", type=int, default=2, help="metrics per device (metric-<j>)")
@@ -185,7 +191,11 @@ class Publisher:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.exchange = f"{args.namespace}.telemetry"
+        self.exchange = (
+            f"{args.namespace}.ingress.{args.tenant}"
+            if args.ingress
+            else f"{args.namespace}.telemetry"
+        )
         self.params = pika.URLParameters(args.amqp_url)
         # A broker that blocks publishers (memory/disk alarm) for this long counts as a failure.
         self.params.blocked_connection_timeout = 30
