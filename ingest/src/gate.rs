@@ -195,33 +195,41 @@ async fn forward(state: AppState, tenant: TenantId, d: Delivery) {
         );
         return dead_letter(&state, &tenant, body, refusal, acker).await;
     }
-    match state.producer().forward(&body, &view).await {
-        Ok(()) => {
-            GateForwarded {
-                tenant: tenant.as_str(),
-                readings: view.len(),
-            }
-            .emit();
-            if let Err(e) = acker.ack().await {
-                // Redelivered and forwarded again: storage keeps it once.
-                GateForwardFailed {
-                    tenant: tenant.as_str(),
-                    error: &e,
-                }
-                .emit();
-            }
+    until_confirmed(&tenant, || state.producer().forward(&body, &view)).await;
+    GateForwarded {
+        tenant: tenant.as_str(),
+        readings: view.len(),
+    }
+    .emit();
+    // A lost ack: redelivered and forwarded again, and storage keeps it once.
+    let _ = acker.ack().await;
+}
+
+/// Runs a publish until the broker confirms it, backing off from 100 ms to 5 s while it
+/// refuses (an alarm, a reconnect; the producer's own retries are spent). Not a requeue:
+/// that would count broker redeliveries, which RabbitMQ 4's quorum queues turn into drops
+/// past their delivery limit. The gate's shutdown aborts the wait; the delivery, still
+/// unsettled, goes back to the queue.
+async fn until_confirmed<F, Fut, E>(tenant: &TenantId, mut publish: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut wait = RETRY_FIRST;
+    while let Err(e) = publish().await {
+        GateForwardFailed {
+            tenant: tenant.as_str(),
+            error: &e,
         }
-        Err(e) => {
-            GateForwardFailed {
-                tenant: tenant.as_str(),
-                error: &e,
-            }
-            .emit();
-            // The producer already retried with backoff; the queue keeps it for later.
-            let _ = acker.requeue().await;
-        }
+        .emit();
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(RETRY_MAX);
     }
 }
+
+const RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The batch, if it is `tenant`'s and published by one of its users (or Sluice's own).
 fn admit<'a>(
@@ -267,23 +275,12 @@ async fn dead_letter(
         refusal: &refusal,
         group: GROUP,
     };
-    match state.producer().transport().dead_letter(dl).await {
-        Ok(()) => {
-            GateDeadLettered {
-                tenant: tenant.as_str(),
-                error: refusal.kind.as_str(),
-                reason: &refusal.reason,
-            }
-            .emit();
-            let _ = acker.ack().await;
-        }
-        Err(e) => {
-            GateForwardFailed {
-                tenant: tenant.as_str(),
-                error: &e,
-            }
-            .emit();
-            let _ = acker.requeue().await;
-        }
+    until_confirmed(tenant, || state.producer().transport().dead_letter(dl)).await;
+    GateDeadLettered {
+        tenant: tenant.as_str(),
+        error: refusal.kind.as_str(),
+        reason: &refusal.reason,
     }
+    .emit();
+    let _ = acker.ack().await;
 }

@@ -22,7 +22,7 @@ pub const REQUEST_SECONDS: &str = "sluice_ingest_request_seconds";
 pub const GATE_READINGS_FORWARDED_TOTAL: &str = "sluice_ingest_gate_readings_forwarded_total";
 /// Batches the gate dead-lettered, by tenant and error kind.
 pub const GATE_DEAD_LETTERS_TOTAL: &str = "sluice_ingest_gate_dead_letters_total";
-/// Forwards (or their acks) that failed and will be retried, by tenant.
+/// Gate publishes (forwards, dead letters) not confirmed and retried, by tenant.
 pub const GATE_FORWARD_FAILURES_TOTAL: &str = "sluice_ingest_gate_forward_failures_total";
 
 /// An HTTP request was answered.
@@ -135,8 +135,8 @@ impl GateDeadLettered<'_> {
     }
 }
 
-/// A forward, dead letter or ack of the gate failed; the delivery is requeued (or, for a
-/// lost ack, redelivered and forwarded again, which storage deduplicates).
+/// A forward or dead letter of the gate was not confirmed; it is tried again after a
+/// backoff, the delivery unsettled meanwhile.
 #[derive(Debug)]
 pub(crate) struct GateForwardFailed<'a, E> {
     pub(crate) tenant: &'a str,
@@ -148,7 +148,7 @@ impl<E: std::fmt::Display> GateForwardFailed<'_, E> {
         tracing::warn!(
             tenant = self.tenant,
             error = %self.error,
-            "gate: forwarding failed; the batch stays in the tenant's ingress queue"
+            "gate: a publish was not confirmed; retrying"
         );
         counter!(GATE_FORWARD_FAILURES_TOTAL, "tenant" => self.tenant.to_owned()).increment(1);
     }

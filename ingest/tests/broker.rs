@@ -206,22 +206,25 @@ async fn the_gate_holds_a_direct_publisher_to_its_quota_and_forwards_every_confi
             .await
             .unwrap();
         let exchange = topology.ingress_exchange("acme");
-        let publish = |body: Vec<u8>| {
-            let (ch, exchange, user) = (ch.clone(), exchange.clone(), gw.name().to_owned());
-            async move {
-                ch.basic_publish(
-                    exchange.as_str().into(),
-                    "".into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    BasicProperties::default()
-                        .with_delivery_mode(2)
-                        .with_user_id(user.into()),
-                )
-                .await
-                .unwrap()
-            }
-        };
+        // Returns the confirm still to await: the test pipelines its publishes.
+        async fn publish_to(
+            ch: &lapin::Channel,
+            exchange: &str,
+            user: &str,
+            body: &[u8],
+        ) -> lapin::PublisherConfirm {
+            ch.basic_publish(
+                exchange.into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_user_id(user.into()),
+            )
+            .await
+            .unwrap()
+        }
         let started = std::time::Instant::now();
         let mut confirms = Vec::new();
         let ts = now_ns() - 1_000_000_000;
@@ -231,7 +234,10 @@ async fn the_gate_holds_a_direct_publisher_to_its_quota_and_forwards_every_confi
                 b.push("d1", "temp", ts + i as i64, seq as f64);
             }
             let batch = b.finish(now_ns());
-            confirms.push((batch.id, publish(encode(&batch).unwrap()).await));
+            confirms.push((
+                batch.id,
+                publish_to(&ch, &exchange, gw.name(), &encode(&batch).unwrap()).await,
+            ));
         }
         let mut confirmed = HashSet::new();
         let mut nacked = 0;
@@ -252,8 +258,11 @@ async fn the_gate_holds_a_direct_publisher_to_its_quota_and_forwards_every_confi
         // Published once the queue has room again (a nack is a full queue).
         for body in [encode(&spoofed).unwrap(), b"not a batch".to_vec()] {
             sluice_testkit::wait::until(Duration::from_secs(30), || {
-                let publish = publish(body.clone());
-                async move { publish.await.await.unwrap().is_ack().then_some(()) }
+                let (ch, exchange, user, body) = (&ch, &exchange, gw.name(), body.clone());
+                async move {
+                    let confirm = publish_to(ch, exchange, user, &body).await;
+                    confirm.await.unwrap().is_ack().then_some(())
+                }
             })
             .await
             .expect("room in the ingress queue within 30 s");
