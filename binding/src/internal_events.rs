@@ -29,6 +29,8 @@ pub const BROKER_RECONNECTS_TOTAL: &str = "sluice_broker_reconnects_total";
 pub const BROKER_BLOCKED: &str = "sluice_broker_blocked";
 /// Publishing channels the broker closed and the transport replaced, by `broker`.
 pub const BROKER_CHANNELS_REPLACED_TOTAL: &str = "sluice_broker_channels_replaced_total";
+/// Declarations refused because the object exists with other arguments (kept as it is).
+pub const BROKER_DECLARATIONS_KEPT_TOTAL: &str = "sluice_broker_declarations_kept_total";
 /// Consumers that subscribed again after a reconnect or a broker-side cancel, by `queue`.
 pub const CONSUMER_RESUBSCRIBED_TOTAL: &str = "sluice_consumer_resubscribed_total";
 
@@ -151,6 +153,28 @@ impl ChannelReplaced<'_> {
             "publishing channel closed by the broker; replaced"
         );
         counter!(BROKER_CHANNELS_REPLACED_TOTAL, "broker" => self.broker.to_owned()).increment(1);
+    }
+}
+
+/// The broker refused a declaration with `PRECONDITION_FAILED`: the object exists with
+/// other arguments and is kept as it is (its fallback declaration ran instead).
+#[derive(Debug)]
+pub(crate) struct DeclarationKept<'a> {
+    pub(crate) broker: &'a str,
+    pub(crate) key: &'a str,
+    pub(crate) error: &'a lapin::Error,
+}
+
+impl DeclarationKept<'_> {
+    pub(crate) fn emit(self) {
+        tracing::warn!(
+            broker = self.broker,
+            declaration = self.key,
+            error = %self.error,
+            "an existing object has other arguments than this release declares; kept as it \
+             is (its arguments cannot change: set them with a broker policy, docs/binding.md)"
+        );
+        counter!(BROKER_DECLARATIONS_KEPT_TOTAL, "declaration" => self.key.to_owned()).increment(1);
     }
 }
 

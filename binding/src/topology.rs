@@ -67,7 +67,17 @@ pub struct Topology {
     /// consumers of a partition one at a time receives, the others stand by, so a
     /// partition is processed in order. Fixed at the queue's first declaration.
     pub single_active_consumer: bool,
+    /// Bound of each dead-letter queue (`<ns>.dead-letter`, `<ns>.notify.dead`), bytes of
+    /// message bodies; past it the broker drops the oldest dead letters (`drop-head`), so a
+    /// tenant sending bad data cannot fill the broker's disk. 0: unbounded. Fixed at the
+    /// queue's first declaration; a queue declared before with other arguments is kept (a
+    /// warning says so) and is bounded with a policy instead (docs/binding.md section 4).
+    pub dead_letter_max_bytes: u64,
 }
+
+/// Default [`Topology::dead_letter_max_bytes`]: 1 GiB, some 90 000 dead batches of 500
+/// readings.
+pub const DEFAULT_DEAD_LETTER_MAX_BYTES: u64 = 1 << 30;
 
 impl Default for Topology {
     fn default() -> Self {
@@ -76,6 +86,7 @@ impl Default for Topology {
             partitions: 4,
             queue_type: QueueType::Quorum,
             single_active_consumer: false,
+            dead_letter_max_bytes: DEFAULT_DEAD_LETTER_MAX_BYTES,
         }
     }
 }
@@ -220,8 +231,9 @@ impl Topology {
         p.to_string()
     }
 
-    /// Declares the exchanges, the dead-letter queue and the partition queues of `groups`.
-    /// Idempotent: every service calls it at start with the same arguments.
+    /// Declares the exchanges and the partition queues of `groups` (the dead-letter queue:
+    /// [`declare_dead_letters`](Self::declare_dead_letters)). Idempotent: every service
+    /// calls it at start with the same arguments.
     #[cfg(feature = "transport")]
     pub async fn declare(&self, channel: &Channel, groups: &[&str]) -> Result<(), lapin::Error> {
         let durable = ExchangeDeclareOptions {
@@ -253,23 +265,6 @@ impl Topology {
             )
             .await?;
         let queue_opts = QueueDeclareOptions::durable();
-        let mut dlq_args = FieldTable::default();
-        dlq_args.insert(
-            ShortString::from("x-queue-type"),
-            AMQPValue::LongString(self.queue_type.as_str().into()),
-        );
-        channel
-            .queue_declare(self.dead_letter_queue().into(), queue_opts, dlq_args)
-            .await?;
-        channel
-            .queue_bind(
-                self.dead_letter_queue().into(),
-                self.dead_letter_exchange().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
         for group in groups {
             for p in 0..self.partitions {
                 let queue = self.partition_queue(group, p);
@@ -288,6 +283,82 @@ impl Topology {
             }
         }
         Ok(())
+    }
+
+    /// Declares the dead-letter exchange and its queue, bound by
+    /// [`dead_letter_max_bytes`](Self::dead_letter_max_bytes). With `existing`, the queue
+    /// is only checked to exist (passive), whatever its arguments: the fallback when the
+    /// bounded declaration was refused because an older release declared it otherwise.
+    #[cfg(feature = "transport")]
+    pub async fn declare_dead_letters(
+        &self,
+        channel: &Channel,
+        existing: bool,
+    ) -> Result<(), lapin::Error> {
+        channel
+            .exchange_declare(
+                self.dead_letter_exchange().into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        self.declare_dead_letter_queue(channel, &self.dead_letter_queue(), existing)
+            .await?;
+        channel
+            .queue_bind(
+                self.dead_letter_queue().into(),
+                self.dead_letter_exchange().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+    }
+
+    /// Declares a dead-letter queue (`name`): durable, of the deployment's queue type,
+    /// bounded by [`dead_letter_max_bytes`](Self::dead_letter_max_bytes) with `drop-head`
+    /// overflow; with `existing`, passive (see [`declare_dead_letters`](Self::declare_dead_letters)).
+    #[cfg(feature = "transport")]
+    pub async fn declare_dead_letter_queue(
+        &self,
+        channel: &Channel,
+        name: &str,
+        existing: bool,
+    ) -> Result<(), lapin::Error> {
+        let opts = QueueDeclareOptions {
+            passive: existing,
+            ..QueueDeclareOptions::durable()
+        };
+        channel
+            .queue_declare(name.into(), opts, self.dead_letter_args())
+            .await
+            .map(drop)
+    }
+
+    #[cfg(feature = "transport")]
+    fn dead_letter_args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert(
+            ShortString::from("x-queue-type"),
+            AMQPValue::LongString(self.queue_type.as_str().into()),
+        );
+        if self.dead_letter_max_bytes > 0 {
+            args.insert(
+                ShortString::from("x-max-length-bytes"),
+                AMQPValue::LongLongInt(
+                    i64::try_from(self.dead_letter_max_bytes).unwrap_or(i64::MAX),
+                ),
+            );
+            args.insert(
+                ShortString::from("x-overflow"),
+                AMQPValue::LongString("drop-head".into()),
+            );
+        }
+        args
     }
 
     #[cfg(feature = "transport")]

@@ -136,6 +136,107 @@ async fn a_published_batch_carries_its_id_producer_and_format() {
     .await;
 }
 
+/// Dead-letters `n` bodies of `size` bytes, each starting with its index.
+async fn dead_letter_numbered(t: &Transport, n: usize, size: usize) {
+    for i in 0..n {
+        let mut body = format!("{i:08}").into_bytes();
+        body.resize(size, b'.');
+        t.dead_letter(DeadLetter {
+            body: &body,
+            refusal: &Refusal::new(DeadLetterKind::Decode, "malformed batch"),
+            group: GROUP,
+        })
+        .await
+        .unwrap();
+    }
+}
+
+/// The indices (first 8 bytes) of every message in `queue`, consumed.
+async fn drain_numbered(ch: &lapin::Channel, queue: &str) -> Vec<usize> {
+    let mut got = Vec::new();
+    while let Some(m) = ch
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        let head = std::str::from_utf8(&m.delivery.data[..8]).unwrap();
+        got.push(head.parse().unwrap());
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_letter_queue_is_bounded_and_keeps_the_newest() {
+    let ns = Namespace::new("bt").on_broker(1, &[GROUP]);
+    ns.guard(async {
+        let topology = Topology {
+            dead_letter_max_bytes: 10_000,
+            ..ns.topology()
+        };
+        let t = Transport::Amqp(amqp::transport(&topology, "sluice-binding-broker-test").await);
+        t.declare(&[GROUP]).await.unwrap();
+        // 50 dead letters of 1 000 bytes into a 10 000-byte bound.
+        dead_letter_numbered(&t, 50, 1_000).await;
+        let (conn, ch) = amqp::connect().await;
+        let got = drain_numbered(&ch, &topology.dead_letter_queue()).await;
+        let want: Vec<usize> = (40..50).collect();
+        assert_eq!(
+            got, want,
+            "the oldest were dropped, the newest 10 kept in order"
+        );
+        let _ = conn.close(200, "done".into()).await;
+        t.close().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_queue_declared_without_a_bound_is_kept_and_still_used() {
+    let ns = Namespace::new("bt").on_broker(1, &[GROUP]);
+    ns.guard(async {
+        let topology = ns.topology();
+        // As a release before the bound declared it: quorum, no length arguments.
+        let (conn, ch) = amqp::connect().await;
+        let mut args = FieldTable::default();
+        args.insert(
+            ShortString::from("x-queue-type"),
+            AMQPValue::LongString("quorum".into()),
+        );
+        ch.queue_declare(
+            topology.dead_letter_queue().as_str().into(),
+            QueueDeclareOptions::durable(),
+            args,
+        )
+        .await
+        .unwrap();
+        let bounded = Topology {
+            dead_letter_max_bytes: 10_000,
+            ..topology.clone()
+        };
+        // Connecting and declaring succeed (the refusal of the bounded declaration is
+        // caught), and run again on every new connection.
+        let t = Transport::Amqp(amqp::transport(&bounded, "sluice-binding-broker-test").await);
+        t.declare(&[GROUP]).await.unwrap();
+        t.declare(&[GROUP]).await.unwrap();
+        dead_letter_numbered(&t, 30, 1_000).await;
+        let got = drain_numbered(&ch, &topology.dead_letter_queue()).await;
+        let want: Vec<usize> = (0..30).collect();
+        assert_eq!(
+            got, want,
+            "the existing queue, unbounded, got every dead letter"
+        );
+        // The partitions were declared after the refusal: publishing to them works.
+        t.publish(outgoing(0, b"after")).await.unwrap();
+        assert_eq!(
+            amqp::ready(&conn, &topology.partition_queue(GROUP, 0)).await,
+            Some(1)
+        );
+        let _ = conn.close(200, "done".into()).await;
+        t.close().await;
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_reach_the_dead_letter_queue_with_their_headers() {
     let ns = Namespace::new("bt").on_broker(2, &[GROUP]);

@@ -22,6 +22,7 @@
 
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use lapin::BasicProperties;
 use lapin::ExchangeKind;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
@@ -129,6 +130,22 @@ impl Outbox {
                 let this = this.clone();
                 Box::pin(async move { this.declare_on(&ch).await })
             })
+            .await?;
+        // The dead queue is bounded (drop-head); one declared unbounded by an older
+        // release is kept as it is, with a warning.
+        let declare = |existing: bool| {
+            let this = self.clone();
+            move |ch: lapin::Channel| {
+                let this = this.clone();
+                Box::pin(async move {
+                    this.topology
+                        .declare_dead_letter_queue(&ch, &this.dead_queue(), existing)
+                        .await
+                }) as BoxFuture<'static, _>
+            }
+        };
+        self.transport
+            .declare_with_fallback("router-outbox-dead", declare(false), declare(true))
             .await
     }
 
@@ -198,8 +215,6 @@ impl Outbox {
             )
             .await?;
         }
-        ch.queue_declare(self.dead_queue().into(), q, self.queue_args())
-            .await?;
         Ok(())
     }
 

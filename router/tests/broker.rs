@@ -12,8 +12,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, ExchangeKind};
@@ -626,6 +626,52 @@ async fn undeliverable_notifications_end_in_the_dead_letter_queue_with_a_reason(
         assert!(r2.contains("permanent") && r2.contains("404"), "{r2}");
         let _ = conn.close(200, "done".into()).await;
         router.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_notify_dead_queue_is_bounded() {
+    with_namespace(|ns| async move {
+        let topology = sluice_binding::Topology {
+            dead_letter_max_bytes: 10_000,
+            ..sluice_binding::Topology::new(&ns, PARTITIONS)
+        };
+        let transport = amqp::transport(&topology, "sluice-router-test").await;
+        let outbox = Outbox::new(transport.clone(), NOTIFY_PARTITIONS);
+        outbox.declare().await.unwrap();
+        let (conn, ch) = amqp::connect().await;
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        for i in 0..30 {
+            let mut body = format!("{i:08}").into_bytes();
+            body.resize(1_000, b'.');
+            amqp::publish_confirmed(&ch, "", &outbox.dead_queue(), &body).await;
+        }
+        let mut kept = Vec::new();
+        while let Some(m) = ch
+            .basic_get(
+                outbox.dead_queue().as_str().into(),
+                BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+        {
+            kept.push(
+                std::str::from_utf8(&m.delivery.data[..8])
+                    .unwrap()
+                    .parse::<u32>()
+                    .unwrap(),
+            );
+        }
+        assert_eq!(
+            kept,
+            (20..30).collect::<Vec<_>>(),
+            "the newest 10 of 1 000 bytes kept"
+        );
+        let _ = conn.close(200, "done".into()).await;
+        transport.close().await;
     })
     .await;
 }

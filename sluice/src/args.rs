@@ -56,6 +56,11 @@ pub(crate) struct BrokerArgs {
     /// is first declared; every service of a deployment must agree on this flag.
     #[arg(long, env = "SLUICE_SINGLE_ACTIVE_CONSUMER")]
     pub(crate) single_active_consumer: bool,
+    /// Bound of each dead-letter queue, bytes of bodies (0: unbounded); past it the broker
+    /// drops the oldest dead letters. Fixed when a queue is first declared; one declared
+    /// before with other arguments is kept (with a warning) and bounded by a policy.
+    #[arg(long, env = "SLUICE_DEAD_LETTER_MAX_BYTES", default_value_t = sluice_binding::topology::DEFAULT_DEAD_LETTER_MAX_BYTES)]
+    pub(crate) dead_letter_max_bytes: u64,
     /// Broker users (comma-separated), besides the one of --amqp-url, that Sluice's own
     /// services log in as: their batches may carry any tenant. Every other publisher is
     /// held to its tenant's `amqp_users` in the tenants file.
@@ -70,6 +75,7 @@ impl BrokerArgs {
             partitions: self.partitions,
             queue_type: self.queue_type,
             single_active_consumer: self.single_active_consumer,
+            dead_letter_max_bytes: self.dead_letter_max_bytes,
         }
     }
 }

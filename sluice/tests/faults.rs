@@ -1,7 +1,10 @@
 //! Fault tests: the real `sluice` binaries under load while the broker is stopped and
 //! started (`rabbitmqctl stop_app` / `start_app`, so this needs the local node the test
-//! command starts, and root). They prove by counting that every reading answered 202 is
-//! stored exactly once, and they measure how long the pipeline takes to accept again.
+//! command starts, and root), blocks publishers (memory and disk alarms), loses its network
+//! (a proxy in the test that goes silent), while Redis is down and ingest is killed. They
+//! prove by counting that every reading answered 202 is stored exactly once (and notified,
+//! where a router runs), and they measure how long the pipeline takes to accept again.
+//! SIGKILL of the storage pool and of the router: the e2e tests.
 //!
 //! The tests of this binary take turns: each stops the broker every other test uses. Other
 //! test binaries run before or after this one (cargo runs binaries one at a time); never run
@@ -584,31 +587,52 @@ fn ingest_killed_mid_stream_loses_nothing_it_accepted() {
     assert!(after_kill > 0, "nothing accepted after the restart");
 }
 
-/// Sets RabbitMQ's memory high watermark so low that the memory alarm goes off, and puts
-/// the previous value back when dropped (a failing test must not leave the broker blocked).
-struct MemoryAlarm {
+/// A resource alarm of the broker.
+#[derive(Clone, Copy, Debug)]
+enum Alarm {
+    /// The memory high watermark set below what the node uses.
+    Memory,
+    /// The disk free limit set above the free space (`set_disk_free_limit`).
+    Disk,
+}
+
+/// Raises `Alarm` on the local node and puts the previous setting back when dropped (a
+/// failing test must not leave the broker blocked).
+struct RaisedAlarm {
+    alarm: Alarm,
     previous: String,
 }
 
-impl MemoryAlarm {
-    fn raise() -> Self {
+impl RaisedAlarm {
+    fn raise(alarm: Alarm) -> Self {
+        let get = match alarm {
+            Alarm::Memory => "vm_memory_monitor:get_vm_memory_high_watermark().",
+            Alarm::Disk => "rabbit_disk_monitor:get_disk_free_limit().",
+        };
         let out = Command::new("rabbitmqctl")
-            .args(["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."])
+            .args(["eval", get])
             .output()
             .expect("rabbitmqctl eval");
         let previous = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         assert!(
             previous.parse::<f64>().is_ok(),
-            "an absolute watermark ({previous:?}) is not handled here"
+            "a {alarm:?} limit of {previous:?} is not handled here"
         );
-        rabbitmqctl(&["set_vm_memory_high_watermark", "0.0001"]);
-        MemoryAlarm { previous }
+        match alarm {
+            Alarm::Memory => rabbitmqctl(&["set_vm_memory_high_watermark", "0.0001"]),
+            // 1 PB of free space wanted: more than any disk here has.
+            Alarm::Disk => rabbitmqctl(&["set_disk_free_limit", "1000000000000000"]),
+        }
+        RaisedAlarm { alarm, previous }
     }
 }
 
-impl Drop for MemoryAlarm {
+impl Drop for RaisedAlarm {
     fn drop(&mut self) {
-        rabbitmqctl(&["set_vm_memory_high_watermark", &self.previous]);
+        match self.alarm {
+            Alarm::Memory => rabbitmqctl(&["set_vm_memory_high_watermark", &self.previous]),
+            Alarm::Disk => rabbitmqctl(&["set_disk_free_limit", &self.previous]),
+        }
     }
 }
 
@@ -618,6 +642,17 @@ impl Drop for MemoryAlarm {
 /// it can publish again. Every accepted reading is stored once and notified.
 #[test]
 fn a_memory_alarm_blocks_publishing_and_loses_nothing() {
+    an_alarm_blocks_publishing_and_loses_nothing(Alarm::Memory);
+}
+
+/// The same with a disk alarm (free space below the limit), which blocks publishers the
+/// same way and must heal the same way.
+#[test]
+fn a_disk_alarm_blocks_publishing_and_loses_nothing() {
+    an_alarm_blocks_publishing_and_loses_nothing(Alarm::Disk);
+}
+
+fn an_alarm_blocks_publishing_and_loses_nothing(kind: Alarm) {
     let _turn = BROKER.lock().unwrap_or_else(|p| p.into_inner());
     let w = World::new();
     let metrics = format!("127.0.0.1:{}", free_port());
@@ -632,7 +667,7 @@ fn a_memory_alarm_blocks_publishing_and_loses_nothing() {
     let stop = Arc::new(AtomicBool::new(false));
     let load = http_load(url.clone(), Duration::from_millis(20), stop.clone());
     std::thread::sleep(Duration::from_secs(2));
-    let alarm = MemoryAlarm::raise();
+    let alarm = RaisedAlarm::raise(kind);
     // The load's request in flight waits for its confirm; new requests (tenant `other`,
     // outside the count) are refused at once while the broker blocks.
     let (mut unready, mut refused) = (false, 0);
@@ -659,9 +694,9 @@ fn a_memory_alarm_blocks_publishing_and_loses_nothing() {
     wait_all_notified(&sent, &got);
     let redelivered = counter(&metrics, "sluice_storage_redeliveries_total").0;
     eprintln!(
-        "memory alarm 5 s: requests {}, accepted {accepted}; probes refused during the alarm \
-         {refused}; every accepted reading stored once and notified; storage redeliveries \
-         {redelivered}",
+        "{kind:?} alarm 5 s: requests {}, accepted {accepted}; probes refused during the \
+         alarm {refused}; every accepted reading stored once and notified; storage \
+         redeliveries {redelivered}",
         sent.len()
     );
     assert!(unready, "ingest's /readyz never reported the alarm");
@@ -669,5 +704,186 @@ fn a_memory_alarm_blocks_publishing_and_loses_nothing() {
     assert_eq!(
         redelivered, 0.0,
         "storage deliveries came back during the alarm"
+    );
+}
+
+/// A TCP proxy to the broker that can cut the network the way a pulled cable does: while
+/// cut, nothing passes on any connection, old or new, and nobody hears a FIN or a reset;
+/// only heartbeats and timeouts can tell. Connections that lived through a cut are closed
+/// when it heals (both ends gave up on them by then, as over a real network).
+struct CutProxy {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    /// Incremented by each cut; a connection from an earlier epoch dies at the heal.
+    epoch: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl CutProxy {
+    fn start(upstream: std::net::SocketAddr) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (c, e) = (cut.clone(), epoch.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                // Accepted during a cut: never forwarded (a SYN into the void), dies at the heal.
+                let born = if c.load(Ordering::SeqCst) {
+                    u64::MAX
+                } else {
+                    e.load(Ordering::SeqCst)
+                };
+                let Ok(server) = std::net::TcpStream::connect(upstream) else {
+                    continue;
+                };
+                for (from, to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let (c, e) = (c.clone(), e.clone());
+                    std::thread::spawn(move || pump(from, to, born, &c, &e));
+                }
+            }
+        });
+        CutProxy { port, cut, epoch }
+    }
+
+    /// `url` with its host and port replaced by the proxy's, and `query` added.
+    fn url(&self, url: &str, query: &str) -> String {
+        let uri: lapin::uri::AMQPUri = url.parse().expect("an AMQP URL");
+        let user = &uri.authority.userinfo;
+        format!(
+            "amqp://{}:{}@127.0.0.1:{}/{}?{query}",
+            user.username,
+            user.password,
+            self.port,
+            urlencoding(&uri.vhost)
+        )
+    }
+
+    fn cut(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.cut.store(true, Ordering::SeqCst);
+    }
+
+    fn heal(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The vhost as a URL path segment (`/` → `%2f`).
+fn urlencoding(vhost: &str) -> String {
+    vhost.replace('%', "%25").replace('/', "%2f")
+}
+
+/// Copies `from` to `to` while the network is up; holds still while it is cut; ends (and
+/// closes both) on EOF, an error, or at the heal after a cut it lived through.
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    born: u64,
+    cut: &AtomicBool,
+    epoch: &std::sync::atomic::AtomicU64,
+) {
+    use std::io::{Read, Write};
+    from.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if cut.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        if born != epoch.load(Ordering::SeqCst) {
+            break;
+        }
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+/// The network between every service and the broker cut for 8 s under load (no FIN, no
+/// reset: a pulled cable), then back. Heartbeats (2 s here) find the dead connections;
+/// every service reconnects by itself. Every accepted reading is stored once and notified.
+#[test]
+fn a_network_cut_to_the_broker_heals_and_loses_nothing() {
+    let _turn = BROKER.lock().unwrap_or_else(|p| p.into_inner());
+    let w = World::new();
+    let upstream = {
+        let uri: lapin::uri::AMQPUri = amqp_addr().parse().unwrap();
+        let host = if uri.authority.host == "localhost" {
+            "127.0.0.1".to_owned()
+        } else {
+            uri.authority.host.clone()
+        };
+        format!("{host}:{}", uri.authority.port).parse().unwrap()
+    };
+    let proxy = CutProxy::start(upstream);
+    let via = proxy.url(&amqp_addr(), "heartbeat=2&connection_timeout=2000");
+    let env = [("SLUICE_AMQP_URL", via.as_str())];
+    let _processors = w.processors_with(&env);
+    let (_ingest, url) = w.ingest(&env);
+    let api = free_port();
+    let _router = w.router_with(api, &env);
+    let (hook, got) = webhook_receiver();
+    subscribe_all(api, &hook, serde_json::json!({}));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = http_load(url.clone(), Duration::from_millis(20), stop.clone());
+    std::thread::sleep(Duration::from_secs(2));
+    let cut_at = Instant::now();
+    proxy.cut();
+    std::thread::sleep(Duration::from_secs(8));
+    proxy.heal();
+    let healed = Instant::now();
+    wait_until("ingest ready again", Duration::from_secs(30), || {
+        Http::new().ready(&format!("{url}/readyz"))
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    let sent = load.join().unwrap();
+
+    let (accepted, refused_stored) = check_stored_once(&w, &sent);
+    wait_all_notified(&sent, &got);
+    let refused = sent.values().filter(|s| s.status != 202).count();
+    let first_after = sent
+        .values()
+        .filter(|s| s.status == 202 && s.at > healed)
+        .map(|s| s.at.duration_since(healed))
+        .min()
+        .expect("a request accepted after the heal");
+    let during = sent
+        .values()
+        .filter(|s| s.at > cut_at && s.at < healed)
+        .count();
+    eprintln!(
+        "network cut 8 s: requests {}, accepted {accepted}, refused {refused} (stored anyway \
+         {refused_stored}), answered during the cut {during}; first 202 {first_after:.1?} \
+         after the heal; every accepted reading stored once and notified",
+        sent.len()
+    );
+    assert!(refused > 0, "the cut refused no request");
+    assert!(
+        during > 0,
+        "ingest answered nothing while the network was cut"
+    );
+    // A liveness bound, not a performance figure (the figures are in BENCHMARKS.md).
+    assert!(
+        first_after < Duration::from_secs(20),
+        "accepted again after {first_after:?}"
     );
 }

@@ -24,13 +24,16 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use lapin::options::ConfirmSelectOptions;
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties, Event};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::AmqpConfig;
-use crate::internal_events::{BrokerBlocked, BrokerConnected, BrokerDisconnected, ChannelReplaced};
+use crate::internal_events::{
+    BrokerBlocked, BrokerConnected, BrokerDisconnected, ChannelReplaced, DeclarationKept,
+};
 use crate::transport::TransportError;
 
 /// Longest wait between two connection attempts; with jitter, a broker that accepts
@@ -73,23 +76,69 @@ impl Role {
 pub(super) type Declare =
     Arc<dyn Fn(Channel) -> BoxFuture<'static, Result<(), lapin::Error>> + Send + Sync>;
 
+/// A registered declaration: what to declare, and what to declare instead when the broker
+/// refuses it with `PRECONDITION_FAILED` (an object of a deployment that predates an
+/// argument, e.g. a dead-letter queue declared before it had a bound: a queue's arguments
+/// cannot change, so the existing one is kept and the operator told to use a policy).
+#[derive(Clone)]
+pub(super) struct Declaration {
+    pub(super) key: String,
+    pub(super) declare: Declare,
+    pub(super) fallback: Option<Declare>,
+}
+
+impl Declaration {
+    /// Runs the declaration on channels of its own (a refusal closes its channel).
+    pub(super) async fn run(&self, conn: &Connection, broker: &str) -> Result<(), lapin::Error> {
+        let ch = conn.create_channel().await?;
+        match (self.declare)(ch.clone()).await {
+            Ok(()) => {
+                let _ = ch.close(200, "declared".into()).await;
+                Ok(())
+            }
+            Err(error) if is_precondition_failed(&error) && self.fallback.is_some() => {
+                DeclarationKept {
+                    broker,
+                    key: &self.key,
+                    error: &error,
+                }
+                .emit();
+                let fallback = self.fallback.as_ref().expect("checked above");
+                let ch = conn.create_channel().await?;
+                fallback(ch.clone()).await?;
+                let _ = ch.close(200, "declared".into()).await;
+                Ok(())
+            }
+            Err(error) => Err(error),
+        }
+    }
+}
+
+/// The broker refused a declaration because an object exists with other arguments.
+pub(super) fn is_precondition_failed(error: &lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::ProtocolError(e)
+            if *e.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+    )
+}
+
 /// Declarations shared by the links of a transport, by key (registering a key twice keeps
-/// the latest).
+/// the latest), run in the order first registered.
 #[derive(Clone, Default)]
-pub(super) struct Declarations(Arc<Mutex<Vec<(String, Declare)>>>);
+pub(super) struct Declarations(Arc<Mutex<Vec<Declaration>>>);
 
 impl Declarations {
-    pub(super) fn register(&self, key: &str, declare: Declare) {
+    pub(super) fn register(&self, declaration: Declaration) {
         let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        match all.iter_mut().find(|(k, _)| k == key) {
-            Some(slot) => slot.1 = declare,
-            None => all.push((key.to_owned(), declare)),
+        match all.iter_mut().find(|d| d.key == declaration.key) {
+            Some(slot) => *slot = declaration,
+            None => all.push(declaration),
         }
     }
 
-    fn snapshot(&self) -> Vec<Declare> {
-        let all = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        all.iter().map(|(_, d)| d.clone()).collect()
+    fn snapshot(&self) -> Vec<Declaration> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -503,10 +552,8 @@ impl Supervisor {
         let setup = async {
             let mut slots = Vec::new();
             if self.shared.role == Role::Publish {
-                for declare in self.declarations.snapshot() {
-                    let ch = conn.create_channel().await?;
-                    declare(ch.clone()).await?;
-                    let _ = ch.close(200, "declared".into()).await;
+                for declaration in self.declarations.snapshot() {
+                    declaration.run(&conn, &self.shared.broker).await?;
                 }
                 for _ in 0..self.publish_channels {
                     let slot = Slot::default();
@@ -618,9 +665,23 @@ mod tests {
     fn a_declaration_registered_twice_is_kept_once() {
         let d = Declarations::default();
         let f: Declare = Arc::new(|_| Box::pin(async { Ok(()) }));
-        d.register("topology", f.clone());
-        d.register("topology", f.clone());
-        d.register("outbox", f);
-        assert_eq!(d.snapshot().len(), 2);
+        let decl = |key: &str, fallback: Option<Declare>| Declaration {
+            key: key.to_owned(),
+            declare: f.clone(),
+            fallback,
+        };
+        d.register(decl("topology", None));
+        d.register(decl("outbox", None));
+        d.register(decl("topology", Some(f.clone())));
+        let keys: Vec<_> = d
+            .snapshot()
+            .into_iter()
+            .map(|d| (d.key, d.fallback.is_some()))
+            .collect();
+        assert_eq!(
+            keys,
+            [("topology".to_owned(), true), ("outbox".to_owned(), false)],
+            "the latest registration replaces the first in place"
+        );
     }
 }

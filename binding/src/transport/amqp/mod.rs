@@ -35,7 +35,7 @@ use tokio::sync::{OnceCell, mpsc};
 
 pub(super) use consumer::AmqpConsumer;
 use consumer::ConsumerCounts;
-use link::{Declarations, Link, LinkState, Role};
+use link::{Declaration, Declarations, Link, LinkState, Role};
 
 use super::{
     Consumer, ConsumerInner, DeadLetter, Outgoing, PublishError, Readiness, TransportError,
@@ -199,6 +199,20 @@ impl AmqpTransport {
     pub(super) async fn declare(&self, groups: &[&str]) -> Result<(), TransportError> {
         let topology = self.inner.cfg.topology.clone();
         let groups: Vec<String> = groups.iter().map(|g| (*g).to_owned()).collect();
+        let dead = topology.clone();
+        let kept = topology.clone();
+        self.declare_with_fallback(
+            "dead-letters",
+            move |ch| {
+                let t = dead.clone();
+                Box::pin(async move { t.declare_dead_letters(&ch, false).await })
+            },
+            move |ch| {
+                let t = kept.clone();
+                Box::pin(async move { t.declare_dead_letters(&ch, true).await })
+            },
+        )
+        .await?;
         let key = format!("topology:{}", groups.join(","));
         self.declare_with(&key, move |ch| {
             let (topology, groups) = (topology.clone(), groups.clone());
@@ -218,14 +232,42 @@ impl AmqpTransport {
     where
         F: Fn(Channel) -> BoxFuture<'static, Result<(), lapin::Error>> + Send + Sync + 'static,
     {
-        let declare: link::Declare = Arc::new(declare);
+        self.register(Declaration {
+            key: key.to_owned(),
+            declare: Arc::new(declare),
+            fallback: None,
+        })
+        .await
+    }
+
+    /// Like [`declare_with`](Self::declare_with), but a broker that refuses `declare`
+    /// with `PRECONDITION_FAILED` (the object exists with other arguments, e.g. declared
+    /// by an older release) gets `fallback` instead, on a new channel, and a warning
+    /// (`sluice_broker_declarations_kept_total`).
+    pub async fn declare_with_fallback<F, G>(
+        &self,
+        key: &str,
+        declare: F,
+        fallback: G,
+    ) -> Result<(), TransportError>
+    where
+        F: Fn(Channel) -> BoxFuture<'static, Result<(), lapin::Error>> + Send + Sync + 'static,
+        G: Fn(Channel) -> BoxFuture<'static, Result<(), lapin::Error>> + Send + Sync + 'static,
+    {
+        self.register(Declaration {
+            key: key.to_owned(),
+            declare: Arc::new(declare),
+            fallback: Some(Arc::new(fallback)),
+        })
+        .await
+    }
+
+    async fn register(&self, declaration: Declaration) -> Result<(), TransportError> {
         for l in &self.inner.publish {
             let session = l.session().await.ok_or(TransportError::Closed)?;
-            let ch = session.conn.create_channel().await?;
-            declare(ch.clone()).await?;
-            let _ = ch.close(200, "declared".into()).await;
+            declaration.run(&session.conn, l.broker()).await?;
         }
-        self.inner.declarations.register(key, declare);
+        self.inner.declarations.register(declaration);
         Ok(())
     }
 
