@@ -63,9 +63,15 @@ compose_env=(RABBITMQ_PASSWORD="${RABBITMQ_PASSWORD:-compose-check}"
 if command -v docker-compose >/dev/null 2>&1; then
     step "docker-compose config -q (compose.yaml)"
     env "${compose_env[@]}" docker-compose -f compose.yaml config -q
+    step "docker-compose config -q (compose.yaml with compose.cluster.yaml)"
+    env "${compose_env[@]}" RABBITMQ_ERLANG_COOKIE=compose-check \
+        docker-compose -f compose.yaml -f compose.cluster.yaml config -q
 elif docker compose version >/dev/null 2>&1; then
     step "docker compose config -q (compose.yaml)"
     env "${compose_env[@]}" docker compose -f compose.yaml config -q
+    step "docker compose config -q (compose.yaml with compose.cluster.yaml)"
+    env "${compose_env[@]}" RABBITMQ_ERLANG_COOKIE=compose-check \
+        docker compose -f compose.yaml -f compose.cluster.yaml config -q
 else
     step "compose.yaml not checked: neither docker-compose nor docker compose is installed"
 fi

@@ -234,8 +234,10 @@ impl Transport {
         }
     }
 
-    /// Whether the transport can do its work now (for `/readyz`): every broker connection
-    /// up and every consumer subscribed. The in-process transport is always ready.
+    /// Whether the transport can do its work now (for `/readyz`): a broker connection up
+    /// for each role and every consumer subscribed; with several brokers, one that is down
+    /// while another does its work only degrades it. The in-process transport is always
+    /// ready.
     pub fn readiness(&self) -> Readiness {
         match self {
             Transport::Amqp(t) => t.readiness(),
@@ -256,6 +258,10 @@ impl Transport {
 pub struct Readiness {
     /// What keeps the transport from its work; empty when ready.
     pub problems: Vec<String>,
+    /// What is wrong without stopping the work: of several brokers, those down or blocked
+    /// while another takes over, and the consumers waiting for them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub degraded: Vec<String>,
     /// Consumers opened.
     pub consumers: usize,
     /// Of them, subscribed now (the others are waiting for a connection or the queue).

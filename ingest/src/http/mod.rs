@@ -204,7 +204,8 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Ready while the broker connections are up (no alarm) and ingest is not stopping.
+/// Ready while a broker takes publishes (no alarm; of several brokers, one suffices, the
+/// others' problems listed as degraded) and ingest is not stopping.
 async fn readyz(State(state): State<AppState>) -> Response {
     let readiness = state.inner.producer.transport().readiness();
     if !readiness.is_ready() {
@@ -217,7 +218,11 @@ async fn readyz(State(state): State<AppState>) -> Response {
             .retry_after(state.inner.cfg.retry_after_secs)
             .into_response();
     }
-    Json(json!({"status": "ready"})).into_response()
+    if readiness.degraded.is_empty() {
+        Json(json!({"status": "ready"})).into_response()
+    } else {
+        Json(json!({"status": "degraded", "degraded": readiness.degraded})).into_response()
+    }
 }
 
 async fn not_found() -> ApiError {

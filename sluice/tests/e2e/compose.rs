@@ -107,3 +107,44 @@ fn compose_environment_matches_the_binaries_flags() {
         "expected ingest, processors, maintain, router and loadgen in compose.yaml"
     );
 }
+
+/// compose.cluster.yaml gives every service that talks to the broker in compose.yaml all
+/// three nodes, the nodes the cluster config names, and no default Erlang cookie.
+#[test]
+fn the_cluster_overlay_lists_every_node_for_every_broker_client() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut base: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(root.join("compose.yaml")).unwrap()).unwrap();
+    base.apply_merge().unwrap(); // resolve `<<: *amqp-env`
+    let text = std::fs::read_to_string(root.join("compose.cluster.yaml")).unwrap();
+    assert!(text.contains("RABBITMQ_ERLANG_COOKIE: ${RABBITMQ_ERLANG_COOKIE:?"));
+    let overlay: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let conf = std::fs::read_to_string(root.join("deploy/rabbitmq/cluster.conf")).unwrap();
+    let hosts = ["rabbitmq", "rabbitmq-2", "rabbitmq-3"];
+    for host in hosts {
+        assert!(
+            conf.contains(&format!("= rabbit@{host}\n")),
+            "cluster.conf lacks {host}"
+        );
+        assert!(
+            host == "rabbitmq" || overlay["services"][host]["hostname"].as_str() == Some(host),
+            "no node {host} in the overlay"
+        );
+    }
+    let mut clients = 0;
+    for (name, svc) in base["services"].as_mapping().unwrap() {
+        if svc["environment"]["SLUICE_AMQP_URL"].is_null() {
+            continue;
+        }
+        clients += 1;
+        let url = overlay["services"][name]["environment"]["SLUICE_AMQP_URL"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name:?}: SLUICE_AMQP_URL not overridden"));
+        let listed: Vec<&str> = url
+            .split(',')
+            .map(|u| u.rsplit('@').next().unwrap().split(':').next().unwrap())
+            .collect();
+        assert_eq!(listed, hosts, "{name:?}: {url}");
+    }
+    assert!(clients >= 3, "{clients} broker clients in compose.yaml");
+}

@@ -122,6 +122,9 @@ pub fn summary(stdout: &str) -> serde_json::Value {
 }
 
 #[cfg(feature = "broker-tests")]
+pub mod load;
+
+#[cfg(feature = "broker-tests")]
 pub mod broker {
     //! The world of a test against real RabbitMQ and Redis.
 
@@ -140,6 +143,8 @@ pub mod broker {
         pub ns: Namespace,
         pub dir: tempfile::TempDir,
         pub tenants: PathBuf,
+        /// The brokers the services are given (`--amqp-url`).
+        pub amqp: Vec<String>,
     }
 
     impl World {
@@ -149,6 +154,19 @@ pub mod broker {
                 .on_broker(PARTITIONS, &["storage", "router"])
                 .with_router(sluice_router::RouterConfig::default().notify_partitions)
                 .in_redis();
+            Self::with(ns, vec![amqp_addr()])
+        }
+
+        /// A world on brokers of the test's own (nodes it starts and throws away, so
+        /// nothing is torn down on them); Redis is still shared and cleaned.
+        pub fn on_brokers(amqp: Vec<String>) -> Self {
+            // on_broker only for the topology's names: the teardown's deletes on the shared
+            // broker find nothing of this namespace there.
+            let ns = Namespace::new("t").on_broker(PARTITIONS, &[]).in_redis();
+            Self::with(ns, amqp)
+        }
+
+        fn with(ns: Namespace, amqp: Vec<String>) -> Self {
             let dir = tempfile::tempdir().unwrap();
             let tenants = dir.path().join("tenants.toml");
             std::fs::write(
@@ -156,7 +174,12 @@ pub mod broker {
                 "[[tenant]]\nid = \"acme\"\napi_keys = [\"acme-key\"]\n\n[[tenant]]\nid = \"other\"\napi_keys = [\"other-key\"]\n",
             )
             .unwrap();
-            World { ns, dir, tenants }
+            World {
+                ns,
+                dir,
+                tenants,
+                amqp,
+            }
         }
 
         pub fn data(&self) -> PathBuf {
@@ -166,7 +189,7 @@ pub mod broker {
         pub fn common(&self, cmd: &mut Command) {
             cmd.env_clear()
                 .env("PATH", std::env::var("PATH").unwrap_or_default())
-                .env("SLUICE_AMQP_URL", amqp_addr())
+                .env("SLUICE_AMQP_URL", self.amqp.join(","))
                 .env("SLUICE_NAMESPACE", self.ns.name())
                 .env("SLUICE_PARTITIONS", PARTITIONS.to_string())
                 .env("SLUICE_METRICS_LISTEN", "")
@@ -221,7 +244,12 @@ pub mod broker {
 
         pub fn loadgen(&self, args: &[&str]) -> serde_json::Value {
             let out = Command::new(loadgen_bin())
-                .args(["--amqp-url", &amqp_addr(), "--namespace", self.ns.name()])
+                .args([
+                    "--amqp-url",
+                    &self.amqp.join(","),
+                    "--namespace",
+                    self.ns.name(),
+                ])
                 .args(["--partitions", &PARTITIONS.to_string(), "--json", "--quiet"])
                 .arg("--out")
                 .arg(self.dir.path().join("results"))
@@ -238,7 +266,7 @@ pub mod broker {
             rate: u64,
             batch: u32,
         ) -> std::thread::JoinHandle<Output> {
-            let (ns, amqp) = (self.ns.name().to_owned(), amqp_addr());
+            let (ns, amqp) = (self.ns.name().to_owned(), self.amqp.join(","));
             let dir = self.dir.path().join("results");
             let (count, rate, batch) = (count.to_string(), rate.to_string(), batch.to_string());
             std::thread::spawn(move || {
@@ -281,20 +309,25 @@ pub mod broker {
             self.router_with(port, &[])
         }
 
-        /// Waits until the processors declared the partition queues.
+        /// Waits until the processors declared the partition queues on every broker.
         pub fn wait_for_queues(&self) {
             let queue = self
                 .ns
                 .topology()
                 .partition_queue("storage", PARTITIONS - 1);
             rt().block_on(async {
-                let (conn, _) = amqp::connect().await;
-                let what = format!("the queues of {}", self.ns.name());
-                wait_for(&what, Duration::from_secs(60), || {
-                    amqp::ready(&conn, &queue)
-                })
-                .await;
-                let _ = conn.close(200, "done".into()).await;
+                for url in &self.amqp {
+                    let conn =
+                        lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+                            .await
+                            .unwrap_or_else(|e| panic!("broker {url}: {e}"));
+                    let what = format!("the queues of {} on {url}", self.ns.name());
+                    wait_for(&what, Duration::from_secs(60), || {
+                        amqp::ready(&conn, &queue)
+                    })
+                    .await;
+                    let _ = conn.close(200, "done".into()).await;
+                }
             });
         }
 

@@ -127,6 +127,43 @@ impl std::fmt::Debug for AmqpTransport {
     }
 }
 
+/// Readiness from the state of every connection. With one broker every problem stops the
+/// work. With several, the broker is chosen per publish and every broker's queues are
+/// consumed, so a broker down or blocked while another of the same role (publishing,
+/// consuming) is up only degrades the service: ingest must stay in its load balancer while
+/// one broker of two restarts. Missing consumers count the same way: while some consuming
+/// connection is down and some consumer is attached, the missing ones are taken to wait for
+/// that connection.
+fn assess(links: &[LinkHealth], consumers: usize, attached: usize) -> Readiness {
+    let usable = |role: &str| links.iter().any(|l| l.role == role && l.problem.is_none());
+    let mut r = Readiness {
+        consumers,
+        consumers_attached: attached,
+        ..Readiness::default()
+    };
+    for l in links {
+        if let Some(p) = &l.problem {
+            if usable(l.role) {
+                r.degraded.push(p.clone());
+            } else {
+                r.problems.push(p.clone());
+            }
+        }
+    }
+    if attached < consumers {
+        let why = format!(
+            "{attached} of {consumers} consumers subscribed; the others are waiting for their queue or connection"
+        );
+        let consuming_down = links.iter().any(|l| l.role == "consume" && !l.connected);
+        if consuming_down && attached > 0 && usable("consume") {
+            r.degraded.push(why);
+        } else {
+            r.problems.push(why);
+        }
+    }
+    r
+}
+
 /// A URL without its credentials: `amqp://user:pass@host/vhost` → `amqp://host/vhost`
 /// (any `scheme://…@` URL, e.g. `redis://`).
 pub fn redact(url: &str) -> String {
@@ -274,9 +311,16 @@ impl AmqpTransport {
     /// The next broker whose connection is up and not blocked, round robin, with its
     /// session; why none is, if none is.
     fn pick(&self) -> Result<Arc<link::Session>, PublishError> {
+        let start = self.inner.next_broker.fetch_add(1, Ordering::Relaxed);
+        self.pick_from(start)
+    }
+
+    /// The first usable broker from `start` on. Only [`Self::pick`] advances the round
+    /// robin: a check that also did (ingest asks [`Self::blocked`] before every request)
+    /// would alias with it, and with two brokers every batch would go to the same one.
+    fn pick_from(&self, start: usize) -> Result<Arc<link::Session>, PublishError> {
         let links = &self.inner.publish;
         let n = links.len();
-        let start = self.inner.next_broker.fetch_add(1, Ordering::Relaxed);
         let mut refusal = None;
         for i in 0..n {
             let l = &links[(start + i) % n];
@@ -291,7 +335,7 @@ impl AmqpTransport {
     }
 
     pub(super) fn blocked(&self) -> Option<String> {
-        self.pick().err().map(|e| match e {
+        self.pick_from(0).err().map(|e| match e {
             PublishError::Blocked(r) | PublishError::Unavailable(r) => r,
             other => other.to_string(),
         })
@@ -313,25 +357,11 @@ impl AmqpTransport {
             .collect()
     }
 
-    /// Every connection up (alarms included: a blocked broker takes no publishes) and
-    /// every consumer subscribed.
+    /// Ready with a connection up for each role (alarms included: a blocked broker takes
+    /// no publishes) and every consumer subscribed. See [`assess`].
     pub fn readiness(&self) -> Readiness {
-        let mut problems: Vec<String> = self
-            .health()
-            .into_iter()
-            .filter_map(|l| l.problem)
-            .collect();
         let (consumers, attached) = self.inner.consumers.get();
-        if attached < consumers {
-            problems.push(format!(
-                "{attached} of {consumers} consumers subscribed; the others are waiting for their queue or connection"
-            ));
-        }
-        Readiness {
-            problems,
-            consumers,
-            consumers_attached: attached,
-        }
+        assess(&self.health(), consumers, attached)
     }
 
     /// Publishes any message with a confirm, like the batches: to `exchange` with routing
@@ -579,7 +609,55 @@ impl AmqpTransport {
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::{LinkHealth, assess, redact};
+
+    fn link(broker: &str, role: &'static str, problem: Option<&str>) -> LinkHealth {
+        LinkHealth {
+            broker: broker.to_owned(),
+            role,
+            connected: problem.is_none(),
+            problem: problem.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn one_broker_down_is_not_ready() {
+        let r = assess(
+            &[
+                link("a", "publish", Some("down")),
+                link("a", "consume", Some("down")),
+            ],
+            4,
+            0,
+        );
+        assert!(!r.is_ready());
+        assert_eq!(r.problems.len(), 3, "{r:?}");
+    }
+
+    #[test]
+    fn one_broker_of_two_down_degrades_only() {
+        let links = [
+            link("a", "publish", None),
+            link("b", "publish", Some("b down")),
+            link("a", "consume", None),
+            link("b", "consume", Some("b down")),
+        ];
+        let r = assess(&links, 8, 4);
+        assert!(r.is_ready(), "{r:?}");
+        assert_eq!(r.degraded.len(), 3, "{r:?}");
+    }
+
+    #[test]
+    fn every_broker_down_or_missing_consumers_on_live_brokers_is_not_ready() {
+        let down = [
+            link("a", "publish", Some("a down")),
+            link("b", "publish", Some("b down")),
+        ];
+        assert_eq!(assess(&down, 0, 0).problems.len(), 2);
+        // Every connection up, a consumer still missing: its queue is missing, not a broker.
+        let up = [link("a", "consume", None), link("b", "consume", None)];
+        assert!(!assess(&up, 8, 7).is_ready());
+    }
 
     #[test]
     fn redacts_credentials() {
